@@ -1,0 +1,46 @@
+"""Shared fixtures: the embedded corpus (built once per session) and the optional FineWeb sample."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+
+def shared_sample_dir() -> Path:
+    env = os.environ.get("PGOLF_SHARED_DATA")
+    return Path(env) if env else REPO_ROOT.parent / "shared" / "data" / "fineweb_sample"
+
+
+@pytest.fixture(scope="session")
+def fineweb_sample() -> Path:
+    """The real FineWeb sample beside the project; tests using it skip cleanly when it is absent."""
+    root = shared_sample_dir()
+    if not (root / "tokenizers" / "fineweb_1024_bpe.model").exists():
+        pytest.skip(f"FineWeb sample not found at {root} (set PGOLF_SHARED_DATA)")
+    return root
+
+
+@pytest.fixture(scope="session")
+def fineweb_data(fineweb_sample: Path) -> Path:
+    return fineweb_sample / "datasets" / "fineweb10B_sp1024"
+
+
+@pytest.fixture(scope="session")
+def fineweb_tokenizer(fineweb_sample: Path) -> Path:
+    return fineweb_sample / "tokenizers" / "fineweb_1024_bpe.model"
+
+
+@pytest.fixture(scope="session")
+def embedded_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The offline embedded corpus (train/val shards, tokenizer.model, manifest.json), built once per session."""
+    from trainer.data.embedded import build_embedded
+
+    out = tmp_path_factory.mktemp("embedded")
+    build_embedded(out, log=lambda _msg: None)
+    return out

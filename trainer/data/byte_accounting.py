@@ -1,0 +1,86 @@
+"""Exact byte accounting for bits per byte, as the reference metric defines it (reference-stack §3).
+
+For every token id a lookup table gives its base UTF-8 bytes, whether it starts with the SentencePiece
+word-boundary mark '▁', and whether it is a boundary (control, unknown or unused piece). A scored target then
+counts ``base_bytes[t] + (has_leading_space[t] and not is_boundary[previous token])`` bytes: the space of a
+word-initial piece is not counted right after BOS. Byte-fallback pieces count exactly one byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+WORD_MARK = "\u2581"  # '▁'
+
+
+@dataclass(frozen=True)
+class ByteTables:
+    base_bytes: np.ndarray  # int16 [V]
+    has_leading_space: np.ndarray  # bool [V]
+    is_boundary: np.ndarray  # bool [V]
+    sha256: str  # of the tokenizer model file
+    vocab_size: int  # SentencePiece vocabulary size
+
+    @classmethod
+    def from_model_file(cls, path: Path | str, vocab_size: int | None = None) -> ByteTables:
+        """Build the tables from a SentencePiece ``.model`` file, sized ``max(sp vocab, vocab_size)``."""
+        import sentencepiece as spm
+
+        path = Path(path)
+        blob = path.read_bytes()
+        sp = spm.SentencePieceProcessor(model_proto=blob)
+        sp_vocab = sp.vocab_size()
+        size = max(sp_vocab, vocab_size or 0)
+        base = np.zeros(size, dtype=np.int16)
+        lead = np.zeros(size, dtype=bool)
+        boundary = np.ones(size, dtype=bool)  # ids beyond the sp vocab: boundary, 0 bytes
+        for i in range(sp_vocab):
+            if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+                continue
+            boundary[i] = False
+            if sp.is_byte(i):
+                base[i] = 1
+                continue
+            piece = sp.id_to_piece(i)
+            if piece.startswith(WORD_MARK):
+                lead[i] = True
+                piece = piece[1:]
+            base[i] = len(piece.encode("utf-8"))
+        return cls(base, lead, boundary, hashlib.sha256(blob).hexdigest(), sp_vocab)
+
+    def target_bytes(self, prev_ids: np.ndarray, target_ids: np.ndarray) -> np.ndarray:
+        """Bytes of each target given the token right before it (int64, same shape)."""
+        prev_ids = np.asarray(prev_ids, dtype=np.int64)
+        target_ids = np.asarray(target_ids, dtype=np.int64)
+        space = self.has_leading_space[target_ids] & ~self.is_boundary[prev_ids]
+        return self.base_bytes[target_ids].astype(np.int64) + space
+
+    def stream_bytes(self, tokens: np.ndarray) -> np.ndarray:
+        """Bytes of targets 1..N−1 of a token stream (target i is predicted from tokens < i)."""
+        tokens = np.asarray(tokens)
+        return self.target_bytes(tokens[:-1], tokens[1:])
+
+    def torch(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (torch.from_numpy(self.base_bytes.astype(np.int64)).to(device),
+                torch.from_numpy(self.has_leading_space).to(device),
+                torch.from_numpy(self.is_boundary).to(device))
+
+
+def target_bytes_torch(tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor], prev_ids: torch.Tensor,
+                       target_ids: torch.Tensor) -> torch.Tensor:
+    """Torch twin of ``ByteTables.target_bytes`` for use inside evaluation loops (int64)."""
+    base, lead, boundary = tables
+    return base[target_ids] + (lead[target_ids] & ~boundary[prev_ids]).long()
+
+
+def bits_per_byte(nll_sum_nats: float, byte_count: int) -> float:
+    """val_bpb = ΣNLL / (ln 2 · Σbytes). Inputs are float64 sums over every scored target."""
+    if byte_count <= 0:
+        raise ValueError("bits per byte needs a positive byte count")
+    return float(nll_sum_nats) / (math.log(2) * float(byte_count))

@@ -1,0 +1,112 @@
+"""The official Parameter Golf shard format.
+
+A shard is 256 little-endian int32 header words (magic 20240520, version 1, token count, zeros), followed by
+`count` little-endian uint16 token ids. The file size must be exactly 1024 + 2·count. Every reader in the project
+goes through `read_shard`, so a malformed file is refused in one place with a message naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = 20240520
+VERSION = 1
+HEADER_WORDS = 256
+HEADER_BYTES = HEADER_WORDS * 4
+MAX_TOKENS = 2**31 - 1
+
+
+class ShardError(ValueError):
+    """A shard file that does not follow the official format."""
+
+    def __init__(self, path: Path | str, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = Path(path)
+        self.problem = problem
+
+
+def read_header(path: Path | str) -> int:
+    """Validate the header and file size of a shard and return its token count."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            raw = f.read(HEADER_BYTES)
+    except OSError as exc:
+        raise ShardError(path, f"cannot read shard ({exc.strerror or exc})") from exc
+    if len(raw) < HEADER_BYTES:
+        raise ShardError(path, f"truncated header: {len(raw)} bytes, expected {HEADER_BYTES}")
+    header = np.frombuffer(raw, dtype="<i4")
+    if int(header[0]) != MAGIC:
+        raise ShardError(path, f"bad magic {int(header[0])}, expected {MAGIC}")
+    if int(header[1]) != VERSION:
+        raise ShardError(path, f"unsupported version {int(header[1])}, expected {VERSION}")
+    count = int(header[2])
+    if count < 0:
+        raise ShardError(path, f"negative token count {count}")
+    if count == 0:
+        raise ShardError(path, "empty shard: token count is 0")
+    expected = HEADER_BYTES + 2 * count
+    if size < expected:
+        raise ShardError(path, f"truncated: header declares {count} tokens ({expected} bytes), file has {size} bytes")
+    if size > expected:
+        raise ShardError(path, f"size mismatch: header declares {count} tokens ({expected} bytes), "
+                               f"file has {size} bytes")
+    return count
+
+
+def read_shard(path: Path | str, vocab_size: int | None = None, *, mmap: bool = False) -> np.ndarray:
+    """Return the token ids of a shard as uint16, refusing any malformed file.
+
+    With ``vocab_size`` every id is checked to be below it. ``mmap`` maps the file instead of reading it (for
+    the multi-GB training shards); the vocabulary check then still scans the whole file once.
+    """
+    path = Path(path)
+    count = read_header(path)
+    if mmap:
+        tokens = np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(count,))
+    else:
+        with path.open("rb") as f:
+            f.seek(HEADER_BYTES)
+            tokens = np.frombuffer(f.read(2 * count), dtype="<u2")
+    if vocab_size is not None and count:
+        top = int(tokens.max())
+        if top >= vocab_size:
+            position = int(np.argmax(tokens >= vocab_size))
+            raise ShardError(path, f"token id {top} at position {position} is outside the vocabulary "
+                                   f"(size {vocab_size})")
+    return tokens
+
+
+def write_shard(path: Path | str, tokens: np.ndarray) -> int:
+    """Write tokens in the official format atomically (temporary name, then rename). Returns bytes written."""
+    path = Path(path)
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1 or tokens.size == 0:
+        raise ValueError(f"{path}: a shard needs a non-empty 1-D token array, got shape {tokens.shape}")
+    if tokens.size > MAX_TOKENS:
+        raise ValueError(f"{path}: {tokens.size} tokens exceed the format's limit of {MAX_TOKENS}")
+    if tokens.min() < 0 or tokens.max() >= 2**16:
+        raise ValueError(f"{path}: token ids must fit in uint16")
+    header = np.zeros(HEADER_WORDS, dtype="<i4")
+    header[:3] = (MAGIC, VERSION, tokens.size)
+    tmp = path.with_name(path.name + ".partial")
+    with tmp.open("wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype("<u2", copy=False).tobytes())
+    os.replace(tmp, path)
+    return HEADER_BYTES + 2 * tokens.size
+
+
+def shard_paths(data_dir: Path | str, split: str) -> list[Path]:
+    """The sorted shards of one split (`*_train_*.bin` or `*_val_*.bin`) in a data directory."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    data_dir = Path(data_dir)
+    paths = sorted(data_dir.glob(f"*_{split}_*.bin"))
+    if not paths:
+        raise FileNotFoundError(f"no {split} shards (*_{split}_*.bin) in {data_dir}")
+    return paths
