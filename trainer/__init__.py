@@ -1,0 +1,3 @@
+"""pgolf trainer: data, model, optimiser, training loop, quantisation and the artifact format."""
+
+__version__ = "0.1.0"

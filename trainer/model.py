@@ -1,0 +1,455 @@
+"""The PR #940 transformer: 11 layers, d=512, GQA 8/4, the reference-stack §4.2 pieces, each switchable.
+
+Data flow (top to bottom in this file):
+
+    ids ─ tok_emb (+ BigramHash) ─ RMSNorm ─ SmearGate ─ x0
+    x0 ─ Block 0 … Block L−1 (U-Net: encoder outputs pushed, popped LIFO into the decoder) ─ RMSNorm
+       ─ tied head (x·tok_embᵀ) ─ 30·tanh(·/30) ─ cross-entropy in fp32
+
+    Block:  x ← m0⊙x + m1⊙x0;  x ← x + attn_scale⊙Attn(RMSNorm(x)·s_l);  x ← x + mlp_scale⊙MLP(RMSNorm(x)·s_l)
+    Attn:   q,k per-head RMSNorm → partial RoPE → q·q_gain → causal SDPA (GQA) → XSA → per-head gate → out proj
+
+Parameter names follow the upstream script (`blocks.{i}.attn.c_q.weight`, `bigram.proj.weight`, `smear.gate`, …)
+because quantisation and optimizer grouping select tensors by name, exactly as upstream does.
+
+Dtypes: parameters are created fp32. The module runs in fp32 (CPU) or under bf16 autocast (CUDA); a trainer may
+also cast the model to bf16 and restore control tensors to fp32, as upstream does, so every linear layer casts
+its weight to the activation dtype and every learned scale is cast before it multiplies an activation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of the model. Every component of the reference stack is switchable here.
+
+    The artifact manifest stores ``asdict(config)``; the reader rebuilds the model from it, so every field must
+    be plain JSON (ints, floats, bools).
+    """
+
+    vocab_size: int = 1024
+    num_layers: int = 11
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    mlp_mult: int = 3
+    leaky_relu_slope: float = 0.5  # 0.0 gives the older relu^2
+    rope_dims: int = 16  # partial RoPE: rotate the first 16 of 64 head dims
+    rope_base: float = 10000.0
+    rope_train_seq_len: int = 1024  # upstream NTK quirk: Rotary is built with 1024 hard-coded
+    logit_softcap: float = 30.0
+    tied_embed_init_std: float = 0.005
+    qk_gain_init: float = 1.5
+    xsa_last_n: int = 11  # XSA on the last N layers (11, or anything >= num_layers, = all)
+    value_residual: bool = True
+    gated_attention: bool = True
+    attn_gate_bias_init: float = 4.0
+    smear_gate: bool = True
+    bigram_buckets: int = 4096  # 0 disables BigramHash
+    bigram_dim: int = 128
+    ln_scale: bool = True  # scale block inputs by 1/sqrt(layer+1)
+    unet_skips: bool = True
+    mask_bos: bool = True  # previous-token features (SmearGate, BigramHash) never cross a BOS boundary
+    bos_id: int = 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# sum(p.numel() for p in GPT(ModelConfig()).parameters()). Breakdown: 11 blocks × (2,359,296 matrix + 2,056
+# scales/mix/q_gain + 2 vr_lambda + 4,104 attn_gate) + tok_emb 524,288 + BigramHash 589,825 (4096×128 embed,
+# 128→512 proj, scale) + skip_weights 2,560 + smear 512. Upstream logs never printed it ("about 27.14M").
+PR940_PARAMETER_COUNT = 27_137_223
+
+# Names of the small learned gains, mixes and gates. Upstream routes them to the scalar AdamW group even when
+# they are 2-D (resid_mix is 2×d, attn_gate.weight is heads×d) and keeps them fp32; matching is by substring.
+CONTROL_TENSOR_NAME_PATTERNS = (
+    "attn_scale",
+    "mlp_scale",
+    "resid_mix",
+    "q_gain",
+    "skip_weights",
+    "smear",
+    "vr_lambda",
+    "attn_gate",
+)
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    """RMSNorm over the last dim with no learned weight (used everywhere in the stack, default eps)."""
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class CastedLinear(nn.Linear):
+    """A bias-optional linear layer whose fp32 master weight is cast to the activation dtype in forward.
+
+    `zero_init` marks the layers the reference initialises to zero (attention out proj, MLP down proj, the
+    attention gate) so that `GPT._init_weights` leaves them at zero instead of orthogonalising them.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, zero_init: bool = False) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.zero_init = zero_init
+
+    def forward(self, x: Tensor) -> Tensor:
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.linear(x, self.weight.to(x.dtype), bias)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Rotary position embedding (partial, with the upstream NTK quirk)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def rotary_tables(
+    seq_len: int, rope_dims: int, base: float, train_seq_len: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """cos/sin tables of shape (seq_len, rope_dims/2), fp32.
+
+    Upstream builds every Rotary with train_seq_len=1024 hard-coded, so at seq 2048 (train and eval) the base is
+    NTK-rescaled by (T/1024)^(rd/(rd−2)); matching the reference numbers needs this quirk.
+
+    The tables are rebuilt on every forward instead of cached: a cache filled under torch.inference_mode would
+    hold inference tensors and break autograd when test-time training runs after scoring (reference §7.3).
+    They are (T × rd/2) elements, which is negligible next to one attention layer.
+    """
+    if seq_len > train_seq_len:
+        base = base * (seq_len / train_seq_len) ** (rope_dims / (rope_dims - 2))
+    inv_freq = 1.0 / (base ** (torch.arange(0, rope_dims, 2, dtype=torch.float32, device=device) / rope_dims))
+    positions = torch.arange(seq_len, dtype=torch.float32, device=device)
+    freqs = torch.outer(positions, inv_freq)
+    return freqs.cos(), freqs.sin()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the first 2·cos.size(-1) dims of x (…, T, head_dim); the remaining dims pass through untouched.
+
+    Rotate-half convention inside the rotated slice: dims [0, rd/2) pair with dims [rd/2, rd).
+    """
+    rope_dims = 2 * cos.size(-1)
+    half = rope_dims // 2
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2, x_pass = x[..., :half], x[..., half:rope_dims], x[..., rope_dims:]
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, x_pass), dim=-1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Embedding path: BigramHash and SmearGate
+# --------------------------------------------------------------------------------------------------------------
+
+
+class BigramHash(nn.Module):
+    """A hashed embedding of the (current, previous) input-token pair, added to the token embedding.
+
+    The key uses input tokens only, so it is causal and never sees the target. Rows with no previous token
+    (position 0, and BOS positions when BOS masking is on) use the reserved last bucket.
+    """
+
+    def __init__(self, buckets: int, bigram_dim: int, model_dim: int) -> None:
+        super().__init__()
+        self.buckets = buckets
+        self.embed = nn.Embedding(buckets, bigram_dim)
+        # The upstream module exists only as a projection when the dims differ.
+        self.proj = CastedLinear(bigram_dim, model_dim) if bigram_dim != model_dim else None
+        self.scale = nn.Parameter(torch.tensor(0.05, dtype=torch.float32))
+
+    def bucket_ids(self, input_ids: Tensor, previous_token_kept: Tensor | None) -> Tensor:
+        reserved = self.buckets - 1
+        tokens = input_ids.to(torch.int32)
+        # int32 arithmetic as upstream; `%` is a floor modulo, so a product that wraps past 2^31 (vocabularies
+        # above ~59k) still lands in [0, reserved).
+        hashed = torch.bitwise_xor(36313 * tokens[..., 1:], 27191 * tokens[..., :-1]) % reserved
+        buckets = torch.cat((torch.full_like(tokens[..., :1], reserved), hashed), dim=-1)
+        if previous_token_kept is not None:
+            buckets = torch.where(previous_token_kept, buckets, torch.full_like(buckets, reserved))
+        return buckets.long()
+
+    def forward(self, input_ids: Tensor, previous_token_kept: Tensor | None) -> Tensor:
+        h = self.embed(self.bucket_ids(input_ids, previous_token_kept))
+        if self.proj is not None:
+            h = self.proj(h)
+        return h * self.scale.to(h.dtype)
+
+
+class SmearGate(nn.Module):
+    """x_t ← (1−σ(g))⊙x_t + σ(g)⊙x_{t−1} with x_{−1} = 0; g init 0 makes it a 50/50 blend at the start."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(dim, dtype=torch.float32))
+
+    def forward(self, x: Tensor, previous_token_kept: Tensor | None) -> Tensor:
+        g = torch.sigmoid(self.gate.to(x.dtype))
+        previous = F.pad(x[:, :-1], (0, 0, 1, 0))
+        if previous_token_kept is not None:
+            # #1797 ruling: at a BOS the previous token belongs to another document, so the blend must not see
+            # it. A BOS position then looks exactly like position 0 of a row.
+            previous = previous * previous_token_kept.unsqueeze(-1).to(x.dtype)
+        return (1 - g) * x + g * previous
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Attention, MLP, block
+# --------------------------------------------------------------------------------------------------------------
+
+
+def exclude_self_value(y: Tensor, v: Tensor) -> Tensor:
+    """XSA: remove from each head's output its component along the unit value vector of the same position.
+
+    y is (B, H, T, D), v is (B, H_kv, T, D). Query head h belongs to KV group h // (H / H_kv), the same grouping
+    SDPA's enable_gqa uses, so heads are viewed as (H_kv, group) without repeating v.
+    """
+    batch, heads, seq_len, head_dim = y.shape
+    kv_heads = v.size(1)
+    y_grouped = y.reshape(batch, kv_heads, heads // kv_heads, seq_len, head_dim)
+    v_unit = F.normalize(v, dim=-1).unsqueeze(2)
+    along_v = (y_grouped * v_unit).sum(dim=-1, keepdim=True) * v_unit
+    return (y_grouped - along_v).reshape(batch, heads, seq_len, head_dim)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig, use_xsa: bool) -> None:
+        super().__init__()
+        dim = config.model_dim
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = dim // config.num_heads
+        kv_dim = config.num_kv_heads * self.head_dim
+        self.use_xsa = use_xsa
+        self.c_q = CastedLinear(dim, dim)
+        self.c_k = CastedLinear(dim, kv_dim)
+        self.c_v = CastedLinear(dim, kv_dim)
+        self.proj = CastedLinear(dim, dim, zero_init=True)
+        self.q_gain = nn.Parameter(torch.full((config.num_heads,), config.qk_gain_init, dtype=torch.float32))
+        # Every layer carries a (λ0, λ1) pair as upstream, although layer 0 never uses its own (it produces v0);
+        # keeping it preserves the reference parameter count and state-dict layout.
+        self.vr_lambda = (
+            nn.Parameter(torch.tensor([0.5, 0.5], dtype=torch.float32)) if config.value_residual else None
+        )
+        self.attn_gate: CastedLinear | None = None
+        if config.gated_attention:
+            self.attn_gate = CastedLinear(dim, config.num_heads, bias=True, zero_init=True)
+            nn.init.constant_(self.attn_gate.bias, config.attn_gate_bias_init)
+
+    def forward(self, x: Tensor, v0: Tensor | None, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """Return (output, this layer's own value tensor before mixing): the caller keeps layer 0's as v0."""
+        batch, seq_len, dim = x.shape
+        q = self.c_q(x).reshape(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.c_k(x).reshape(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.c_v(x).reshape(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        own_v = v
+        if self.vr_lambda is not None and v0 is not None:
+            lam = self.vr_lambda.to(v.dtype)
+            v = lam[0] * v0 + lam[1] * v
+        q = apply_rotary(rms_norm(q), cos, sin)
+        k = apply_rotary(rms_norm(k), cos, sin)
+        q = q * self.q_gain.to(q.dtype)[None, :, None, None]
+        # Under autocast the projections are bf16 but the norms may come back fp32; SDPA needs one dtype.
+        y = F.scaled_dot_product_attention(q.to(v.dtype), k.to(v.dtype), v, is_causal=True, enable_gqa=True)
+        if self.use_xsa:
+            y = exclude_self_value(y, v)
+        if self.attn_gate is not None:
+            gate = torch.sigmoid(self.attn_gate(x))  # (B, T, H): one gate per token and head
+            y = y * gate.transpose(1, 2).unsqueeze(-1)
+        y = y.transpose(1, 2).reshape(batch, seq_len, dim)
+        return self.proj(y), own_v
+
+
+class MLP(nn.Module):
+    """down(leaky_relu(up(x), slope)²); slope 0 is the older relu²."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        hidden = config.mlp_mult * config.model_dim
+        self.negative_slope = config.leaky_relu_slope
+        self.fc = CastedLinear(config.model_dim, hidden)
+        self.proj = CastedLinear(hidden, config.model_dim, zero_init=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(F.leaky_relu(self.fc(x), self.negative_slope).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        dim = config.model_dim
+        # As upstream, N larger than the depth means every layer (the default 11 stays "all" on smaller models).
+        use_xsa = layer_index >= config.num_layers - config.xsa_last_n
+        self.attn = CausalSelfAttention(config, use_xsa=use_xsa)
+        self.mlp = MLP(config)
+        self.attn_scale = nn.Parameter(torch.ones(dim, dtype=torch.float32))
+        self.mlp_scale = nn.Parameter(torch.ones(dim, dtype=torch.float32))
+        # Row 0 weighs the running residual, row 1 the embedding-stage x0; (1, 0) starts as a plain residual.
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))).float())
+        # LN scale (PR #315): deeper layers see a smaller normalised input.
+        self.ln_scale_factor = 1.0 / math.sqrt(layer_index + 1) if config.ln_scale else 1.0
+
+    def forward(
+        self, x: Tensor, x0: Tensor, v0: Tensor | None, cos: Tensor, sin: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        attn_out, own_v = self.attn(rms_norm(x) * self.ln_scale_factor, v0, cos, sin)
+        x = x + self.attn_scale.to(x.dtype) * attn_out
+        x = x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln_scale_factor)
+        return x, own_v
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _validate(config: ModelConfig) -> None:
+    problems = []
+    if config.num_layers < 1:
+        problems.append(f"num_layers must be >= 1, got {config.num_layers}")
+    if config.model_dim % config.num_heads:
+        problems.append(f"model_dim {config.model_dim} is not divisible by num_heads {config.num_heads}")
+    elif config.num_heads % config.num_kv_heads:
+        problems.append(f"num_heads {config.num_heads} is not divisible by num_kv_heads {config.num_kv_heads}")
+    else:
+        head_dim = config.model_dim // config.num_heads
+        if not (4 <= config.rope_dims <= head_dim and config.rope_dims % 2 == 0):
+            # 2 is excluded because the NTK exponent rd/(rd−2) is undefined there.
+            problems.append(f"rope_dims must be even and in [4, head_dim={head_dim}], got {config.rope_dims}")
+    if config.xsa_last_n < 0:
+        problems.append(f"xsa_last_n must be >= 0, got {config.xsa_last_n}")
+    if config.bigram_buckets == 1 or config.bigram_buckets < 0:
+        problems.append(f"bigram_buckets must be 0 (off) or >= 2, got {config.bigram_buckets}")
+    if config.bigram_buckets and config.bigram_dim < 1:
+        problems.append(f"bigram_dim must be >= 1, got {config.bigram_dim}")
+    if config.logit_softcap <= 0:
+        problems.append(f"logit_softcap must be > 0, got {config.logit_softcap}")
+    if config.mlp_mult < 1:
+        problems.append(f"mlp_mult must be >= 1, got {config.mlp_mult}")
+    if config.rope_train_seq_len < 1:
+        problems.append(f"rope_train_seq_len must be >= 1, got {config.rope_train_seq_len}")
+    if not 0 <= config.bos_id < config.vocab_size:
+        problems.append(f"bos_id {config.bos_id} is outside the vocabulary [0, {config.vocab_size})")
+    if problems:
+        raise ValueError("invalid ModelConfig: " + "; ".join(problems))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        _validate(config)
+        self.config = config
+        dim = config.model_dim
+        self.tok_emb = nn.Embedding(config.vocab_size, dim)
+        self.bigram = BigramHash(config.bigram_buckets, config.bigram_dim, dim) if config.bigram_buckets else None
+        self.smear = SmearGate(dim) if config.smear_gate else None
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        # U-Net: the first L//2 blocks are the encoder; the decoder block i receives the i-th popped encoder
+        # output (LIFO), so the deepest encoder output feeds the first decoder block.
+        self.num_encoder_layers = config.num_layers // 2 if config.unet_skips else 0
+        self.skip_weights = (
+            nn.Parameter(torch.ones(self.num_encoder_layers, dim, dtype=torch.float32))
+            if self.num_encoder_layers
+            else None
+        )
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """Reference init: tok_emb N(0, std); zero-init layers stay zero; every other linear with both dims
+        >= 64 is orthogonal, and the remaining "*.proj" (only bigram.proj) is scaled by 1/sqrt(2L) as in the
+        non-banked code. Smaller linears keep PyTorch's default init, as upstream."""
+        nn.init.normal_(self.tok_emb.weight, mean=0.0, std=self.config.tied_embed_init_std)
+        if self.bigram is not None:
+            nn.init.zeros_(self.bigram.embed.weight)
+        depth_scale = 1.0 / math.sqrt(2 * self.config.num_layers)
+        for name, module in self.named_modules():
+            if not isinstance(module, CastedLinear):
+                continue
+            if module.zero_init:
+                nn.init.zeros_(module.weight)
+            elif min(module.weight.shape) >= 64:
+                nn.init.orthogonal_(module.weight, gain=1.0)
+                if name.endswith(".proj"):
+                    with torch.no_grad():
+                        module.weight.mul_(depth_scale)
+
+    # ---- forward -------------------------------------------------------------------------------------------
+
+    def input_embeddings(self, input_ids: Tensor) -> Tensor:
+        """x0: token embedding (+ BigramHash) → RMSNorm → SmearGate. Shape (B, T, model_dim)."""
+        # With mask_bos, a BOS input position drops its previous-token features, so nothing from the document
+        # before it leaks in through them (compliance-rules §3.4).
+        previous_token_kept = input_ids != self.config.bos_id if self.config.mask_bos else None
+        x = self.tok_emb(input_ids)
+        if self.bigram is not None:
+            x = x + self.bigram(input_ids, previous_token_kept)
+        x = rms_norm(x)
+        if self.smear is not None:
+            x = self.smear(x, previous_token_kept)
+        return x
+
+    def final_hidden(self, input_ids: Tensor) -> Tensor:
+        """Run the blocks and the final norm; (B, T, model_dim)."""
+        config = self.config
+        x0 = self.input_embeddings(input_ids)
+        cos, sin = rotary_tables(
+            input_ids.size(1), config.rope_dims, config.rope_base, config.rope_train_seq_len, input_ids.device
+        )
+        x = x0
+        v0: Tensor | None = None
+        encoder_outputs: list[Tensor] = []
+        for index, block in enumerate(self.blocks):
+            if index >= self.num_encoder_layers and encoder_outputs:
+                skip_weight = self.skip_weights[index - self.num_encoder_layers].to(x.dtype)
+                x = x + skip_weight * encoder_outputs.pop()
+            x, own_v = block(x, x0, v0, cos, sin)
+            if index == 0 and config.value_residual:
+                v0 = own_v
+            if index < self.num_encoder_layers:
+                encoder_outputs.append(x)
+        return rms_norm(x)
+
+    def forward_logits(self, input_ids: Tensor) -> Tensor:
+        """(B, T, vocab) float32 logits after the softcap."""
+        x = self.final_hidden(input_ids)
+        logits = F.linear(x, self.tok_emb.weight.to(x.dtype)).float()
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits / cap)
+
+    def forward(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
+        """Mean next-token cross-entropy (nats, fp32 scalar)."""
+        logits = self.forward_logits(input_ids)
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1), reduction="mean")
+
+    # ---- optimizer grouping --------------------------------------------------------------------------------
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Split parameters as the non-banked PR #287/#761 code does (reference §5.1).
+
+        matrix: 2-D block matrices (Q, K, V, out, MLP up/down) and the BigramHash projection → Muon.
+        embed:  tok_emb and the BigramHash table → AdamW "tok" group.
+        scalar: everything else (gains, mixes, q_gain, vr_lambda, attention gate, skips, smear, bigram scale).
+        The matrix order is deterministic (blocks in order, then bigram.proj) because distributed Muon assigns
+        parameter i to rank i % world_size.
+        """
+        matrix: list[nn.Parameter] = []
+        scalar: list[nn.Parameter] = []
+        for name, p in self.blocks.named_parameters():
+            is_control = any(pattern in name for pattern in CONTROL_TENSOR_NAME_PATTERNS)
+            (matrix if p.ndim == 2 and not is_control else scalar).append(p)
+        embed: list[nn.Parameter] = [self.tok_emb.weight]
+        if self.bigram is not None:
+            embed.append(self.bigram.embed.weight)
+            if self.bigram.proj is not None:
+                matrix.append(self.bigram.proj.weight)
+            scalar.append(self.bigram.scale)
+        if self.skip_weights is not None:
+            scalar.append(self.skip_weights)
+        if self.smear is not None:
+            scalar.append(self.smear.gate)
+        return {"matrix": matrix, "embed": embed, "scalar": scalar}
