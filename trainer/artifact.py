@@ -1,0 +1,748 @@
+"""Artifact format v1: a quantised model as plain data, and its writer, reader and fit-to-budget ladder.
+
+Layout (specified in docs/artifact-format.md)::
+
+    offset 0   8 bytes   magic  b"\\x89PGOLF\\r\\n"
+    offset 8   uint32 LE format version (1)
+    offset 12  uint32 LE manifest length M
+    offset 16  M bytes   manifest: UTF-8 JSON object
+    offset 16+M          payload: one or more zstd frames; exactly manifest.payload.compressed_nbytes bytes, then EOF
+
+The decompressed payload is the concatenation, in manifest order, of every tensor's values followed by its scales.
+
+The reader treats the file as hostile: it never unpickles or executes anything, checks the size before reading,
+validates every manifest field, verifies both hashes, decompresses with a hard bound, checks the tensor table
+against the model that the manifest's config builds, and checks the decoded values. Each refusal has its own
+``ArtifactError`` subclass with a ``code`` slug.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import struct
+import tempfile
+import typing
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import zstandard
+
+from trainer.model import GPT, ModelConfig
+from trainer.quant import (
+    ENCODINGS,
+    FLOAT_DTYPE_NAMES,
+    INT5_ROW,
+    INT6_ROW,
+    RAW,
+    RAW_NUMPY_DTYPES,
+    ROW_QMAX,
+    SCALE_DTYPE,
+    STORAGE_DTYPE,
+    TORCH_DTYPES,
+    QuantizedTensor,
+    block_index,
+    dequantize_tensor,
+    num_rows,
+    quantize_state_dict,
+    quantize_tensor,
+)
+
+if TYPE_CHECKING:
+    from trainer.code_bytes import CodeBytes
+
+MAGIC = b"\x89PGOLF\r\n"  # non-ASCII first byte and CRLF catch text-mode mangling, as in PNG
+FORMAT_VERSION = 1
+_HEADER = struct.Struct("<8sII")  # magic, version, manifest length
+HEADER_NBYTES = _HEADER.size
+
+SUBMISSION_LIMIT_BYTES = 16_000_000  # artifact + counted code, decimal bytes
+MAX_MANIFEST_BYTES = 1 << 20  # a pr940 manifest is ~15 kB
+MAX_RAW_NBYTES = 256 << 20  # hard bound on the declared decompressed payload
+MAX_TENSOR_NDIM = 8
+ZSTD_LADDER_LEVELS = (16, 1, 17, 2)  # PR #761 fork order: first level that fits wins
+_DECOMPRESS_CHUNK = 1 << 20
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Errors: one class per refusal, each with a stable slug for the service and verifier.
+
+
+class ArtifactError(ValueError):
+    code = "artifact_error"
+
+
+class FileTooLarge(ArtifactError):
+    code = "file_too_large"
+
+
+class Truncated(ArtifactError):
+    code = "truncated"
+
+
+class TrailingData(ArtifactError):
+    code = "trailing_data"
+
+
+class BadMagic(ArtifactError):
+    code = "bad_magic"
+
+
+class UnsupportedVersion(ArtifactError):
+    code = "unsupported_version"
+
+
+class ManifestTooLarge(ArtifactError):
+    code = "manifest_too_large"
+
+
+class ManifestNotJSON(ArtifactError):
+    code = "manifest_not_json"
+
+
+class SchemaViolation(ArtifactError):
+    code = "schema_violation"
+
+
+class TokenizerFieldError(ArtifactError):
+    code = "bad_tokenizer"
+
+
+class DeclaredSizeTooLarge(ArtifactError):
+    code = "declared_size_too_large"
+
+
+class HashMismatch(ArtifactError):
+    code = "hash_mismatch"
+
+
+class ShapeMismatch(ArtifactError):
+    code = "shape_mismatch"
+
+
+class DecompressionBomb(ArtifactError):
+    code = "decompression_bomb"
+
+
+class PayloadCorrupt(ArtifactError):
+    code = "payload_corrupt"
+
+
+class InvalidTensorData(ArtifactError):
+    code = "invalid_tensor_data"
+
+
+class BudgetExceeded(RuntimeError):
+    """No rung of the fit-to-budget ladder produced an artifact under the limit."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+@dataclass(frozen=True)
+class Artifact:
+    manifest: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]  # dequantised, in manifest order, each in its recorded dtype
+    tensors: list[QuantizedTensor]  # the stored form
+    file_nbytes: int
+    file_sha256: str
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(**_config_kwargs(self.manifest["model_config"]))
+
+
+def encode_artifact(
+    tensors: Sequence[QuantizedTensor],
+    *,
+    model_config: ModelConfig,
+    tokenizer_sha256: str,
+    vocab_size: int,
+    training: Mapping[str, Any],
+    code_bytes: CodeBytes,
+    level: int,
+) -> bytes:
+    """The complete file bytes for already-quantised tensors. Validates what it writes with the reader's checks."""
+    records, raw = _layout_payload(tensors)
+    compressed = zstandard.ZstdCompressor(level=level).compress(raw)
+    manifest = {
+        "model_config": model_config.to_dict(),
+        "tokenizer": {"sha256": tokenizer_sha256, "vocab_size": vocab_size},
+        "tensors": records,
+        "payload": {
+            "compression": "zstd",
+            "level": level,
+            "compressed_nbytes": len(compressed),
+            "compressed_sha256": hashlib.sha256(compressed).hexdigest(),
+            "raw_nbytes": len(raw),
+            "raw_sha256": hashlib.sha256(raw).hexdigest(),
+        },
+        "training": dict(training),
+        "code_bytes": {"total": code_bytes.total, "files": dict(code_bytes.files)},
+    }
+    _validate_manifest(manifest)
+    _check_against_model(manifest)
+    manifest_bytes = json.dumps(manifest, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    return _HEADER.pack(MAGIC, FORMAT_VERSION, len(manifest_bytes)) + manifest_bytes + compressed
+
+
+def _layout_payload(tensors: Sequence[QuantizedTensor]) -> tuple[list[dict[str, Any]], bytes]:
+    records: list[dict[str, Any]] = []
+    chunks: list[bytes] = []
+    offset = 0
+    for qt in tensors:
+        values = qt.values.tobytes()
+        record: dict[str, Any] = {
+            "name": qt.name,
+            "encoding": qt.encoding,
+            "dtype": qt.dtype,
+            "shape": list(qt.shape),
+            "offset": offset,
+            "nbytes": len(values),
+        }
+        chunks.append(values)
+        offset += len(values)
+        if qt.scales is not None:
+            scales = qt.scales.tobytes()
+            record["scale_offset"] = offset
+            record["scale_nbytes"] = len(scales)
+            chunks.append(scales)
+            offset += len(scales)
+        records.append(record)
+    return records, b"".join(chunks)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as tmp:
+            tmp.write(data)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def write_artifact(
+    path: str | os.PathLike[str],
+    state_dict: Mapping[str, torch.Tensor],
+    model_config: ModelConfig,
+    tokenizer_sha256: str,
+    vocab_size: int,
+    training: Mapping[str, Any],
+    *,
+    code_bytes: CodeBytes,
+    int5_blocks: Iterable[int] = (),
+    level: int = ZSTD_LADDER_LEVELS[0],
+) -> int:
+    """Quantise ``state_dict`` and write one artifact atomically (temp file + rename). Returns its size."""
+    data = encode_artifact(
+        quantize_state_dict(state_dict, int5_blocks=int5_blocks),
+        model_config=model_config,
+        tokenizer_sha256=tokenizer_sha256,
+        vocab_size=vocab_size,
+        training=training,
+        code_bytes=code_bytes,
+        level=level,
+    )
+    _write_atomically(Path(path), data)
+    return len(data)
+
+
+@dataclass(frozen=True)
+class LadderAttempt:
+    label: str  # "int6", or "int6+int5xK" with K blocks downgraded
+    level: int
+    int5_blocks: tuple[int, ...]
+    nbytes: int
+    fits: bool
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    artifact_nbytes: int
+    code_nbytes: int
+    limit: int  # the artifact's own limit: budget minus counted code bytes
+    winner: LadderAttempt
+    attempts: list[LadderAttempt]  # every try, in order, the winner last
+
+    @property
+    def total_nbytes(self) -> int:
+        return self.artifact_nbytes + self.code_nbytes
+
+
+def int5_downgrade_order(num_layers: int) -> list[int]:
+    """Middle layer first, then outward, right before left: 11 layers give 5, 6, 4, 7, 3, 8, 2, 9, 1, 10, 0."""
+    middle = num_layers // 2
+    order = [middle]
+    for distance in range(1, num_layers):
+        order += [i for i in (middle + distance, middle - distance) if 0 <= i < num_layers]
+    return order
+
+
+def export_to_budget(
+    path: str | os.PathLike[str],
+    state_dict: Mapping[str, torch.Tensor],
+    model_config: ModelConfig,
+    tokenizer_sha256: str,
+    vocab_size: int,
+    training: Mapping[str, Any],
+    *,
+    code_bytes: CodeBytes,
+    budget_bytes: int = SUBMISSION_LIMIT_BYTES,
+    log: Callable[[str], None] = print,
+) -> ExportResult:
+    """Write the first artifact that fits ``budget_bytes - code_bytes.total`` (reference §6.4).
+
+    Phase 1 tries all-int6 at zstd levels 16, 1, 17, 2. Phase 2 downgrades block matrices to int5 one block at a
+    time from the middle layer outward, retrying the levels after each block. Every attempt is logged as
+    ``quant_try <label> zstd-<level>: N bytes (limit L)``. If nothing fits, raises BudgetExceeded and writes nothing.
+    """
+    limit = budget_bytes - code_bytes.total
+    names = list(state_dict)
+    int6 = {name: quantize_tensor(name, t, block_encoding=INT6_ROW) for name, t in state_dict.items()}
+    int5_cache: dict[str, QuantizedTensor] = {}
+    attempts: list[LadderAttempt] = []
+
+    def encoded_for(blocks: tuple[int, ...], level: int) -> bytes:
+        tensors = []
+        for name in names:
+            if block_index(name) in blocks and int6[name].encoding == INT6_ROW:
+                if name not in int5_cache:
+                    int5_cache[name] = quantize_tensor(name, state_dict[name], block_encoding=INT5_ROW)
+                tensors.append(int5_cache[name])
+            else:
+                tensors.append(int6[name])
+        return encode_artifact(
+            tensors,
+            model_config=model_config,
+            tokenizer_sha256=tokenizer_sha256,
+            vocab_size=vocab_size,
+            training=training,
+            code_bytes=code_bytes,
+            level=level,
+        )
+
+    downgrade = int5_downgrade_order(model_config.num_layers)
+    for count in range(len(downgrade) + 1):
+        blocks = tuple(downgrade[:count])
+        label = "int6" if count == 0 else f"int6+int5x{count}"
+        for level in ZSTD_LADDER_LEVELS:
+            data = encoded_for(blocks, level)
+            attempt = LadderAttempt(label, level, blocks, len(data), len(data) <= limit)
+            attempts.append(attempt)
+            log(f"quant_try {label} zstd-{level}: {len(data)} bytes (limit {limit})")
+            if attempt.fits:
+                out = Path(path)
+                _write_atomically(out, data)
+                log(f"quant_choice {label} zstd-{level} int5_blocks:{list(blocks)}")
+                log(f"Serialized model {label}+zstd-{level}: {len(data)} bytes")
+                log(f"Code size: {code_bytes.total} bytes")
+                log(f"Total submission size: {len(data) + code_bytes.total} bytes")
+                return ExportResult(out, len(data), code_bytes.total, limit, attempt, attempts)
+    smallest = min(a.nbytes for a in attempts)
+    raise BudgetExceeded(
+        f"no quantisation fits: smallest artifact {smallest} bytes > limit {limit} "
+        f"(budget {budget_bytes} - code {code_bytes.total}) after {len(attempts)} attempts; nothing written"
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_artifact(path: str | os.PathLike[str], *, max_file_bytes: int = SUBMISSION_LIMIT_BYTES) -> Artifact:
+    """Read and fully validate an artifact file. Never unpickles; see the module docstring for the checks."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size > max_file_bytes:
+        raise FileTooLarge(f"{path}: {size} bytes exceeds the limit of {max_file_bytes} bytes")
+    with path.open("rb") as fh:
+        data = fh.read(max_file_bytes + 1)  # the file may have grown since stat(); never read past the bound
+    return parse_artifact(data, max_file_bytes=max_file_bytes)
+
+
+def parse_artifact(data: bytes, *, max_file_bytes: int = SUBMISSION_LIMIT_BYTES) -> Artifact:
+    """Validate and decode artifact bytes already in memory (same checks as ``read_artifact``)."""
+    if len(data) > max_file_bytes:
+        raise FileTooLarge(f"artifact is {len(data)} bytes, over the limit of {max_file_bytes} bytes")
+    manifest, payload_start = _read_header_and_manifest(data)
+    _validate_manifest(manifest)
+    payload_info = manifest["payload"]
+
+    expected_end = payload_start + payload_info["compressed_nbytes"]
+    if len(data) < expected_end:
+        raise Truncated(
+            f"payload truncated: file has {len(data) - payload_start} payload bytes, "
+            f"manifest declares {payload_info['compressed_nbytes']}"
+        )
+    if len(data) > expected_end:
+        raise TrailingData(f"{len(data) - expected_end} unexpected bytes after the declared payload")
+    compressed = data[payload_start:]
+    digest = hashlib.sha256(compressed).hexdigest()
+    if digest != payload_info["compressed_sha256"]:
+        raise HashMismatch(
+            f"compressed payload sha256 {digest} does not match manifest {payload_info['compressed_sha256']}"
+        )
+
+    _check_against_model(manifest)
+    raw = _bounded_decompress(compressed, payload_info["raw_nbytes"])
+    raw_digest = hashlib.sha256(raw).hexdigest()
+    if raw_digest != payload_info["raw_sha256"]:
+        raise HashMismatch(f"raw payload sha256 {raw_digest} does not match manifest {payload_info['raw_sha256']}")
+
+    tensors = [_decode_tensor(record, raw) for record in manifest["tensors"]]
+    state_dict = {qt.name: dequantize_tensor(qt) for qt in tensors}
+    return Artifact(manifest, state_dict, tensors, len(data), hashlib.sha256(data).hexdigest())
+
+
+def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[GPT, Artifact]:
+    """Read an artifact and return a fresh GPT with its dequantised weights loaded strictly (in eval mode).
+
+    The model is built on the meta device and the weights are assigned, not copied: random initialisation
+    (orthogonal init runs a QR per matrix) would be thrown away anyway. Parameters keep the dtype recorded in
+    the artifact, and do not share storage with ``artifact.state_dict`` (test-time training updates them in place).
+    """
+    artifact = read_artifact(path)
+    with torch.device("meta"):
+        model = GPT(artifact.model_config)
+    model.load_state_dict({k: v.clone() for k, v in artifact.state_dict.items()}, strict=True, assign=True)
+    left_on_meta = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left_on_meta:  # a non-persistent buffer would need the model's own init; fail loudly rather than run on meta
+        raise RuntimeError(f"load_model: tensors not restored from the artifact: {left_on_meta}")
+    return model.to(device).eval(), artifact
+
+
+def _read_header_and_manifest(data: bytes) -> tuple[dict[str, Any], int]:
+    if data[: len(MAGIC)] != MAGIC:
+        if MAGIC.startswith(data):
+            raise Truncated(f"file is {len(data)} bytes, shorter than the {HEADER_NBYTES}-byte header")
+        raise BadMagic(f"not a pgolf artifact: first bytes are {data[:8]!r}, expected {MAGIC!r}")
+    if len(data) < HEADER_NBYTES:
+        raise Truncated(f"file is {len(data)} bytes, shorter than the {HEADER_NBYTES}-byte header")
+    _, version, manifest_nbytes = _HEADER.unpack_from(data)
+    if version != FORMAT_VERSION:
+        raise UnsupportedVersion(f"artifact format version {version} is not supported (this reader: 1)")
+    if manifest_nbytes > MAX_MANIFEST_BYTES:
+        raise ManifestTooLarge(f"manifest declares {manifest_nbytes} bytes, over the {MAX_MANIFEST_BYTES} limit")
+    payload_start = HEADER_NBYTES + manifest_nbytes
+    if len(data) < payload_start:
+        raise Truncated(
+            f"manifest truncated: {len(data) - HEADER_NBYTES} of {manifest_nbytes} declared bytes present"
+        )
+    try:
+        manifest = json.loads(
+            data[HEADER_NBYTES:payload_start].decode("utf-8"),
+            parse_float=_finite_float,
+            parse_constant=_reject_constant,
+            object_pairs_hook=_unique_keys,
+        )
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ManifestNotJSON(f"manifest is not valid UTF-8 JSON: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise SchemaViolation(f"manifest must be a JSON object, got {type(manifest).__name__}")
+    return manifest, payload_start
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
+def _reject_constant(text: str) -> float:
+    raise ValueError(f"{text} is not valid JSON")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise ValueError(f"duplicate key {key!r}")
+        obj[key] = value
+    return obj
+
+
+def _bounded_decompress(compressed: bytes, raw_nbytes: int) -> bytes:
+    """Decompress at most ``raw_nbytes + 1`` bytes: one byte more than declared is proof of a lie."""
+    dctx = zstandard.ZstdDecompressor(max_window_size=1 << 27)
+    out = bytearray()
+    try:
+        with dctx.stream_reader(io.BytesIO(compressed), read_across_frames=True) as reader:
+            while len(out) <= raw_nbytes:
+                chunk = reader.read(min(_DECOMPRESS_CHUNK, raw_nbytes + 1 - len(out)))
+                if not chunk:
+                    break
+                out += chunk
+    except zstandard.ZstdError as exc:
+        raise PayloadCorrupt(f"payload is not a valid zstd stream: {exc}") from None
+    if len(out) > raw_nbytes:
+        raise DecompressionBomb(f"payload decompresses past its declared raw size of {raw_nbytes} bytes")
+    if len(out) < raw_nbytes:
+        raise PayloadCorrupt(f"payload decompresses to {len(out)} bytes, manifest declares {raw_nbytes}")
+    return bytes(out)
+
+
+def _decode_tensor(record: Mapping[str, Any], raw: bytes) -> QuantizedTensor:
+    name, encoding, dtype = record["name"], record["encoding"], record["dtype"]
+    storage = RAW_NUMPY_DTYPES[dtype] if encoding == RAW else STORAGE_DTYPE[encoding]
+    values = np.frombuffer(raw, dtype=storage, count=record["nbytes"] // storage.itemsize, offset=record["offset"])
+    scales = None
+    if encoding in ROW_QMAX:
+        qmax = ROW_QMAX[encoding]
+        if values.size and int(np.abs(values.astype(np.int16)).max()) > qmax:
+            raise InvalidTensorData(f"{name}: {encoding} values outside [-{qmax}, {qmax}]")
+        scales = np.frombuffer(
+            raw,
+            dtype=SCALE_DTYPE,
+            count=record["scale_nbytes"] // SCALE_DTYPE.itemsize,
+            offset=record["scale_offset"],
+        )
+        if not (np.isfinite(scales).all() and (scales > 0).all()):
+            raise InvalidTensorData(f"{name}: scales must be finite and positive")
+    elif encoding == RAW and dtype == "bool":
+        if values.size and np.frombuffer(values.tobytes(), dtype=np.uint8).max() > 1:
+            raise InvalidTensorData(f"{name}: bool bytes other than 0 and 1")
+    elif encoding != RAW and not np.isfinite(values).all():
+        raise InvalidTensorData(f"{name}: non-finite {encoding} values")
+    return QuantizedTensor(
+        name, encoding, dtype, tuple(record["shape"]), values.copy(), None if scales is None else scales.copy()
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Manifest schema. Field sets are exact: a missing or unknown key is a violation (the training section alone may
+# carry extra scalar fields, for run metadata the trainer adds later).
+
+_TOP_LEVEL = ("model_config", "tokenizer", "tensors", "payload", "training", "code_bytes")
+_PAYLOAD = ("compression", "level", "compressed_nbytes", "compressed_sha256", "raw_nbytes", "raw_sha256")
+_TRAINING_REQUIRED = ("seed", "steps", "world_size", "device", "train_time_ms", "code_version")
+_TENSOR_KEYS = ("name", "encoding", "dtype", "shape", "offset", "nbytes")
+_SCALE_KEYS = ("scale_offset", "scale_nbytes")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _require_keys(obj: Any, where: str, required: Sequence[str], *, extra_ok: bool = False) -> None:
+    if not isinstance(obj, dict):
+        raise SchemaViolation(f"{where} must be an object, got {type(obj).__name__}")
+    missing = [k for k in required if k not in obj]
+    if missing:
+        raise SchemaViolation(f"{where} is missing {', '.join(missing)}")
+    extra = sorted(set(obj) - set(required))
+    if extra and not extra_ok:
+        raise SchemaViolation(f"{where} has unknown field(s) {', '.join(extra)}")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise SchemaViolation(message)
+
+
+def _validate_manifest(manifest: dict[str, Any]) -> None:
+    _require_keys(manifest, "manifest", _TOP_LEVEL)
+    _config_kwargs(manifest["model_config"])
+    _validate_payload(manifest["payload"])
+    _validate_tensor_table(manifest["tensors"], manifest["payload"]["raw_nbytes"])
+    _validate_training(manifest["training"])
+    _validate_code_bytes(manifest["code_bytes"])
+    _validate_tokenizer(manifest["tokenizer"], manifest["model_config"]["vocab_size"])
+
+
+def _config_kwargs(config: Any) -> dict[str, Any]:
+    """Check a model_config object against ModelConfig's fields and types; return constructor kwargs."""
+    hints = typing.get_type_hints(ModelConfig)
+    names = [f.name for f in fields(ModelConfig)]
+    _require_keys(config, "model_config", names)
+    kwargs: dict[str, Any] = {}
+    for name in names:
+        value, hint = config[name], hints[name]
+        where = f"model_config.{name}"
+        if hint is bool:
+            _require(isinstance(value, bool), f"{where} must be a boolean, got {value!r}")
+        elif hint is int:
+            _require(_is_int(value), f"{where} must be an integer, got {value!r}")
+        elif hint is float:
+            _require(_is_number(value), f"{where} must be a finite number, got {value!r}")
+            value = float(value)
+        elif hint is str:
+            _require(isinstance(value, str), f"{where} must be a string, got {value!r}")
+        elif typing.get_origin(hint) is tuple and typing.get_args(hint)[:1] == (int,):
+            _require(
+                isinstance(value, list) and all(_is_int(v) for v in value),
+                f"{where} must be a list of integers, got {value!r}",
+            )
+            value = tuple(value)
+        else:  # a ModelConfig field type this reader does not know how to validate
+            raise SchemaViolation(f"{where}: unsupported field type {hint!r}")
+        kwargs[name] = value
+    return kwargs
+
+
+def _validate_sha256(value: Any, where: str, error: type[ArtifactError] = SchemaViolation) -> None:
+    if not (isinstance(value, str) and _SHA256_HEX.fullmatch(value)):
+        raise error(f"{where} must be 64 lowercase hex digits, got {value!r}")
+
+
+def _validate_payload(payload: Any) -> None:
+    _require_keys(payload, "payload", _PAYLOAD)
+    _require(payload["compression"] == "zstd", f"payload.compression must be 'zstd', got {payload['compression']!r}")
+    level = payload["level"]
+    _require(_is_int(level) and 1 <= level <= 22, f"payload.level must be a zstd level 1-22, got {level!r}")
+    for key in ("compressed_nbytes", "raw_nbytes"):
+        _require(_is_int(payload[key]) and payload[key] >= 0, f"payload.{key} must be a non-negative integer")
+    for key in ("compressed_sha256", "raw_sha256"):
+        _validate_sha256(payload[key], f"payload.{key}")
+    if payload["raw_nbytes"] > MAX_RAW_NBYTES:
+        raise DeclaredSizeTooLarge(
+            f"declared raw payload size {payload['raw_nbytes']} bytes exceeds the bound of {MAX_RAW_NBYTES}"
+        )
+
+
+def _validate_tensor_table(tensors: Any, raw_nbytes: int) -> None:
+    """Tensor records must be well-typed and tile the raw payload exactly: no gaps, no overlaps, no tail."""
+    _require(isinstance(tensors, list) and tensors, "tensors must be a non-empty list")
+    seen: set[str] = set()
+    cursor = 0
+    for index, record in enumerate(tensors):
+        where = f"tensors[{index}]"
+        _require(isinstance(record, dict), f"{where} must be an object")
+        encoding = record.get("encoding")
+        _require(encoding in ENCODINGS, f"{where}.encoding {encoding!r} is not one of {', '.join(ENCODINGS)}")
+        _require_keys(record, where, _TENSOR_KEYS + (_SCALE_KEYS if encoding in ROW_QMAX else ()))
+        name = record["name"]
+        _require(isinstance(name, str) and name != "", f"{where}.name must be a non-empty string")
+        _require(name not in seen, f"{where}: duplicate tensor name {name!r}")
+        seen.add(name)
+        where = f"tensor {name!r}"
+        dtype = record["dtype"]
+        allowed = RAW_NUMPY_DTYPES if encoding == RAW else FLOAT_DTYPE_NAMES
+        _require(dtype in allowed, f"{where}: dtype {dtype!r} cannot use encoding {encoding!r}")
+        shape = record["shape"]
+        _require(
+            isinstance(shape, list) and len(shape) <= MAX_TENSOR_NDIM and all(_is_int(d) and d >= 0 for d in shape),
+            f"{where}: shape must be a list of at most {MAX_TENSOR_NDIM} non-negative integers, got {shape!r}",
+        )
+        numel = math.prod(shape)
+        itemsize = (RAW_NUMPY_DTYPES[dtype] if encoding == RAW else STORAGE_DTYPE[encoding]).itemsize
+        regions = [("offset", "nbytes", numel * itemsize)]
+        if encoding in ROW_QMAX:
+            _require(numel > 0, f"{where}: a row-quantised tensor cannot be empty")
+            regions.append(("scale_offset", "scale_nbytes", num_rows(shape) * SCALE_DTYPE.itemsize))
+        for offset_key, size_key, expected_size in regions:
+            offset, size = record[offset_key], record[size_key]
+            _require(_is_int(offset) and offset >= 0, f"{where}: {offset_key} must be a non-negative integer")
+            _require(_is_int(size) and size == expected_size, f"{where}: {size_key} must be {expected_size}")
+            _require(
+                offset == cursor,
+                f"{where}: {offset_key} {offset} {'overlaps' if offset < cursor else 'leaves a gap'}; "
+                f"expected {cursor}",
+            )
+            cursor += size
+    _require(cursor == raw_nbytes, f"tensors cover {cursor} bytes but payload.raw_nbytes is {raw_nbytes}")
+
+
+def _validate_training(training: Any) -> None:
+    _require_keys(training, "training", _TRAINING_REQUIRED, extra_ok=True)
+    _require(_is_int(training["seed"]), "training.seed must be an integer")
+    _require(_is_int(training["steps"]) and training["steps"] >= 0, "training.steps must be a non-negative integer")
+    _require(
+        _is_int(training["world_size"]) and training["world_size"] >= 1,
+        "training.world_size must be a positive integer",
+    )
+    _require(
+        _is_number(training["train_time_ms"]) and training["train_time_ms"] >= 0,
+        "training.train_time_ms must be a non-negative number",
+    )
+    for key in ("device", "code_version"):
+        _require(isinstance(training[key], str), f"training.{key} must be a string")
+    for key, value in training.items():
+        _require(
+            value is None or isinstance(value, (str, bool)) or _is_number(value),
+            f"training.{key} must be a string, number, boolean or null",
+        )
+
+
+def _validate_code_bytes(code_bytes: Any) -> None:
+    _require_keys(code_bytes, "code_bytes", ("total", "files"))
+    files = code_bytes["files"]
+    _require(
+        isinstance(files, dict) and all(_is_int(n) and n >= 0 for n in files.values()),
+        "code_bytes.files must map paths to non-negative integers",
+    )
+    _require(
+        _is_int(code_bytes["total"]) and code_bytes["total"] == sum(files.values()),
+        "code_bytes.total must equal the sum of code_bytes.files",
+    )
+
+
+def _validate_tokenizer(tokenizer: Any, model_vocab_size: int) -> None:
+    if not isinstance(tokenizer, dict) or set(tokenizer) != {"sha256", "vocab_size"}:
+        raise TokenizerFieldError(f"tokenizer must be an object with exactly sha256 and vocab_size, got {tokenizer!r}")
+    _validate_sha256(tokenizer["sha256"], "tokenizer.sha256", TokenizerFieldError)
+    vocab = tokenizer["vocab_size"]
+    if not (_is_int(vocab) and vocab > 0):
+        raise TokenizerFieldError(f"tokenizer.vocab_size must be a positive integer, got {vocab!r}")
+    if vocab != model_vocab_size:
+        raise TokenizerFieldError(
+            f"tokenizer.vocab_size {vocab} disagrees with model_config.vocab_size {model_vocab_size}"
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The tensor table against the model that the config builds.
+
+
+def _check_against_model(manifest: Mapping[str, Any]) -> None:
+    """Build GPT(config) on the meta device (no memory, no init cost) and compare names, shapes, dtype kinds."""
+    records = {r["name"]: r for r in manifest["tensors"]}
+    config_kwargs = _config_kwargs(manifest["model_config"])
+    # Bound the model before building it: every layer owns tensors named blocks.{i}.*, so a config cannot ask for
+    # more layers than the table describes (the table itself is bounded by the manifest size).
+    layers = {i for i in map(block_index, records) if i is not None}
+    num_layers = config_kwargs["num_layers"]
+    if layers != set(range(num_layers)):
+        raise ShapeMismatch(
+            f"model_config.num_layers is {num_layers} but the tensors describe blocks {sorted(layers)}"
+        )
+    try:
+        config = ModelConfig(**config_kwargs)
+        with torch.device("meta"):
+            expected = GPT(config).state_dict()
+    except Exception as exc:  # untrusted config: any failure to build (even ZeroDivisionError) means invalid
+        raise SchemaViolation(f"model_config does not build a model: {type(exc).__name__}: {exc}") from None
+
+    missing = [n for n in expected if n not in records]
+    unexpected = [n for n in records if n not in expected]
+    if missing or unexpected:
+        raise ShapeMismatch(
+            f"tensor names disagree with the model: missing {missing[:5]}{'…' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}"
+        )
+    for name, tensor in expected.items():
+        record = records[name]
+        if tuple(record["shape"]) != tuple(tensor.shape):
+            raise ShapeMismatch(f"{name}: artifact shape {record['shape']} but model expects {list(tensor.shape)}")
+        if TORCH_DTYPES[record["dtype"]].is_floating_point != tensor.is_floating_point():
+            raise ShapeMismatch(f"{name}: artifact dtype {record['dtype']} but model has {tensor.dtype}")

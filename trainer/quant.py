@@ -1,0 +1,252 @@
+"""Mixed int6/int5/int8 quantisation of a model state_dict (reference-stack §6.2, PR #940 decisions).
+
+Every tensor gets one *encoding*, chosen by name and size exactly as upstream's ``mixed_quantize_int6``:
+
+1. float tensors with at most 65,536 elements are stored as fp16 ("fp16"), whatever their name — the size check
+   comes first, so small control tensors such as ``attn_gate`` and ``vr_lambda`` end up fp16 (gotcha 12);
+2. larger float tensors whose name matches a control pattern are stored as fp32 ("fp32");
+3. block matrices (category "mlp" or "attn") are quantised per row to int6 ("int6_row"), or to int5 ("int5_row")
+   for the blocks the fit-to-budget ladder downgrades;
+4. every other float tensor (``tok_emb``, ``bigram.embed``) is quantised per row to int8 ("int8_row");
+5. non-float tensors are stored bit-exactly ("raw").
+
+Row quantisation stores ``q`` as int8 and one fp16 scale per row; dequantisation is exactly
+``w = q * scale[row]`` (computed in fp32) cast back to the dtype the tensor had at export.
+
+The clip search for block matrices (GPTQ-lite) tries the row-clip percentiles {0.999, 0.9995, 0.9999, 0.99999, 1.0}
+and keeps, **for each row**, the candidate with the lowest reconstruction error. Upstream keeps one percentile per
+matrix (gotcha 2); choosing per row can only lower every row's error, and costs nothing in the format.
+
+This module only turns tensors into arrays and back; the byte layout lives in ``trainer/artifact.py``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+PASSTHROUGH_MAX_NUMEL = 65_536
+CONTROL_PATTERNS = (
+    "attn_scale",
+    "mlp_scale",
+    "resid_mix",
+    "q_gain",
+    "skip_weight",
+    "smear",
+    "ve_layer_scales",
+    "ve_shared.scale",
+    "attn_gate",
+    "vr_lambda",
+    "dtg_gate",
+)
+BLOCK_CLIP_PERCENTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
+EMBED_CLIP_PERCENTILE = 0.9999984
+
+# Encodings (the strings are part of artifact format v1).
+FP16 = "fp16"
+FP32 = "fp32"
+RAW = "raw"
+INT8_ROW = "int8_row"
+INT6_ROW = "int6_row"
+INT5_ROW = "int5_row"
+# Largest |q| per row-quantised encoding; q lies in [-qmax, qmax] (symmetric, so -32/-16 are never used).
+ROW_QMAX = {INT8_ROW: 127, INT6_ROW: 31, INT5_ROW: 15}
+ENCODINGS = (FP16, FP32, RAW, *ROW_QMAX)
+
+# Little-endian storage of each encoding's values; RAW uses the tensor's own dtype.
+STORAGE_DTYPE = {FP16: np.dtype("<f2"), FP32: np.dtype("<f4"), **{e: np.dtype("i1") for e in ROW_QMAX}}
+SCALE_DTYPE = np.dtype("<f2")
+
+# Template dtypes an artifact may restore, by their names in the manifest.
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+RAW_NUMPY_DTYPES: dict[str, np.dtype] = {
+    "int64": np.dtype("<i8"),
+    "int32": np.dtype("<i4"),
+    "int16": np.dtype("<i2"),
+    "int8": np.dtype("i1"),
+    "uint8": np.dtype("u1"),
+    "bool": np.dtype("?"),
+}
+FLOAT_DTYPE_NAMES = ("float32", "float16", "bfloat16")
+
+# The smallest positive fp16 (a subnormal). Scales are floored here only so that an all-zero row still has a
+# positive scale; upstream floors the int8 scale at 1/127, which would flatten a small-valued embedding.
+_MIN_SCALE = 2.0**-24
+_BLOCK_NAME = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
+
+
+class QuantError(ValueError):
+    """A tensor cannot be encoded (non-finite values, or values outside fp16 range where fp16 is required)."""
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """One tensor in its stored form. ``values`` and ``scales`` are little-endian numpy arrays."""
+
+    name: str
+    encoding: str
+    dtype: str  # name (a key of TORCH_DTYPES) of the dtype restored on dequantisation
+    shape: tuple[int, ...]
+    values: np.ndarray  # flat; STORAGE_DTYPE[encoding], or RAW_NUMPY_DTYPES[dtype] for RAW
+    scales: np.ndarray | None = None  # one fp16 scale per row, only for row-quantised encodings
+
+
+def classify(name: str) -> str:
+    """Upstream ``_classify_param``: "embed", "mlp", "attn" (also any ``.proj.`` outside an MLP) or "other"."""
+    if "tok_emb" in name or "lm_head" in name:
+        return "embed"
+    if ".mlp." in name:
+        return "mlp"
+    if ".attn." in name or ".proj." in name:
+        return "attn"
+    return "other"
+
+
+def block_index(name: str) -> int | None:
+    """The layer a parameter belongs to (``blocks.{i}.…``), or None outside the blocks."""
+    match = _BLOCK_NAME.search(name)
+    return int(match.group(1)) if match else None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    for name, candidate in TORCH_DTYPES.items():
+        if candidate == dtype:
+            return name
+    raise QuantError(f"dtype {dtype} cannot be stored in an artifact")
+
+
+def num_rows(shape: Sequence[int]) -> int:
+    """Rows of a row-quantised tensor: the first dimension, or a single row for 0-d and 1-d tensors."""
+    return int(shape[0]) if len(shape) >= 2 else 1
+
+
+def choose_encoding(name: str, tensor: torch.Tensor, *, block_encoding: str = INT6_ROW) -> str:
+    if not tensor.is_floating_point():
+        return RAW
+    if tensor.numel() <= PASSTHROUGH_MAX_NUMEL:
+        return FP16
+    if any(pattern in name for pattern in CONTROL_PATTERNS):
+        return FP32
+    if classify(name) in ("mlp", "attn"):
+        return block_encoding
+    return INT8_ROW
+
+
+def quantize_tensor(name: str, tensor: torch.Tensor, *, block_encoding: str = INT6_ROW) -> QuantizedTensor:
+    """Encode one tensor. ``block_encoding`` (int6 or int5) applies to block matrices only."""
+    if block_encoding not in (INT6_ROW, INT5_ROW):
+        raise ValueError(f"block_encoding must be {INT6_ROW!r} or {INT5_ROW!r}, not {block_encoding!r}")
+    tensor = tensor.detach().cpu()
+    encoding = choose_encoding(name, tensor, block_encoding=block_encoding)
+    shape = tuple(int(d) for d in tensor.shape)
+    template = dtype_name(tensor.dtype)
+    if encoding == RAW:
+        values = tensor.contiguous().numpy().astype(RAW_NUMPY_DTYPES[template], copy=False).reshape(-1)
+        return QuantizedTensor(name, RAW, template, shape, values)
+
+    as_float = tensor.float()
+    if not torch.isfinite(as_float).all():
+        raise QuantError(f"{name}: tensor has non-finite values; refusing to export it")
+    if encoding in (FP16, FP32):
+        largest = as_float.abs().max().item() if as_float.numel() else 0.0
+        if encoding == FP16 and largest > torch.finfo(torch.float16).max:
+            raise QuantError(f"{name}: values exceed the fp16 range (max |w| = {largest:g})")
+        stored = as_float.numpy().astype(STORAGE_DTYPE[encoding]).reshape(-1)
+        return QuantizedTensor(name, encoding, template, shape, stored)
+
+    percentiles = BLOCK_CLIP_PERCENTILES if encoding in (INT6_ROW, INT5_ROW) else (EMBED_CLIP_PERCENTILE,)
+    rows = as_float.reshape(num_rows(shape), -1)
+    q, scales = quantize_rows(rows, ROW_QMAX[encoding], percentiles, name=name)
+    return QuantizedTensor(name, encoding, template, shape, q.reshape(-1), scales)
+
+
+def quantize_rows(
+    rows: torch.Tensor, qmax: int, clip_percentiles: Sequence[float], *, name: str = "tensor"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-row quantisation of a 2-D fp32 tensor with a clip search over row percentiles of |w|.
+
+    For each candidate the scale is ``fp16(clip / qmax)`` and ``q = clamp(round(w / scale), -qmax, qmax)``; the
+    quantisation uses the fp16-rounded scale itself, so every element inside the clip range is reconstructed
+    within half a step. Each row keeps the candidate with the lowest squared error.
+    Returns (q as int8 array of the same shape, scales as fp16 array of length rows).
+    """
+    clips = _row_percentiles(rows.abs(), clip_percentiles)  # (candidates, rows)
+    best_q = best_scale = best_err = None
+    for clip in clips:
+        scale_fp16 = (clip / qmax).to(torch.float16)
+        if not torch.isfinite(scale_fp16).all():
+            raise QuantError(f"{name}: a row scale exceeds the fp16 range (max clip {clip.max().item():g})")
+        scale = scale_fp16.clamp_min(_MIN_SCALE).float()
+        q = torch.clamp(torch.round(rows / scale[:, None]), -qmax, qmax)
+        err = (q * scale[:, None] - rows).square().sum(dim=1)
+        if best_err is None:
+            best_q, best_scale, best_err = q, scale, err
+            continue
+        better = err < best_err
+        best_q = torch.where(better[:, None], q, best_q)
+        best_scale = torch.where(better, scale, best_scale)
+        best_err = torch.where(better, err, best_err)
+    assert best_q is not None and best_scale is not None
+    return best_q.to(torch.int8).numpy(), best_scale.numpy().astype(SCALE_DTYPE)
+
+
+def _row_percentiles(abs_rows: torch.Tensor, percentiles: Sequence[float]) -> torch.Tensor:
+    """Per-row percentiles with linear interpolation (as torch.quantile), sorting each row once.
+
+    torch.quantile refuses inputs above 2**24 elements; sorting ourselves has no such limit.
+    """
+    ordered = abs_rows.sort(dim=1).values
+    last = ordered.shape[1] - 1
+    out = []
+    for p in percentiles:
+        position = p * last
+        lo = int(np.floor(position))
+        hi = min(lo + 1, last)
+        frac = position - lo
+        out.append(ordered[:, lo] + (ordered[:, hi] - ordered[:, lo]) * frac)
+    return torch.stack(out)
+
+
+def quantize_state_dict(
+    state_dict: Mapping[str, torch.Tensor], *, int5_blocks: Iterable[int] = ()
+) -> list[QuantizedTensor]:
+    """Encode a whole state_dict, in its own order; block matrices of ``int5_blocks`` get int5, others int6."""
+    int5 = frozenset(int5_blocks)
+    return [
+        quantize_tensor(name, t, block_encoding=INT5_ROW if block_index(name) in int5 else INT6_ROW)
+        for name, t in state_dict.items()
+    ]
+
+
+def dequantize_tensor(qt: QuantizedTensor) -> torch.Tensor:
+    """Rebuild the tensor: passthrough values cast back, row-quantised ``q * scale[row]`` cast back."""
+    target = TORCH_DTYPES[qt.dtype]
+    if qt.encoding == RAW:
+        return torch.from_numpy(np.array(qt.values, dtype=RAW_NUMPY_DTYPES[qt.dtype])).reshape(qt.shape)
+    if qt.encoding in (FP16, FP32):
+        values = torch.from_numpy(np.array(qt.values, dtype=STORAGE_DTYPE[qt.encoding]))
+        return values.reshape(qt.shape).to(target)
+    if qt.encoding in ROW_QMAX:
+        assert qt.scales is not None
+        q = torch.from_numpy(np.array(qt.values, dtype=np.int8)).float().reshape(num_rows(qt.shape), -1)
+        scales = torch.from_numpy(np.array(qt.scales, dtype=SCALE_DTYPE)).float()
+        return (q * scales[:, None]).reshape(qt.shape).to(target)
+    raise QuantError(f"{qt.name}: unknown encoding {qt.encoding!r}")
+
+
+def dequantize_state_dict(tensors: Iterable[QuantizedTensor]) -> dict[str, torch.Tensor]:
+    return {qt.name: dequantize_tensor(qt) for qt in tensors}
