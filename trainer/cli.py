@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def _data_download(args: argparse.Namespace) -> int:
@@ -40,8 +41,48 @@ def _data_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from trainer.config import ALL_FIELDS, ConfigError, resolve_config
+    from trainer.data.stats import resolve_tokenizer
+    from trainer.train import train
+
+    overrides = {name: getattr(args, name) for name in ALL_FIELDS if getattr(args, name, None) is not None}
+    try:
+        config = resolve_config(args.preset, overrides)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        tokenizer = resolve_tokenizer(args.data, args.tokenizer)
+    except FileNotFoundError as exc:
+        print(f"train: {exc}", file=sys.stderr)
+        return 2
+    summary = train(config, Path(args.data), tokenizer, Path(args.out))
+    if summary and not (summary["within_train_time_limit"] and summary["artifact"]["within_size_limit"]):
+        return 3  # the run completed but is past a challenge limit: say so in the exit status too
+    return 0
+
+
+def _add_train_parser(commands: argparse._SubParsersAction) -> None:
+    from trainer.config import ALL_FIELDS, PRESETS, parse_value
+
+    tr = commands.add_parser("train", allow_abbrev=False,
+                             help="train a model (one process or under torchrun), export its artifact",
+                             description="Every configuration field can also be set by its reference "
+                                         "environment variable (NUM_LAYERS=11, MATRIX_LR=0.025, ...).")
+    tr.add_argument("--preset", default="pr940", choices=sorted(PRESETS))
+    tr.add_argument("--data", required=True, help="directory holding *_train_*.bin / *_val_*.bin shards")
+    tr.add_argument("--tokenizer", help="SentencePiece .model (default: the one named in DATA/manifest.json)")
+    tr.add_argument("--out", required=True, help="output directory: model.pgolf, train.log, summary.json")
+    fields = tr.add_argument_group("configuration overrides")
+    for name in ALL_FIELDS:
+        fields.add_argument(f"--{name.replace('_', '-')}", dest=name, metavar="V",
+                            type=lambda raw, n=name: parse_value(n, raw))
+    tr.set_defaults(func=_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__, allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
 
     data = commands.add_parser("data", help="download, build or inspect data sets")
@@ -59,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--tokenizer", help="SentencePiece .model (default: the one named in DIR/manifest.json)")
     st.add_argument("--split", default="val", choices=("train", "val"))
     st.set_defaults(func=_data_stats)
+    _add_train_parser(commands)
     return parser
 
 

@@ -1,0 +1,62 @@
+"""Non-overlapping validation (reference §7.1): the periodic val during training and the int6 round trip.
+
+The validation stream (truncated to a whole number of sequences + 1) is cut into seq_len blocks; every token is
+scored with in-block context only. Ranks split the blocks contiguously; (ΣNLL, N, Σbytes) are summed in float64
+and all-reduced before dividing. The reported (sliding-window, TTT, n-gram) evaluation lives in service/engine.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from trainer.data.byte_accounting import ByteTables, bits_per_byte, target_bytes_torch
+
+
+@dataclass(frozen=True)
+class ValResult:
+    loss: float  # nats per token
+    bpb: float
+    tokens: int
+    bytes: int
+
+
+def autocast_for(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+@torch.no_grad()
+def evaluate_non_overlapping(model: torch.nn.Module, tokens: np.ndarray, tables: ByteTables, seq_len: int,
+                             batch_tokens: int, device: torch.device, rank: int = 0,
+                             world_size: int = 1) -> ValResult:
+    num_seqs = (len(tokens) - 1) // seq_len
+    if num_seqs <= 0:
+        raise ValueError(f"validation stream of {len(tokens)} tokens is shorter than one sequence of {seq_len}")
+    first, last = rank * num_seqs // world_size, (rank + 1) * num_seqs // world_size
+    per_batch = max(1, batch_tokens // (seq_len * world_size))
+    lut = tables.torch(device)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # ΣNLL, tokens, bytes
+    was_training = model.training
+    model.eval()
+    for start in range(first, last, per_batch):
+        end = min(start + per_batch, last)
+        block = torch.from_numpy(tokens[start * seq_len : end * seq_len + 1].astype(np.int64)).to(device)
+        x = block[:-1].reshape(-1, seq_len)
+        y = block[1:].reshape(-1, seq_len)
+        with autocast_for(device):
+            logits = model.forward_logits(x)
+        nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
+        sums[0] += nll.double().sum()
+        sums[1] += y.numel()
+        sums[2] += target_bytes_torch(lut, x.reshape(-1), y.reshape(-1)).sum().double()
+    model.train(was_training)
+    if world_size > 1:
+        dist.all_reduce(sums)
+    nll_sum, count, byte_count = sums.tolist()
+    loss = nll_sum / count
+    return ValResult(loss, bits_per_byte(nll_sum, int(byte_count)), int(count), int(byte_count))
