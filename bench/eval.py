@@ -1,0 +1,123 @@
+"""Evaluation modes side by side on the FineWeb sample: val_bpb and eval throughput for one artifact.
+
+    .venv/bin/python bench/eval.py ARTIFACT                         # all modes, engine defaults, auto device
+    .venv/bin/python bench/eval.py ARTIFACT --max-tokens 100001 --device cpu --modes plain,ngram-exact
+    torchrun --nproc_per_node=8 bench/eval.py ARTIFACT              # ranks share each chunk (rank 0 prints)
+
+Modes (each a fresh load of the artifact, since TTT changes the model):
+    plain          sliding windows (seq 2048 / stride 64 unless overridden)
+    ttt            + score-first TTT (--ttt-recipe, default pr940)
+    ngram-exact    + exact normalised n-gram mixing
+    ttt+ngram      + both
+    ngram-smoothed + the smoothed (interpolated) exact n-gram variant
+    hashed-940     the upstream hashed cache: NOT a valid score (unnormalised), shown for comparison only
+
+The data is ../shared/data/fineweb_sample (or $PGOLF_SHARED_DATA); the bench exits with a message when it is
+absent. Its val shard is 628k tokens of FineWeb documents, not the official val set, so figures are comparable
+with each other, not with leaderboard numbers. Eval tokens/s counts scored targets per wall-clock second of the
+whole evaluation (scoring, mixing and training), as reported in the engine's `end` event.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from service.engine import EvalOptions, evaluate  # noqa: E402
+
+MODES: dict[str, dict[str, object]] = {
+    "plain": {},
+    "ttt": {"ttt": True},
+    "ngram-exact": {"ngram": "exact"},
+    "ttt+ngram": {"ttt": True, "ngram": "exact"},
+    "ngram-smoothed": {"ngram": "smoothed"},
+    "hashed-940": {"ngram": "hashed-940"},
+}
+
+
+def sample_dir() -> Path:
+    env = os.environ.get("PGOLF_SHARED_DATA")
+    return Path(env) if env else REPO_ROOT.parent / "shared" / "data" / "fineweb_sample"
+
+
+def run_mode(base: EvalOptions, overrides: dict[str, object], speaks: bool) -> dict:
+    options = EvalOptions(**{**base.__dict__, **overrides})
+    last: dict = {}
+    for event in evaluate(options):
+        last = event
+        if speaks and event["type"] == "chunk" and event["index"] % 10 == 0:
+            print(f"  chunk {event['index']}: running_bpb={event['running_bpb']:.6f} "
+                  f"elapsed={event['elapsed_s']:.1f}s", file=sys.stderr, flush=True)
+    return last
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("artifact", type=Path)
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {', '.join(MODES)}")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seq-len", type=int, default=EvalOptions.seq_len)
+    parser.add_argument("--stride", type=int, default=EvalOptions.stride)
+    parser.add_argument("--chunk-tokens", type=int, default=EvalOptions.chunk_tokens)
+    parser.add_argument("--batch-windows", type=int, default=EvalOptions.batch_windows)
+    parser.add_argument("--ttt-recipe", default=EvalOptions.ttt_recipe)
+    parser.add_argument("--max-tokens", type=int, default=None, help="evaluate only a prefix of the val shard")
+    parser.add_argument("--max-seconds", type=float, default=3600.0,
+                        help="per-mode budget (the bench measures, so the default is generous)")
+    args = parser.parse_args()
+
+    sample = sample_dir()
+    tokenizer = sample / "tokenizers" / "fineweb_1024_bpe.model"
+    if not tokenizer.is_file():
+        print(f"FineWeb sample not found at {sample} (set PGOLF_SHARED_DATA); nothing to measure.")
+        return 0
+    unknown = [m for m in args.modes.split(",") if m not in MODES]
+    if unknown:
+        parser.error(f"unknown modes: {', '.join(unknown)}")
+    base = EvalOptions(artifact=args.artifact, data_dir=sample / "datasets" / "fineweb10B_sp1024",
+                       tokenizer=tokenizer, seq_len=args.seq_len, stride=args.stride,
+                       chunk_tokens=args.chunk_tokens, batch_windows=args.batch_windows, ttt_recipe=args.ttt_recipe,
+                       max_seconds=args.max_seconds, device=args.device, max_tokens=args.max_tokens)
+    speaks = int(os.environ.get("RANK", "0")) == 0
+    rows = []
+    for mode in args.modes.split(","):
+        if speaks:
+            print(f"{mode} ...", file=sys.stderr, flush=True)
+        result = run_mode(base, MODES[mode], speaks)
+        if result.get("type") != "end":
+            if speaks:
+                print(f"{mode}: {result.get('type')}: {result.get('reason')}", file=sys.stderr)
+            rows.append({"mode": mode, "status": result.get("type"), "reason": result.get("reason")})
+            continue
+        compliance = result["compliance"]
+        rows.append({
+            "mode": mode, "status": "end", "val_bpb": result["val_bpb"], "val_loss": result["val_loss"],
+            "targets": result["targets_scored"], "elapsed_s": result["elapsed_s"],
+            "tokens_per_s": result["targets_scored"] / max(result["elapsed_s"], 1e-9),
+            "compliant": compliance["compliant"], "probability_sum_max": compliance["ngram"]["probability_sum"]["max"],
+        })
+    if not speaks:
+        return 0
+    print(f"\nartifact {args.artifact}, {rows[0].get('targets', '?')} targets, seq {args.seq_len} / stride "
+          f"{args.stride}, chunk {args.chunk_tokens}, TTT recipe {args.ttt_recipe}, device {args.device}\n")
+    print("| mode | val_bpb | eval tokens/s | elapsed s | compliant | max Σp sampled |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        if row["status"] != "end":
+            print(f"| {row['mode']} | {row['status']}: {row['reason']} | | | | |")
+            continue
+        label = "yes" if row["compliant"] else "**NO (not a valid score)**"
+        print(f"| {row['mode']} | {row['val_bpb']:.6f} | {row['tokens_per_s']:,.0f} | {row['elapsed_s']:.1f} | "
+              f"{label} | {row['probability_sum_max']:.6f} |")
+    print("\n" + json.dumps(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Process-group plumbing for multi-process evaluation under torchrun (env RANK / WORLD_SIZE / LOCAL_RANK).
+
+One process per device: NCCL when evaluating on CUDA, gloo on CPU. With a single process no collective is
+called, so the engine runs the same code path without torch.distributed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> None:
+        if self.world_size > 1:
+            torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+
+    def all_reduce_max(self, tensor: torch.Tensor) -> None:
+        if self.world_size > 1:
+            torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
+
+    def all_reduce_min(self, tensor: torch.Tensor) -> None:
+        if self.world_size > 1:
+            torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MIN)
+
+
+def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
+    """``auto`` picks CUDA when available; a bare ``cuda`` becomes this process's ``cuda:LOCAL_RANK``."""
+    if preference == "auto":
+        preference = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(preference)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device 'cuda' requested but CUDA is not available")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+def init_from_env(device: torch.device) -> DistContext:
+    """Join the process group torchrun describes (if any); a plain ``python`` run is rank 0 of 1."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistContext()
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if not torch_dist.is_initialized():
+        torch_dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank)
+
+
+def local_rank_from_env() -> int:
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))

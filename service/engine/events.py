@@ -1,0 +1,95 @@
+"""The event stream of one evaluation: plain JSON-serialisable dicts, each with a ``"type"``.
+
+An evaluation yields exactly one ``start``, then one ``chunk`` per chunk of the validation stream, then exactly one
+terminal event: ``end`` (every target scored), ``timeout`` (the wall-clock budget stopped it cleanly between
+chunks) or ``error`` (it could not run or continue). Terminal events that are not ``end`` carry the partial
+figures reached so far, so a client always learns how far the evaluation got.
+
+Ranges are half-open ``[lo, hi)`` lists of target positions; target position p is the prediction of token p from
+tokens ``< p``. Byte counts and target counts are ints, NLL sums are float64 nats, bpb values are floats or None
+when no byte has been scored yet.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+START = "start"
+CHUNK = "chunk"
+END = "end"
+TIMEOUT = "timeout"
+ERROR = "error"
+TERMINAL_TYPES = frozenset({END, TIMEOUT, ERROR})
+
+Event = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Totals:
+    """Committed figures at some point of the evaluation (float64 NLL, exact integer counts)."""
+
+    nll_sum: float = 0.0
+    targets: int = 0
+    bytes: int = 0
+
+    @property
+    def val_loss(self) -> float | None:
+        return self.nll_sum / self.targets if self.targets else None
+
+    @property
+    def val_bpb(self) -> float | None:
+        return self.nll_sum / (math.log(2) * self.bytes) if self.bytes else None
+
+
+def start_event(*, config: dict[str, Any], artifact_sha256: str | None, tokens: int, targets: int,
+                bytes_total: int, chunks: int) -> Event:
+    return {"type": START, "config": config, "artifact_sha256": artifact_sha256, "tokens": tokens,
+            "targets": targets, "bytes": bytes_total, "chunks": chunks}
+
+
+def chunk_event(*, index: int, target_range: tuple[int, int], chunk: Totals, running: Totals,
+                trained_range: tuple[int, int] | None, elapsed_s: float, phase_seconds: dict[str, float]) -> Event:
+    """One chunk, after its scores were committed and (with TTT) after the model trained on it.
+
+    ``trained_range`` is the range of target positions the model was then trained on (None: no training).
+    """
+    return {
+        "type": CHUNK,
+        "index": index,
+        "target_range": list(target_range),
+        "targets": chunk.targets,
+        "bytes": chunk.bytes,
+        "nll_sum": chunk.nll_sum,
+        "chunk_bpb": chunk.val_bpb,
+        "running_targets": running.targets,
+        "running_bytes": running.bytes,
+        "running_bpb": running.val_bpb,
+        "trained_range": list(trained_range) if trained_range is not None else None,
+        "elapsed_s": round(elapsed_s, 4),
+        "phase_seconds": {name: round(seconds, 4) for name, seconds in phase_seconds.items()},
+    }
+
+
+def end_event(*, totals: Totals, elapsed_s: float, compliance: dict[str, Any]) -> Event:
+    return {"type": END, "val_loss": totals.val_loss, "val_bpb": totals.val_bpb, "targets_scored": totals.targets,
+            "bytes": totals.bytes, "nll_sum": totals.nll_sum, "elapsed_s": round(elapsed_s, 4),
+            "compliance": compliance}
+
+
+def _partial(totals: Totals) -> dict[str, Any]:
+    return {"targets_scored": totals.targets, "bytes": totals.bytes, "nll_sum": totals.nll_sum,
+            "partial_val_loss": totals.val_loss, "partial_val_bpb": totals.val_bpb}
+
+
+def timeout_event(*, reason: str, totals: Totals, chunks_done: int, elapsed_s: float,
+                  compliance: dict[str, Any]) -> Event:
+    return {"type": TIMEOUT, "reason": reason, **_partial(totals), "chunks_done": chunks_done,
+            "elapsed_s": round(elapsed_s, 4), "compliance": compliance}
+
+
+def error_event(*, code: str, reason: str, totals: Totals | None = None, elapsed_s: float = 0.0) -> Event:
+    """``code`` is a short slug (e.g. "tokenizer_mismatch", "bad_artifact", "internal"); ``reason`` is plain text."""
+    return {"type": ERROR, "code": code, "reason": reason, **_partial(totals or Totals()),
+            "elapsed_s": round(elapsed_s, 4)}

@@ -1,0 +1,319 @@
+"""The evaluation loop: chunk by chunk, score → commit → (n-gram commit) → (train), streaming events.
+
+``evaluate(options)`` loads and cross-checks the inputs (artifact, tokenizer, validation shards) and then runs
+``evaluate_model``, which is the loop itself and can also be driven with an in-memory model (tests, benches).
+
+Per chunk c, in this order and on every rank:
+1. score this rank's share of chunk c's windows under ``torch.inference_mode`` (model and optional n-gram mixer,
+   whose state holds only targets of chunks < c);
+2. all-reduce the per-position NLL and scored-count vectors (SUM, float64) and commit them to the ledger, which
+   checks that every target of the chunk was scored exactly once and counts its bytes;
+3. only then let the n-gram mixer absorb chunk c's tokens and, with TTT and unless c is the last chunk, train on
+   the span the ledger hands out for chunk c;
+4. emit the chunk event.
+The wall-clock budget is checked between chunks; the decision is taken jointly so all ranks stop together.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from service.engine.dist import DistContext, init_from_env, local_rank_from_env, resolve_device
+from service.engine.events import (
+    Event,
+    chunk_event,
+    end_event,
+    error_event,
+    start_event,
+    timeout_event,
+)
+from service.engine.ngram import NgramMixer, make_mixer
+from service.engine.options import EvalOptions
+from service.engine.scoring import (
+    ProbabilityCheck,
+    ScoreLedger,
+    ScoreOrderError,
+    ScoringModel,
+    score_chunk,
+)
+from service.engine.ttt import RECIPES, TTTRecipe, TTTUpdater
+from service.engine.windows import Chunk, plan_chunks, plan_windows
+from trainer.data.byte_accounting import ByteTables
+
+log = logging.getLogger(__name__)
+
+# A distribution counts as normalised when every sampled Σ_v p(v) is within this of 1. Sums are taken in float64
+# over fp32 log-probabilities, whose rounding alone stays around 1e-7 for a 1024-token vocabulary.
+NORMALISATION_TOLERANCE = 1e-5
+
+ChunkObserver = Callable[[Chunk, np.ndarray], None]
+
+
+class EvalInputError(ValueError):
+    """The inputs cannot be evaluated together; ``code`` is the error event's slug."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class LoadedInputs:
+    model: ScoringModel
+    tokens: np.ndarray
+    tables: ByteTables
+    artifact_sha256: str
+    model_config: dict[str, Any]
+
+
+def evaluate(options: EvalOptions) -> Iterator[Event]:
+    """Evaluate an artifact file on the validation shards; yields start, chunk…, then end | timeout | error."""
+    started = time.perf_counter()
+    try:
+        options.validate()
+        device = resolve_device(options.device, local_rank_from_env())
+        dist = init_from_env(device)
+        inputs = load_inputs(options, device)
+    except EvalInputError as exc:
+        yield error_event(code=exc.code, reason=str(exc), elapsed_s=time.perf_counter() - started)
+        return
+    except ValueError as exc:
+        yield error_event(code="bad_options", reason=str(exc), elapsed_s=time.perf_counter() - started)
+        return
+    except Exception as exc:  # e.g. a CUDA or process-group failure while setting up: still one error event
+        log.exception("evaluation setup failed")
+        yield error_event(code="internal", reason=f"{type(exc).__name__}: {exc}",
+                          elapsed_s=time.perf_counter() - started)
+        return
+    yield from evaluate_model(inputs.model, inputs.tokens, inputs.tables, options, dist=dist, device=device,
+                              artifact_sha256=inputs.artifact_sha256,
+                              extra_config={"model_config": inputs.model_config}, started=started)
+
+
+def load_inputs(options: EvalOptions, device: torch.device) -> LoadedInputs:
+    """Load tokenizer tables, artifact and validation tokens, refusing any combination that does not match."""
+    from trainer.artifact import ArtifactError, load_model
+    from trainer.data.loader import load_validation_tokens
+    from trainer.data.shards import ShardError
+
+    if options.artifact is None or options.data_dir is None:
+        raise EvalInputError("bad_options", "an artifact path and a data directory are required")
+    tokenizer_path = options.resolved_tokenizer()
+    try:
+        tables = ByteTables.from_model_file(tokenizer_path)
+    except (OSError, RuntimeError) as exc:
+        raise EvalInputError("bad_tokenizer", f"cannot read tokenizer {tokenizer_path}: {exc}") from exc
+    artifact_path = Path(options.artifact)
+    try:
+        model, artifact = load_model(artifact_path, device=device)
+    except OSError as exc:
+        raise EvalInputError("bad_artifact", f"cannot read artifact {artifact_path}: {exc}") from exc
+    except ArtifactError as exc:
+        raise EvalInputError(getattr(exc, "code", "bad_artifact"), f"artifact refused: {exc}") from exc
+    manifest_tokenizer = artifact.manifest.get("tokenizer", {})
+    model_config = dict(artifact.manifest.get("model_config", {}))
+    if manifest_tokenizer.get("sha256") != tables.sha256:
+        raise EvalInputError(
+            "tokenizer_mismatch",
+            f"the artifact was trained with tokenizer sha256 {manifest_tokenizer.get('sha256')}, but the data's "
+            f"tokenizer {tokenizer_path} has sha256 {tables.sha256}; refusing to score it on this data")
+    if manifest_tokenizer.get("vocab_size") != tables.vocab_size:
+        raise EvalInputError(
+            "tokenizer_mismatch",
+            f"the artifact declares a vocabulary of {manifest_tokenizer.get('vocab_size')} tokens, but the data's "
+            f"tokenizer {tokenizer_path} has {tables.vocab_size}; refusing to score it on this data")
+    model_vocab = int(model_config.get("vocab_size", tables.vocab_size))
+    if model_vocab < tables.vocab_size:
+        raise EvalInputError("tokenizer_mismatch", f"the model's output vocabulary ({model_vocab}) is smaller than "
+                                                   f"the tokenizer's ({tables.vocab_size})")
+    tables = ByteTables.from_model_file(tokenizer_path, vocab_size=model_vocab)
+    try:
+        tokens = load_validation_tokens(options.data_dir, vocab_size=model_vocab)
+    except (OSError, ShardError) as exc:
+        raise EvalInputError("bad_data", f"cannot load validation data from {options.data_dir}: {exc}") from exc
+    if options.max_tokens is not None:
+        tokens = tokens[: options.max_tokens]
+    if len(tokens) < 2:
+        raise EvalInputError("bad_data", f"the validation stream has {len(tokens)} tokens; nothing to score")
+    return LoadedInputs(model, np.ascontiguousarray(tokens), tables, artifact.file_sha256, model_config)
+
+
+def total_target_bytes(tables: ByteTables, tokens: np.ndarray, block: int = 1 << 22) -> int:
+    """Σ bytes of targets 1..N−1, in blocks so a 62M-token stream needs no 500 MB temporary."""
+    total = 0
+    for lo in range(1, len(tokens), block):
+        hi = min(lo + block, len(tokens))
+        total += int(tables.target_bytes(tokens[lo - 1 : hi - 1], tokens[lo:hi]).sum())
+    return total
+
+
+class _Budget:
+    """Stops between chunks when the budget is spent or the next chunk would likely overrun it."""
+
+    def __init__(self, max_seconds: float, started: float, clock: Callable[[], float]) -> None:
+        self.max_seconds = max_seconds
+        self.started = started
+        self.clock = clock
+        self.last_chunk_seconds = 0.0
+
+    def elapsed(self) -> float:
+        return self.clock() - self.started
+
+    def should_stop(self, dist: DistContext, device: torch.device) -> bool:
+        over = self.elapsed() + self.last_chunk_seconds > self.max_seconds
+        flag = torch.tensor([1.0 if over else 0.0], device=device)
+        dist.all_reduce_max(flag)  # one rank over budget stops them all
+        return bool(flag.item() > 0)
+
+
+def _reduced_check(check: ProbabilityCheck, dist: DistContext, device: torch.device) -> ProbabilityCheck:
+    if dist.world_size == 1:
+        return check
+    low = torch.tensor([check.minimum], dtype=torch.float64, device=device)
+    high = torch.tensor([check.maximum], dtype=torch.float64, device=device)
+    count = torch.tensor([float(check.positions)], dtype=torch.float64, device=device)
+    dist.all_reduce_min(low)
+    dist.all_reduce_max(high)
+    dist.all_reduce_sum(count)
+    return ProbabilityCheck(float(low.item()), float(high.item()), int(count.item()))
+
+
+def compliance_summary(ledger: ScoreLedger, options: EvalOptions, check: ProbabilityCheck, *,
+                       updater: TTTUpdater | None, last_chunk_index: int | None, mixer_compliant: bool,
+                       elapsed_s: float) -> dict[str, Any]:
+    sums = check.as_dict()
+    normalised = bool(check.positions) and (abs(check.minimum - 1.0) <= NORMALISATION_TOLERANCE
+                                            and abs(check.maximum - 1.0) <= NORMALISATION_TOLERANCE)
+    scored_once = ledger.scored_once()
+    score_before_update = ledger.trace.score_before_update(last_chunk_index)
+    return {
+        # C1–C4 as far as they can be checked; a mixer that declares itself non-compliant (hashed-940, which
+        # only ever evaluates the realised token) never is, whatever its sampled sums show.
+        "compliant": scored_once and score_before_update and normalised and mixer_compliant,
+        "scored_once": scored_once,
+        "targets_expected": ledger.num_targets,
+        "targets_scored": ledger.totals.targets,
+        "positions_not_scored_once": ledger.positions_not_scored_once,
+        "score_before_update": score_before_update,
+        "ttt": updater.summary() if updater is not None else None,
+        "ngram": {"mode": options.ngram, "mixer_compliant": mixer_compliant, "normalised": normalised,
+                  "probability_sum": sums, "tolerance": NORMALISATION_TOLERANCE},
+        "trace_digest": ledger.trace.digest(),
+        "within_time_budget": elapsed_s <= options.max_seconds,
+        "full_validation_set": options.max_tokens is None,
+    }
+
+
+def evaluate_model(model: ScoringModel, tokens: np.ndarray, tables: ByteTables, options: EvalOptions, *,
+                   dist: DistContext | None = None, device: torch.device | str = "cpu",
+                   artifact_sha256: str | None = None, extra_config: dict[str, Any] | None = None,
+                   started: float | None = None, clock: Callable[[], float] = time.perf_counter,
+                   observer: ChunkObserver | None = None, ttt_recipe: TTTRecipe | None = None) -> Iterator[Event]:
+    """The evaluation loop over an in-memory model and token stream (see the module docstring).
+
+    ``ttt_recipe`` replaces the named recipe of ``options.ttt_recipe`` (benches and tests explore others).
+
+    ``observer`` is called after each chunk's commit with the chunk and its per-position NLL (float64, one
+    entry per target position of the chunk); tests use it to compare individual scores.
+    """
+    dist = dist or DistContext()
+    device = torch.device(device)
+    started = clock() if started is None else started
+    budget = _Budget(options.max_seconds, started, clock)
+    ledger = ScoreLedger(tokens, tables)
+    check = ProbabilityCheck()
+    last_chunk_index: int | None = None
+    mixer: NgramMixer | None = None
+    updater: TTTUpdater | None = None
+
+    def summary() -> dict[str, Any]:
+        return compliance_summary(ledger, options, _reduced_check(check, dist, device), updater=updater,
+                                  last_chunk_index=last_chunk_index, elapsed_s=budget.elapsed(),
+                                  mixer_compliant=mixer is None or bool(mixer.compliant))
+
+    try:
+        options.validate()
+        if len(tokens) < 2:
+            raise EvalInputError("bad_data", f"the validation stream has {len(tokens)} tokens; nothing to score")
+        windows = plan_windows(len(tokens), options.seq_len, options.stride)
+        chunks = plan_chunks(windows, options.chunk_tokens)
+        last_chunk_index = chunks[-1].index
+        vocab_size = len(tables.base_bytes)
+        mixer = make_mixer(options.ngram, vocab_size)
+        recipe = (ttt_recipe or RECIPES[options.ttt_recipe]) if options.ttt else None
+        updater = (TTTUpdater(model, recipe, ledger, seq_len=options.seq_len,
+                              num_chunks=len(chunks), dist=dist, device=device) if recipe is not None else None)
+        config = {**options.to_dict(), "world_size": dist.world_size, "device_resolved": str(device),
+                  "ttt_recipe_settings": recipe.to_dict() if recipe is not None else None,
+                  **(extra_config or {})}
+        yield start_event(config=config, artifact_sha256=artifact_sha256, tokens=len(tokens),
+                          targets=len(tokens) - 1, bytes_total=total_target_bytes(tables, tokens),
+                          chunks=len(chunks))
+    except EvalInputError as exc:
+        yield error_event(code=exc.code, reason=str(exc), elapsed_s=budget.elapsed())
+        return
+    except ValueError as exc:
+        yield error_event(code="bad_options", reason=str(exc), elapsed_s=budget.elapsed())
+        return
+
+    model.eval()
+    try:
+        for chunk in chunks:
+            if budget.should_stop(dist, device):
+                yield timeout_event(
+                    reason=f"wall-clock budget of {options.max_seconds:g} s reached after {chunk.index} of "
+                           f"{len(chunks)} chunks; stopped cleanly before chunk {chunk.index}",
+                    totals=ledger.totals, chunks_done=chunk.index, elapsed_s=budget.elapsed(), compliance=summary())
+                return
+            chunk_started = clock()
+            scores = score_chunk(model, tokens, windows, chunk, rank=dist.rank, world_size=dist.world_size,
+                                 batch_windows=options.batch_windows, device=device, mixer=mixer, check=check)
+            dist.all_reduce_sum(scores.sums)
+            chunk_totals = ledger.commit(scores)
+            if observer is not None:
+                observer(chunk, scores.sums[0].cpu().numpy())
+            mix_commit_seconds = 0.0
+            if mixer is not None:
+                commit_started = time.perf_counter()
+                # The ledger has just committed every target of the chunk (whichever rank scored it).
+                mixer.mark_scored(chunk.target_lo, chunk.target_hi)
+                mixer.commit(tokens, ledger.frontier)
+                mix_commit_seconds = time.perf_counter() - commit_started
+            trained_range = None
+            train_seconds = 0.0
+            if updater is not None and chunk.index != last_chunk_index:
+                train_started = time.perf_counter()
+                # Tokens [target_lo − 1, target_hi): inputs and targets of exactly the chunk just committed.
+                span = ledger.committed_span(chunk.target_lo - 1, chunk.target_hi)
+                trained_range = updater.train(span, chunk.index)
+                train_seconds = time.perf_counter() - train_started
+            budget.last_chunk_seconds = clock() - chunk_started
+            yield chunk_event(index=chunk.index, target_range=(chunk.target_lo, chunk.target_hi), chunk=chunk_totals,
+                              running=ledger.totals, trained_range=trained_range, elapsed_s=budget.elapsed(),
+                              phase_seconds={"score": scores.score_seconds,
+                                             "ngram": scores.mix_seconds + mix_commit_seconds,
+                                             "train": train_seconds})
+    except ScoreOrderError as exc:
+        log.exception("score-before-update violation")
+        yield error_event(code="order_violation", reason=str(exc), totals=ledger.totals, elapsed_s=budget.elapsed())
+        return
+    except Exception as exc:  # an engine or model failure mid-run: report what was committed, then the reason
+        log.exception("evaluation failed")
+        yield error_event(code="internal", reason=f"{type(exc).__name__}: {exc}", totals=ledger.totals,
+                          elapsed_s=budget.elapsed())
+        return
+    yield end_event(totals=ledger.totals, elapsed_s=budget.elapsed(), compliance=summary())
+
+
+def classic_log_line(event: Event) -> str:
+    """The reference's final line (reference §11), which log parsers and the verifier read."""
+    return f"final_int6_sliding_window_exact val_loss:{event['val_loss']:.8f} val_bpb:{event['val_bpb']:.8f}"
+

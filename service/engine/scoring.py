@@ -1,0 +1,239 @@
+"""Scoring windows and committing scores: the ledger that makes score-before-update structural.
+
+``score_chunk`` runs the model (under ``torch.inference_mode``) over one rank's share of a chunk's windows and
+returns, per target position of the chunk, the NLL sum and the number of times it was scored. After the
+cross-rank sum, ``ScoreLedger.commit`` checks that every position was scored exactly once, counts bytes with the
+tokenizer tables and adds the chunk to the running float64 totals.
+
+``ScoreOrderError`` (shared with the n-gram mixers) is raised on any attempt to commit out of order or to train on
+a target whose score is not committed.
+
+The ledger is also the only source of training data for test-time training: ``ScoreLedger.committed_span``
+hands out a copy of a token range only when every target in it is already committed, and the TTT updater
+accepts nothing else. Every commit and every optimizer step is written to an ``OrderTrace`` whose digest goes in
+the final report, so the ordering can be audited after the fact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from service.engine.events import Totals
+from service.engine.ngram import NgramMixer, ScoreOrderError
+from service.engine.windows import Chunk, WindowPlan, build_batch, rank_share
+from trainer.data.byte_accounting import ByteTables
+
+# What the engine needs from a model (trainer.model.GPT has it): an nn.Module with ``forward_logits(ids)`` giving
+# (B, T, V) float logits, ``forward(ids, targets)`` giving the mean cross-entropy, and ``blocks`` (an
+# nn.ModuleList, so TTT can freeze the first ones).
+ScoringModel = nn.Module
+
+
+@contextlib.contextmanager
+def autocast_for(device: torch.device) -> Iterator[None]:
+    """bf16 autocast on CUDA (the reference evaluates in bf16); plain fp32 on CPU, where bf16 is slow and lossy."""
+    if device.type == "cuda":
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            yield
+    else:
+        yield
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class ProbabilityCheck:
+    """Σ_v p(v) of the scored distribution at sampled positions (condition C2)."""
+
+    minimum: float = float("inf")
+    maximum: float = float("-inf")
+    positions: int = 0
+
+    def add(self, sums: torch.Tensor) -> None:
+        if sums.numel():
+            self.minimum = min(self.minimum, float(sums.min()))
+            self.maximum = max(self.maximum, float(sums.max()))
+            self.positions += int(sums.numel())
+
+    def as_dict(self) -> dict[str, Any]:
+        if not self.positions:
+            return {"min": None, "max": None, "positions": 0}
+        return {"min": self.minimum, "max": self.maximum, "positions": self.positions}
+
+
+@dataclass
+class ChunkScores:
+    """One rank's (or, after the all-reduce, all ranks') scores for the targets of one chunk."""
+
+    chunk: Chunk
+    sums: torch.Tensor  # (2, num_targets) float64: row 0 NLL, row 1 times scored
+    score_seconds: float = 0.0
+    mix_seconds: float = 0.0
+
+
+def score_chunk(model: ScoringModel, tokens: np.ndarray, windows: WindowPlan, chunk: Chunk, *, rank: int,
+                world_size: int, batch_windows: int, device: torch.device, mixer: NgramMixer | None,
+                check: ProbabilityCheck, check_per_chunk: int = 8) -> ChunkScores:
+    """Score this rank's contiguous share of the chunk's windows, ``batch_windows`` at a time.
+
+    The first ``check_per_chunk`` scored positions of the share also get their full-vocabulary probability sum
+    measured, which verifies C2 for the distribution actually used (the model softmax, or the mixture).
+    """
+    sums = torch.zeros(2, chunk.num_targets, dtype=torch.float64, device=device)
+    scores = ChunkScores(chunk, sums)
+    lo, hi = rank_share(chunk.window_lo, chunk.window_hi, rank, world_size)
+    to_check = check_per_chunk
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for first in range(lo, hi, batch_windows):
+            batch = build_batch(tokens, windows, first, min(first + batch_windows, hi))
+            inputs = torch.from_numpy(batch.inputs).to(device, non_blocking=True)
+            rows = torch.from_numpy(batch.rows).to(device, non_blocking=True)
+            cols = torch.from_numpy(batch.cols).to(device, non_blocking=True)
+            targets = torch.from_numpy(tokens[batch.positions].astype(np.int64)).to(device, non_blocking=True)
+            with autocast_for(device):
+                logits = model.forward_logits(inputs)
+            # Only the scored outputs go through the (fp32) log-softmax: stride·B rows instead of seq·B.
+            logprobs = torch.log_softmax(logits[rows, cols].float(), dim=-1)
+            if mixer is None:
+                nll = -logprobs.gather(1, targets[:, None]).squeeze(1)
+                if to_check > 0:
+                    check.add(logprobs[:to_check].double().exp().sum(dim=-1))
+            else:
+                # The mixer works on the CPU: wait for the forward so its time is not billed to the mixer.
+                synchronize(device)
+                mixing = time.perf_counter()
+                nll = mixer.mixed_nll(batch.positions, tokens, logprobs).to(device)
+                if to_check > 0:
+                    check.add(torch.stack([mixer.full_distribution(int(position), tokens, logprobs[row]).sum()
+                                           for row, position in enumerate(batch.positions[:to_check])]))
+                scores.mix_seconds += time.perf_counter() - mixing
+            to_check -= min(to_check, len(batch.positions))
+            index = torch.from_numpy(batch.positions - chunk.target_lo).to(device)
+            sums[0].index_add_(0, index, nll.double())
+            sums[1].index_add_(0, index, torch.ones_like(index, dtype=torch.float64))
+    synchronize(device)  # once per chunk: without a mixer, batches stay queued back to back on the GPU
+    scores.score_seconds = time.perf_counter() - started - scores.mix_seconds
+    return scores
+
+
+@dataclass(frozen=True)
+class CommittedSpan:
+    """A copy of tokens[token_lo:token_hi] whose every target (positions token_lo+1 .. token_hi−1) is committed.
+
+    Only ``ScoreLedger.committed_span`` creates these; the TTT updater refuses spans from any other ledger.
+    """
+
+    token_lo: int
+    token_hi: int
+    tokens: np.ndarray
+    issuer: ScoreLedger
+
+    @property
+    def last_target(self) -> int:
+        return self.token_hi - 1
+
+
+@dataclass
+class OrderTrace:
+    """Per chunk: the scored target range, the frontier after the commit, the trained range and every step."""
+
+    chunks: list[dict[str, Any]] = field(default_factory=list)
+
+    def record_commit(self, chunk: Chunk, frontier: int) -> None:
+        self.chunks.append({"chunk": chunk.index, "scored": [chunk.target_lo, chunk.target_hi],
+                            "frontier": frontier, "trained": None, "step_max_targets": []})
+
+    def record_training(self, chunk_index: int, target_range: tuple[int, int], step_max_targets: list[int]) -> None:
+        entry = self.chunks[-1]
+        if entry["chunk"] != chunk_index:
+            raise ScoreOrderError(f"training on chunk {chunk_index} recorded while chunk {entry['chunk']} is open")
+        entry["trained"] = list(target_range)
+        entry["step_max_targets"] = list(step_max_targets)
+
+    def score_before_update(self, last_chunk_index: int | None) -> bool:
+        """Every trained target (and every optimizer step's largest target) was committed before training,
+        commits were contiguous and in order, and the last chunk of the stream was never trained on."""
+        expected_lo = 1
+        for entry in self.chunks:
+            lo, hi = entry["scored"]
+            if lo != expected_lo or entry["frontier"] != hi:
+                return False
+            expected_lo = hi
+            if entry["trained"] is None:
+                continue
+            if entry["chunk"] == last_chunk_index:
+                return False
+            trained_lo, trained_hi = entry["trained"]
+            if not (1 <= trained_lo < trained_hi <= entry["frontier"]):
+                return False
+            if not entry["step_max_targets"] or max(entry["step_max_targets"]) >= entry["frontier"]:
+                return False
+        return True
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON of the trace (what was scored and trained, in order)."""
+        canonical = json.dumps(self.chunks, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class ScoreLedger:
+    """Owns every committed score. Targets are committed chunk by chunk, strictly left to right."""
+
+    def __init__(self, tokens: np.ndarray, tables: ByteTables) -> None:
+        self._tokens = tokens
+        self._tables = tables
+        self.frontier = 1  # every target position < frontier is committed; none ≥ frontier is
+        self.totals = Totals()
+        self.positions_not_scored_once = 0  # positions of committed chunks scored 0 or ≥ 2 times
+        self.trace = OrderTrace()
+
+    @property
+    def num_targets(self) -> int:
+        return max(len(self._tokens) - 1, 0)
+
+    def commit(self, scores: ChunkScores) -> Totals:
+        """Commit a chunk's (already all-reduced) scores; returns the chunk's own totals."""
+        chunk = scores.chunk
+        if chunk.target_lo != self.frontier:
+            raise ScoreOrderError(f"chunk {chunk.index} starts at target {chunk.target_lo}, "
+                                  f"but the ledger's frontier is {self.frontier}")
+        sums = scores.sums.cpu().numpy()
+        nll, times_scored = sums[0], sums[1].round().astype(np.int64)
+        lo, hi = chunk.target_lo, chunk.target_hi
+        target_bytes = self._tables.target_bytes(self._tokens[lo - 1 : hi - 1], self._tokens[lo:hi])
+        chunk_totals = Totals(nll_sum=float(nll.sum()), targets=int(times_scored.sum()),
+                              bytes=int((target_bytes * times_scored).sum()))
+        self.positions_not_scored_once += int(np.count_nonzero(times_scored != 1))
+        self.totals = Totals(self.totals.nll_sum + chunk_totals.nll_sum, self.totals.targets + chunk_totals.targets,
+                             self.totals.bytes + chunk_totals.bytes)
+        self.frontier = hi
+        self.trace.record_commit(chunk, self.frontier)
+        return chunk_totals
+
+    def committed_span(self, token_lo: int, token_hi: int) -> CommittedSpan:
+        """tokens[token_lo:token_hi] for training; refused unless every target in it is committed."""
+        if not 0 <= token_lo < token_hi <= len(self._tokens):
+            raise ValueError(f"token range [{token_lo}, {token_hi}) is outside the stream")
+        if token_hi - 1 >= self.frontier:
+            raise ScoreOrderError(f"targets up to {token_hi - 1} requested for training, "
+                                  f"but only targets < {self.frontier} are committed")
+        return CommittedSpan(token_lo, token_hi, np.array(self._tokens[token_lo:token_hi], dtype=np.int64), self)
+
+    def scored_once(self) -> bool:
+        """Every target 1..N−1 was committed, each exactly once (the position-by-position check)."""
+        return (self.frontier == len(self._tokens) and self.positions_not_scored_once == 0
+                and self.totals.targets == self.num_targets)

@@ -1,0 +1,189 @@
+"""Score-first test-time training: adapt the model on chunks whose scores are already committed.
+
+The updater never sees the validation stream. It trains only on ``CommittedSpan`` objects issued by the
+evaluation's own ``ScoreLedger`` (which refuses any range with an uncommitted target), re-checks the ledger's
+frontier before every optimizer step, and records every step's largest target position in the ledger's trace.
+
+Two recipes:
+- ``pr940``: the upstream submission's README settings (AdamW lr 1e-4, no weight decay, 4 epochs, blocks 0–1
+  frozen, grad clip 1.0, constant lr). Run here score-first, which the upstream code did not do (reference §7.4).
+- ``legal-sgd``: the legal reference recipe of PR #461/#549 (SGD lr 0.002, momentum 0.9, 3 epochs, nothing frozen,
+  grad clip 1.0, lr cosine-decayed over chunks).
+
+Distributed: every optimizer step uses the same global batch of sequences whatever the world size; each rank
+takes a contiguous share, weights its loss by its share of the step's target tokens and the gradients are summed
+across ranks, which gives exactly the single-process mean-loss gradient (a plain average of per-rank means would
+not when the last sequence is ragged).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from service.engine.dist import DistContext
+from service.engine.scoring import CommittedSpan, ScoreLedger, ScoreOrderError, ScoringModel, autocast_for
+from service.engine.windows import rank_share
+
+
+@dataclass(frozen=True)
+class TTTRecipe:
+    name: str
+    optimizer: str  # "adamw" | "sgd"
+    lr: float
+    epochs: int
+    freeze_blocks: int
+    grad_clip: float
+    lr_schedule: str  # "constant" | "cosine" (over chunks: lr at chunk 0, 0 at the last chunk, never trained)
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    batch_sequences: int = 32  # sequences per optimizer step, across all ranks
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def lr_for_chunk(self, chunk_index: int, num_chunks: int) -> float:
+        if self.lr_schedule == "constant" or num_chunks <= 1:
+            return self.lr
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * chunk_index / (num_chunks - 1)))
+
+
+RECIPES: dict[str, TTTRecipe] = {
+    # One step per epoch over a whole 131,072-token chunk (64 sequences: 8 per rank on 8 GPUs, as the fork).
+    "pr940": TTTRecipe(name="pr940", optimizer="adamw", lr=1e-4, epochs=4, freeze_blocks=2, grad_clip=1.0,
+                       lr_schedule="constant", weight_decay=0.0, batch_sequences=64),
+    # Reference §7.3: batches of at most 32 sequences.
+    "legal-sgd": TTTRecipe(name="legal-sgd", optimizer="sgd", lr=0.002, epochs=3, freeze_blocks=0, grad_clip=1.0,
+                           lr_schedule="cosine", momentum=0.9, batch_sequences=32),
+}
+
+# Sequences per forward/backward pass on one rank. A step's share is accumulated in micro-batches of this size,
+# which bounds activation memory (64 × 2048 tokens at once would not fit beside the 11-layer model on one GPU)
+# without changing the gradient.
+MICRO_BATCH_SEQUENCES = 16
+
+
+def release_inference_tensors(model: nn.Module) -> int:
+    """Replace tensors created under ``inference_mode`` (lazily built caches such as rotary cos/sin) by normal
+    copies, so that autograd can save them during training. Returns how many were replaced."""
+    replaced = 0
+    for module in model.modules():
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None and buffer.is_inference():
+                module._buffers[name] = buffer.clone()
+                replaced += 1
+        for name, value in list(vars(module).items()):
+            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and value.is_inference():
+                setattr(module, name, value.clone())
+                replaced += 1
+            elif isinstance(value, tuple | list) and any(
+                    isinstance(v, torch.Tensor) and v.is_inference() for v in value):
+                setattr(module, name, type(value)(v.clone() if isinstance(v, torch.Tensor) else v for v in value))
+                replaced += 1
+    return replaced
+
+
+class TTTUpdater:
+    """Trains the model on committed spans, one chunk at a time, with an optimizer that lives across chunks."""
+
+    def __init__(self, model: ScoringModel, recipe: TTTRecipe, ledger: ScoreLedger, *, seq_len: int,
+                 num_chunks: int, dist: DistContext, device: torch.device) -> None:
+        self.model = model
+        self.recipe = recipe
+        self.ledger = ledger
+        self.seq_len = seq_len
+        self.num_chunks = num_chunks
+        self.dist = dist
+        self.device = device
+        if recipe.freeze_blocks > len(model.blocks):
+            raise ValueError(f"recipe {recipe.name} freezes {recipe.freeze_blocks} blocks, "
+                             f"the model has {len(model.blocks)}")
+        frozen = {id(p) for block in model.blocks[: recipe.freeze_blocks] for p in block.parameters()}
+        for parameter in model.parameters():
+            parameter.requires_grad_(id(parameter) not in frozen)
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
+        self.frozen_count = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+        self.trainable_count = sum(p.numel() for p in self.parameters)
+        self.chunks_trained = 0
+        self.optimizer_steps = 0
+        if recipe.optimizer == "adamw":
+            self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(
+                self.parameters, lr=recipe.lr, weight_decay=recipe.weight_decay)
+        elif recipe.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(self.parameters, lr=recipe.lr, momentum=recipe.momentum,
+                                             weight_decay=recipe.weight_decay)
+        else:
+            raise ValueError(f"unknown TTT optimizer {recipe.optimizer!r}")
+
+    def train(self, span: CommittedSpan, chunk_index: int) -> tuple[int, int]:
+        """Train ``recipe.epochs`` epochs on the span; returns the trained range of target positions."""
+        if span.issuer is not self.ledger:
+            raise ScoreOrderError("training span was not issued by this evaluation's ledger")
+        self._check_committed(span.last_target)
+        lr = self.recipe.lr_for_chunk(chunk_index, self.num_chunks)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        release_inference_tensors(self.model)
+        self.model.train()
+        # Sequence k of the span: span tokens [k·seq, k·seq + seq + 1), the last one possibly shorter.
+        starts = np.arange(0, len(span.tokens) - 1, self.seq_len)
+        ends = np.minimum(starts + self.seq_len + 1, len(span.tokens))
+        step_max_targets: list[int] = []
+        for _ in range(self.recipe.epochs):
+            for first in range(0, len(starts), self.recipe.batch_sequences):
+                last = min(first + self.recipe.batch_sequences, len(starts))
+                step_max_targets.append(self._step(span, starts, ends, first, last))
+        self.model.eval()
+        self.ledger.trace.record_training(chunk_index, (span.token_lo + 1, span.token_hi), step_max_targets)
+        self.chunks_trained += 1
+        self.optimizer_steps += len(step_max_targets)
+        return span.token_lo + 1, span.token_hi
+
+    def summary(self) -> dict[str, Any]:
+        return {"recipe": self.recipe.name, "chunks_trained": self.chunks_trained,
+                "optimizer_steps": self.optimizer_steps, "trainable_parameters": self.trainable_count,
+                "frozen_parameters": self.frozen_count}
+
+    def _check_committed(self, last_target: int) -> None:
+        if last_target >= self.ledger.frontier:
+            raise ScoreOrderError(f"update on target {last_target} before its score was committed "
+                                  f"(frontier {self.ledger.frontier})")
+
+    def _step(self, span: CommittedSpan, starts: np.ndarray, ends: np.ndarray, first: int, last: int) -> int:
+        """One optimizer step on global sequences [first, last); returns the largest target position used."""
+        step_max_target = span.token_lo + int(ends[first:last].max()) - 1
+        self._check_committed(step_max_target)
+        global_targets = int((ends[first:last] - starts[first:last] - 1).sum())
+        mine_lo, mine_hi = rank_share(first, last, self.dist.rank, self.dist.world_size)
+        self.optimizer.zero_grad(set_to_none=False)
+        # Group this rank's sequences by length (only the span's last sequence can be shorter) so that each
+        # group is one rectangular batch; each group's mean loss is weighted by its share of the step's targets.
+        lengths = ends[mine_lo:mine_hi] - starts[mine_lo:mine_hi]
+        for length in np.unique(lengths):
+            chosen = np.arange(mine_lo, mine_hi)[lengths == length]
+            for micro in range(0, len(chosen), MICRO_BATCH_SEQUENCES):
+                part = chosen[micro : micro + MICRO_BATCH_SEQUENCES]
+                rows = np.stack([span.tokens[starts[k] : ends[k]] for k in part])
+                batch = torch.from_numpy(rows).to(self.device)
+                with autocast_for(self.device):
+                    loss = self.model(batch[:, :-1], batch[:, 1:])
+                (loss.float() * (rows.shape[0] * (int(length) - 1) / global_targets)).backward()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.parameters]
+        if self.dist.world_size > 1:
+            flat = torch.cat([g.reshape(-1).float() for g in grads])
+            self.dist.all_reduce_sum(flat)
+            offset = 0
+            for parameter, grad in zip(self.parameters, grads, strict=True):
+                parameter.grad = flat[offset : offset + grad.numel()].view_as(grad).to(grad.dtype)
+                offset += grad.numel()
+        else:
+            for parameter, grad in zip(self.parameters, grads, strict=True):
+                parameter.grad = grad
+        torch.nn.utils.clip_grad_norm_(self.parameters, self.recipe.grad_clip)
+        self.optimizer.step()
+        return step_max_target

@@ -1,0 +1,128 @@
+"""Window and chunk planning: which tokens each forward pass sees and which targets it scores.
+
+Conventions used throughout the engine. The validation stream has N tokens ``tokens[0..N-1]``. *Target position*
+p (1 ≤ p ≤ N−1) is the prediction of ``tokens[p]`` from ``tokens[:p]``; there are N−1 targets and every one must
+be scored exactly once (condition C4, and the metric's denominator).
+
+A window feeds ``tokens[start:end]`` to the model; its output at local index j predicts target position
+``start + j + 1``, so a window can score positions ``start+1 .. end``. It scores ``[score_from, end + 1)``.
+
+Sliding rule (the fixed April rule of reference §7.2): windows start at every multiple of ``stride``; the first
+window scores everything it sees, every later one only its last ``stride`` targets (``score_from = start + seq −
+stride + 1``), and a window is kept only while that range is not empty. The scored ranges are then consecutive
+and disjoint and cover 1..N−1, the ragged tail included, for any N, seq and stride ≤ seq. With ``stride == seq``
+the same rule gives the non-overlapping evaluation (every window scores all of its targets).
+
+Chunks (reference §7.3): each window belongs to the chunk holding its first scored x-index ``score_from − 1``, so
+the targets of one chunk form one contiguous range and chunk ranges follow each other without gaps. Chunks that
+receive no window (possible when chunk_tokens < stride) are dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """All windows of one evaluation, in stream order (parallel int64 arrays)."""
+
+    num_tokens: int
+    seq_len: int
+    stride: int
+    starts: np.ndarray  # first input token of each window
+    ends: np.ndarray  # one past the last input token
+    score_from: np.ndarray  # first scored target position
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def scored_counts(self) -> np.ndarray:
+        return self.ends + 1 - self.score_from
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A contiguous group of windows whose scored targets are exactly positions [target_lo, target_hi)."""
+
+    index: int
+    window_lo: int
+    window_hi: int
+    target_lo: int
+    target_hi: int
+
+    @property
+    def num_targets(self) -> int:
+        return self.target_hi - self.target_lo
+
+
+def plan_windows(num_tokens: int, seq_len: int, stride: int) -> WindowPlan:
+    """The sliding windows over a stream of ``num_tokens`` tokens (see the module docstring)."""
+    if seq_len < 1 or stride < 1:
+        raise ValueError(f"seq_len and stride must be positive, got seq_len={seq_len} stride={stride}")
+    if stride > seq_len:
+        raise ValueError(f"stride {stride} exceeds seq_len {seq_len}: targets would be skipped")
+    last_target = num_tokens - 1
+    if last_target < 1:
+        empty = np.zeros(0, dtype=np.int64)
+        return WindowPlan(num_tokens, seq_len, stride, empty, empty.copy(), empty.copy())
+    # Window k ≥ 1 starts at k·stride and scores from k·stride + seq − stride + 1; keep it while that is ≤ N−1.
+    later = max(0, -(-(last_target - seq_len) // stride))  # ceil((N−1−seq)/stride), clamped at 0
+    starts = np.arange(later + 1, dtype=np.int64) * stride
+    ends = np.minimum(starts + seq_len, last_target)
+    score_from = starts + (seq_len - stride) + 1
+    score_from[0] = 1
+    return WindowPlan(num_tokens, seq_len, stride, starts, ends, score_from)
+
+
+def plan_chunks(windows: WindowPlan, chunk_tokens: int) -> list[Chunk]:
+    """Group windows into chunks by the chunk of their first scored x-index (reference §7.3)."""
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+    if len(windows) == 0:
+        return []
+    chunk_of_window = (windows.score_from - 1) // chunk_tokens
+    # Windows are in stream order, so each chunk is a contiguous run of windows.
+    boundaries = np.flatnonzero(np.diff(chunk_of_window)) + 1
+    lows = np.concatenate(([0], boundaries))
+    highs = np.concatenate((boundaries, [len(windows)]))
+    return [
+        Chunk(index=i, window_lo=int(lo), window_hi=int(hi),
+              target_lo=int(windows.score_from[lo]), target_hi=int(windows.ends[hi - 1]) + 1)
+        for i, (lo, hi) in enumerate(zip(lows, highs, strict=True))
+    ]
+
+
+def rank_share(lo: int, hi: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The contiguous part [a, b) of items [lo, hi) that ``rank`` handles; shares differ by at most one."""
+    count = hi - lo
+    return lo + count * rank // world_size, lo + count * (rank + 1) // world_size
+
+
+@dataclass(frozen=True)
+class WindowBatch:
+    """Model inputs for a batch of windows plus where each scored output goes."""
+
+    inputs: np.ndarray  # (B, T) int64, right-padded with token 0 (padding never reaches a scored output)
+    rows: np.ndarray  # (S,) batch row of each scored output
+    cols: np.ndarray  # (S,) column (local index) of each scored output
+    positions: np.ndarray  # (S,) target position of each scored output
+
+
+def build_batch(tokens: np.ndarray, windows: WindowPlan, lo: int, hi: int) -> WindowBatch:
+    """Assemble windows [lo, hi) into one padded batch and the index of every scored output."""
+    starts, ends, score_from = windows.starts[lo:hi], windows.ends[lo:hi], windows.score_from[lo:hi]
+    lengths = ends - starts
+    width = int(lengths.max())
+    inputs = np.zeros((hi - lo, width), dtype=np.int64)
+    for row, (a, b) in enumerate(zip(starts, ends, strict=True)):
+        inputs[row, : b - a] = tokens[a:b]
+    counts = ends + 1 - score_from
+    rows = np.repeat(np.arange(hi - lo, dtype=np.int64), counts)
+    # Target positions of each window's scored range, concatenated: score_from[w] + 0, 1, ..., counts[w]−1.
+    offsets = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    positions = np.repeat(score_from, counts) + offsets
+    cols = positions - 1 - starts[rows]
+    return WindowBatch(inputs, rows, cols, positions)
