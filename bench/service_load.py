@@ -1,0 +1,238 @@
+"""Load on the evaluation service: read latency during an evaluation, and API memory during 16 MB uploads.
+
+    .venv/bin/python bench/service_load.py                       # FineWeb sample if present, else embedded corpus
+    .venv/bin/python bench/service_load.py --clients 32 --seconds 20 --uploads 1,8,32
+
+Starts `python -m service serve` on a free port with a real engine evaluating a tiny random-weight artifact
+(a preview of the validation data in small chunks, so the evaluation is still running while we measure), then:
+
+1. read phase: `--clients` concurrent clients hammer GET /healthz, /limits, /evaluations and
+   /evaluations/{id} for `--seconds`; prints p50/p99 latency per endpoint;
+2. upload phase: for each N in `--uploads`, N concurrent uploads of a 16,000,000-byte file (at the cap, refused
+   by the reader afterwards) plus N of 16,000,001 bytes (cut off with 413); prints the API process's peak RSS
+   while they run. The API streams uploads to disk, so the peak should stay flat as N grows; the reader and the
+   evaluator run in their own processes and are not part of this figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import httpx
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ENGINE_ARGS = "--device cpu --seq-len 256 --stride 128 --chunk-tokens 2048 --max-tokens 200001"
+TINY_MODEL = {"num_layers": 2, "model_dim": 64, "num_heads": 2, "num_kv_heads": 1, "mlp_mult": 2,
+              "bigram_buckets": 64, "bigram_dim": 16, "xsa_last_n": 2}
+CAP = 16_000_000
+
+
+def locate_data(scratch: Path) -> tuple[Path, Path]:
+    sample = Path(os.environ.get("PGOLF_SHARED_DATA") or REPO_ROOT.parent / "shared/data/fineweb_sample")
+    tokenizer = sample / "tokenizers" / "fineweb_1024_bpe.model"
+    if tokenizer.is_file():
+        return sample / "datasets" / "fineweb10B_sp1024", tokenizer
+    from trainer.data.embedded import build_embedded
+
+    build_embedded(scratch / "embedded", log=lambda _message: None)
+    return scratch / "embedded", scratch / "embedded" / "tokenizer.model"
+
+
+def write_tiny_artifact(path: Path, tokenizer: Path) -> Path:
+    import sentencepiece
+    import torch
+
+    from trainer.artifact import write_artifact
+    from trainer.code_bytes import counted_code_bytes
+    from trainer.model import GPT, ModelConfig
+
+    torch.manual_seed(0)
+    config = ModelConfig(**TINY_MODEL)
+    vocab_size = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer)).vocab_size()
+    training = {"seed": 0, "steps": 0, "world_size": 1, "device": "cpu", "train_time_ms": 0.0,
+                "code_version": "bench"}
+    write_artifact(path, GPT(config).state_dict(), config, hashlib.sha256(tokenizer.read_bytes()).hexdigest(),
+                   vocab_size, training, code_bytes=counted_code_bytes())
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_service(data_dir: Path, tokenizer: Path, storage: Path, max_uploads: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "PGOLF_DATA_DIR": str(data_dir), "PGOLF_TOKENIZER": str(tokenizer),
+           "PGOLF_STORAGE_DIR": str(storage), "PGOLF_PORT": str(port), "PGOLF_EVAL_ARGS": ENGINE_ARGS,
+           "PGOLF_QUEUE_BOUND": str(2 * max_uploads + 2)}  # room for every concurrent upload: measure, not refuse
+    log = (storage.parent / "server.log").open("wb")
+    process = subprocess.Popen([sys.executable, "-m", "service", "serve"], cwd=REPO_ROOT, env=env, stdout=log,
+                               stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            time.sleep(0.2)
+    process.kill()
+    raise SystemExit(f"service did not start; see {storage.parent / 'server.log'}")
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+class PeakRss:
+    """Samples a process's resident set every few milliseconds while the block runs."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak_kib, self._stop = pid, 0, threading.Event()
+
+    def __enter__(self) -> PeakRss:
+        self.peak_kib = rss_kib(self.pid)
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak_kib = max(self.peak_kib, rss_kib(self.pid))
+            time.sleep(0.005)
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def read_phase(url: str, job_id: str, clients: int, seconds: float) -> dict[str, list[float]]:
+    endpoints = ["/healthz", "/limits", "/evaluations", f"/evaluations/{job_id}"]
+    latencies: dict[str, list[float]] = defaultdict(list)
+    lock = threading.Lock()
+    stop_at = time.monotonic() + seconds
+
+    def client_loop(offset: int) -> None:
+        with httpx.Client(base_url=url, timeout=30) as client:
+            n = offset
+            while time.monotonic() < stop_at:
+                path = endpoints[n % len(endpoints)]
+                started = time.perf_counter()
+                response = client.get(path)
+                elapsed = time.perf_counter() - started
+                response.raise_for_status()
+                with lock:
+                    latencies[path.replace(job_id, "{id}")].append(elapsed)
+                n += 1
+
+    threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return latencies
+
+
+def upload_phase(url: str, files: list[Path], token_headers: dict[str, str]) -> list[int]:
+    statuses: list[int] = []
+    lock = threading.Lock()
+
+    def send(path: Path) -> None:
+        with httpx.Client(base_url=url, timeout=300) as client, path.open("rb") as handle:
+            try:
+                status = client.post("/evaluate", params={"wait": "false"}, headers=token_headers,
+                                     files={"artifact": (path.name, handle)}).status_code
+            except httpx.TransportError:
+                status = 0  # the server cut the connection (only expected for over-cap bodies)
+        with lock:
+            statuses.append(status)
+
+    threads = [threading.Thread(target=send, args=(path,)) for path in files]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return statuses
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--uploads", default="1,4,16", help="comma-separated numbers of concurrent uploads")
+    args = parser.parse_args()
+    upload_counts = [int(n) for n in args.uploads.split(",")]
+
+    with tempfile.TemporaryDirectory(prefix="pgolf-bench-") as scratch_name:
+        scratch = Path(scratch_name)
+        data_dir, tokenizer = locate_data(scratch)
+        artifact = write_tiny_artifact(scratch / "tiny.pgolf", tokenizer)
+        process, url = start_service(data_dir, tokenizer, scratch / "storage", max(upload_counts))
+        try:
+            with httpx.Client(base_url=url, timeout=60) as client:
+                with artifact.open("rb") as handle:
+                    job_id = client.post("/evaluate", params={"wait": "false"},
+                                         files={"artifact": ("tiny.pgolf", handle)}).json()["id"]
+                while client.get(f"/evaluations/{job_id}").json()["status"] != "running":
+                    time.sleep(0.1)
+                print(f"service {url}, API pid {process.pid}, evaluation {job_id} running "
+                      f"(engine: {ENGINE_ARGS})")
+
+                latencies = read_phase(url, job_id, args.clients, args.seconds)
+                job = client.get(f"/evaluations/{job_id}").json()
+                print(f"\nread latency, {args.clients} concurrent clients for {args.seconds:g} s, during the "
+                      f"evaluation (status after: {job['status']}, chunks done: "
+                      f"{(job['progress'] or {}).get('index', -1) + 1}):")
+                print(f"  {'endpoint':<22}{'requests':>9}{'p50 ms':>9}{'p99 ms':>9}")
+                everything: list[float] = []
+                for path, values in sorted(latencies.items()):
+                    everything += values
+                    print(f"  {path:<22}{len(values):>9}{1000 * statistics.median(values):>9.1f}"
+                          f"{1000 * percentile(values, 0.99):>9.1f}")
+                print(f"  {'all':<22}{len(everything):>9}{1000 * statistics.median(everything):>9.1f}"
+                      f"{1000 * percentile(everything, 0.99):>9.1f}   ({len(everything) / args.seconds:.0f} req/s)")
+
+                at_cap, over_cap = scratch / "at-cap.bin", scratch / "over-cap.bin"
+                for path, size in ((at_cap, CAP), (over_cap, CAP + 1)):
+                    with path.open("wb") as handle:
+                        handle.write(os.urandom(size))
+                print(f"\nAPI process peak RSS during concurrent uploads (baseline {rss_kib(process.pid) / 1024:.0f} "
+                      "MiB; each round: N uploads of 16,000,000 bytes + N of 16,000,001 bytes):")
+                print(f"  {'N':>4}{'peak MiB':>10}{'over baseline':>15}{'MB uploaded':>13}   statuses")
+                for count in upload_counts:
+                    baseline = rss_kib(process.pid)
+                    with PeakRss(process.pid) as peak:
+                        statuses = upload_phase(url, [at_cap] * count + [over_cap] * count, {})
+                    summary = ", ".join(f"{s}x{statuses.count(s)}" for s in sorted(set(statuses)))
+                    print(f"  {count:>4}{peak.peak_kib / 1024:>10.1f}{(peak.peak_kib - baseline) / 1024:>12.1f} MiB"
+                          f"{2 * count * CAP / 1e6:>13.0f}   {summary}")
+                client.delete(f"/evaluations/{job_id}")
+        finally:
+            process.terminate()
+            process.wait(30)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,114 @@
+"""Command line of the service package: ``python -m service evaluate ARTIFACT --data DIR ...``.
+
+Each subcommand is one ``add_*_parser`` function (its arguments, with ``handler`` set to the ``run_*`` function
+that is its body), listed in ``SUBCOMMANDS``; ``serve`` (the HTTP API) comes from service/api/cli.py.
+
+``evaluate`` streams the engine's events as NDJSON on stdout, one flushed line per event (rank 0 only under
+torchrun). Exit status: 0 after ``end``, 3 after ``timeout``, 1 after ``error`` (whose reason also goes to
+stderr). After ``end`` the reference's classic ``final_int6_sliding_window_exact`` line goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_TIMEOUT = 3
+
+
+def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
+    from service.engine.options import NGRAM_MODES, TTT_RECIPE_NAMES, EvalOptions
+
+    defaults = EvalOptions()
+    parser = subparsers.add_parser("evaluate", help="score an artifact on the validation shards (NDJSON events)")
+    parser.add_argument("artifact", type=Path, help="submission artifact file")
+    parser.add_argument("--data", type=Path, required=True, help="directory holding the *_val_*.bin shards")
+    parser.add_argument("--tokenizer", type=Path, default=None,
+                        help="SentencePiece model of the data (default: DATA/tokenizer.model)")
+    parser.add_argument("--ttt", action=argparse.BooleanOptionalAction, default=defaults.ttt,
+                        help="score-first test-time training between chunks")
+    parser.add_argument("--ttt-recipe", choices=TTT_RECIPE_NAMES, default=defaults.ttt_recipe)
+    parser.add_argument("--ngram", choices=NGRAM_MODES, default=defaults.ngram,
+                        help="n-gram mixing; hashed-940 reproduces the upstream scoring and is never compliant")
+    parser.add_argument("--max-seconds", type=float, default=defaults.max_seconds,
+                        help="wall-clock budget; the run stops cleanly between chunks with a timeout event")
+    parser.add_argument("--seq-len", type=int, default=defaults.seq_len)
+    parser.add_argument("--stride", type=int, default=defaults.stride)
+    parser.add_argument("--non-overlapping", action="store_true",
+                        help="score non-overlapping windows (stride = seq-len) instead of sliding ones")
+    parser.add_argument("--chunk-tokens", type=int, default=defaults.chunk_tokens)
+    parser.add_argument("--batch-windows", type=int, default=defaults.batch_windows)
+    parser.add_argument("--device", default=defaults.device, help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="evaluate only this many leading tokens (a preview, reported as not full-val)")
+    parser.set_defaults(handler=run_evaluate)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from service.engine import EvalOptions, evaluate
+    from service.engine.run import classic_log_line
+
+    options = EvalOptions(
+        artifact=args.artifact, data_dir=args.data, tokenizer=args.tokenizer, seq_len=args.seq_len,
+        stride=args.seq_len if args.non_overlapping else args.stride, chunk_tokens=args.chunk_tokens,
+        batch_windows=args.batch_windows, ttt=args.ttt, ttt_recipe=args.ttt_recipe, ngram=args.ngram,
+        max_seconds=args.max_seconds, device=args.device, max_tokens=args.max_tokens)
+    speaks = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 prints
+    status = EXIT_ERROR
+    try:
+        for event in evaluate(options):
+            if speaks:
+                sys.stdout.write(json.dumps(event) + "\n")
+                sys.stdout.flush()
+            if event["type"] == "end":
+                status = EXIT_OK
+                if speaks:
+                    print(classic_log_line(event), file=sys.stderr, flush=True)
+            elif event["type"] == "timeout":
+                status = EXIT_TIMEOUT
+            elif event["type"] == "error":
+                status = EXIT_ERROR
+                if speaks:
+                    print(f"evaluate: {event['code']}: {event['reason']}", file=sys.stderr, flush=True)
+    finally:
+        _leave_process_group()
+    return status
+
+
+def _leave_process_group() -> None:
+    import torch.distributed as torch_dist
+
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+from service.api.cli import add_serve_parser  # noqa: E402  (registered beside evaluate; light import)
+from service.demo import add_demo_parser  # noqa: E402
+
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    add_evaluate_parser, add_serve_parser, add_demo_parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m service", description=__doc__.split("\n\n")[0])
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for add_parser in SUBCOMMANDS:
+        add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return int(args.handler(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,385 @@
+"""The job queue: admission (with back-pressure), worker loops, one evaluator subprocess per job.
+
+Each evaluation runs as `python -m service evaluate ...` in its own process group, so a crash, an
+out-of-memory kill or a hung engine only ever ends that job. Whatever happens to the subprocess, the worker
+records a terminal event and a terminal status; a job cannot be left "running" by this process, and one left
+by a previous process is marked failed at start (`Store.mark_interrupted`).
+
+Time limits, from the inside out: the engine gets `--max-seconds` and stops cleanly between chunks with a
+`timeout` event carrying its figures; the worker kills the process group `kill_grace_seconds` later as a
+backstop and then writes the `timeout` event itself from the last chunk it saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import ctypes
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from service.api.settings import Settings, subprocess_env
+from service.api.storage import CANCELLED, COMPLETED, FAILED, QUEUED, TIMEOUT, JobRecord, Store
+
+TERMINAL_EVENT_STATUS = {"end": COMPLETED, "timeout": TIMEOUT, "error": FAILED}
+MAX_EVENT_LINE_BYTES = 1 << 20
+LOG_TAIL_LINES = 60
+LOG_TAIL_CHARS = 8000
+UPLOAD_RETRY_SECONDS = 5
+log = logging.getLogger("pgolf.service")
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after_seconds: int) -> None:
+        super().__init__(f"the queue is full; retry in about {retry_after_seconds} s")
+        self.retry_after_seconds = retry_after_seconds
+
+
+class JobNotActive(Exception):
+    """A cancel request for a job that already finished."""
+
+
+class EventHub:
+    """Wakes followers of a job when it gets a new event. The events themselves are read from the Store.
+
+    A follower notes `version(job_id)` before reading events and then waits for it to change, so an event
+    that lands between the read and the wait is never missed (everything runs on the event loop thread).
+    """
+
+    def __init__(self) -> None:
+        self._versions: dict[str, int] = collections.defaultdict(int)
+        self._changed = asyncio.Condition()
+
+    def version(self, job_id: str) -> int:
+        return self._versions[job_id]
+
+    async def publish(self, job_id: str) -> None:
+        async with self._changed:
+            self._versions[job_id] += 1
+            self._changed.notify_all()
+
+    async def wait_for_change(self, job_id: str, seen_version: int, timeout: float) -> bool:
+        """True when the job changed, False after `timeout` seconds without news."""
+        async with self._changed:
+            try:
+                await asyncio.wait_for(
+                    self._changed.wait_for(lambda: self._versions[job_id] != seen_version), timeout
+                )
+            except asyncio.TimeoutError:
+                return False
+        return True
+
+
+@dataclass
+class _Running:
+    """A job's live subprocess, kept so that DELETE can kill it."""
+
+    process: asyncio.subprocess.Process
+    cancel_requested: bool = False
+
+
+@dataclass
+class _Progress:
+    """What the worker learned from the engine's events so far: enough for partial figures after a kill."""
+
+    chunks_done: int = 0
+    nll_sum: float = 0.0
+    last_chunk: dict[str, Any] | None = None
+    terminal: dict[str, Any] | None = None
+    log_lines: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=LOG_TAIL_LINES))
+
+    def partial_figures(self) -> dict[str, Any]:
+        chunk = self.last_chunk or {}
+        targets, scored_bytes = chunk.get("running_targets", 0), chunk.get("running_bytes", 0)
+        return {
+            "targets_scored": targets,
+            "bytes": scored_bytes,
+            "nll_sum": self.nll_sum,
+            "partial_val_loss": self.nll_sum / targets if targets else None,
+            "partial_val_bpb": chunk.get("running_bpb"),
+            "chunks_done": self.chunks_done,
+        }
+
+    def log_tail(self) -> str:
+        return "\n".join(self.log_lines)[-LOG_TAIL_CHARS:]
+
+
+class JobQueue:
+    """Admits uploads, hands queued jobs to `settings.workers` worker loops, and cancels on request."""
+
+    def __init__(self, settings: Settings, store: Store, hub: EventHub) -> None:
+        self.settings = settings
+        self.store = store
+        self.hub = hub
+        self.capacity = settings.workers + settings.queue_bound
+        self._reserved_uploads = 0
+        self._wakeup = asyncio.Event()
+        self._running: dict[str, _Running] = {}
+        self._workers: list[asyncio.Task[None]] = []
+
+    # ----------------------------------------------------------------------------------------------------------
+    # admission
+
+    @contextlib.contextmanager
+    def reserve_slot(self) -> Iterator[None]:
+        """Hold a place for an upload in progress, or raise QueueFull.
+
+        Uploads in flight count against the capacity together with queued and running jobs, so a burst of
+        uploads is refused before its bytes are read, and the disk and validation work stay bounded too.
+        The slot is given back when the block ends; `submit` inside the block turns it into a job.
+        """
+        active_jobs = self.store.count_active_jobs()
+        if active_jobs + self._reserved_uploads >= self.capacity:
+            raise QueueFull(self._retry_after_seconds(uploads_are_the_blocker=active_jobs < self.capacity))
+        self._reserved_uploads += 1
+        try:
+            yield
+        finally:
+            self._reserved_uploads -= 1
+
+    def submit(self, artifact_sha256: str, options: dict[str, Any]) -> JobRecord:
+        """Queue a job (call inside `reserve_slot`); the first event tells the client where to find it."""
+        job = self.store.create_job(artifact_sha256, options)
+        self.store.append_event(job.id, {"type": "queued", "source": "service", "job_id": job.id,
+                                         "queue_position": self.store.queue_position(job),
+                                         "links": job_links(job)})
+        self._wakeup.set()
+        return job
+
+    def _retry_after_seconds(self, *, uploads_are_the_blocker: bool) -> int:
+        """When a slot frees: soon if uploads in flight hold it (they end in seconds), else at the latest when
+        the oldest running job reaches its hard limit."""
+        if uploads_are_the_blocker:
+            return UPLOAD_RETRY_SECONDS
+        hard_limit = self.settings.eval_limit_seconds + self.settings.kill_grace_seconds
+        started = self.store.oldest_running_start()
+        remaining = hard_limit if started is None else hard_limit - (time.time() - started)
+        return max(1, math.ceil(remaining))
+
+    # ----------------------------------------------------------------------------------------------------------
+    # workers
+
+    def start(self) -> None:
+        self._workers = [asyncio.create_task(self._worker_loop(), name=f"pgolf-worker-{n}")
+                         for n in range(self.settings.workers)]
+
+    async def stop(self) -> None:
+        """Stop the workers; each kills its evaluator on the way out. The caller marks their jobs interrupted."""
+        for task in self._workers:
+            task.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+
+    async def cancel(self, job_id: str, wait_seconds: float = 10.0) -> JobRecord:
+        """Cancel a queued job at once, or kill a running job's subprocess and wait for its worker to record it."""
+        running = self._running.get(job_id)
+        if running is None:
+            job = self.store.get_job(job_id)
+            if job is None or job.status != QUEUED:
+                raise JobNotActive(job_id)
+            job = self.store.finish_job(job_id, status=CANCELLED, reason="cancelled while queued",
+                                        terminal_event=_service_error("cancelled", "cancelled while queued", {}))
+            await self.hub.publish(job_id)
+            return job
+        running.cancel_requested = True
+        _kill_process_group(running.process)
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            seen = self.hub.version(job_id)
+            job = self.store.get_job(job_id)
+            assert job is not None
+            remaining = deadline - time.monotonic()
+            if job.is_terminal or remaining <= 0:
+                return job
+            await self.hub.wait_for_change(job_id, seen, remaining)
+
+    async def _worker_loop(self) -> None:
+        while True:
+            try:
+                job = self.store.claim_next_queued()
+                if job is None:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                await self.hub.publish(job.id)
+                await self._run_job(job)
+            except Exception:  # e.g. the disk is full: log it and keep serving; a dead worker would stall the queue
+                log.exception("worker error; continuing")
+                await asyncio.sleep(1.0)
+
+    async def _run_job(self, job: JobRecord) -> None:
+        progress = _Progress()
+        started = time.monotonic()
+        try:
+            status, terminal, reason = await self._run_subprocess(job, progress, started)
+        except Exception as error:  # a bug here must still end the job, never leave it running
+            status, reason = FAILED, f"internal error in the service: {type(error).__name__}: {error}"
+            terminal = _service_error("internal", reason, progress.partial_figures())
+        terminal.setdefault("elapsed_s", round(time.monotonic() - started, 4))
+        log.info("job %s: %s%s", job.id, status, f" ({reason})" if reason else "")
+        self.store.finish_job(job.id, status=status, reason=reason, terminal_event=terminal,
+                              log_tail=progress.log_tail() or None)
+        await self.hub.publish(job.id)
+
+    async def _run_subprocess(
+        self, job: JobRecord, progress: _Progress, started: float
+    ) -> tuple[str, dict[str, Any], str | None]:
+        artifact = self.store.get_artifact(job.artifact_sha256)
+        if artifact is None or not artifact.path.is_file():
+            reason = "the stored artifact file is missing"
+            return FAILED, _service_error("artifact_missing", reason, {}), reason
+        max_seconds = float(job.options["max_seconds"])
+        process = await asyncio.create_subprocess_exec(
+            *self.evaluator_argv(artifact.path, job.options),
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            limit=MAX_EVENT_LINE_BYTES, start_new_session=True, preexec_fn=_die_with_parent, env=subprocess_env(),
+        )
+        log.info("job %s: evaluator pid %d started (%s)", job.id, process.pid, job.options)
+        running = _Running(process)
+        self._running[job.id] = running
+        try:
+            pumps = asyncio.gather(self._pump_events(job.id, process, progress),
+                                   _pump_log(process.stderr, progress))
+            try:
+                await asyncio.wait_for(asyncio.shield(pumps), max_seconds + self.settings.kill_grace_seconds)
+                hard_killed = False
+            except asyncio.TimeoutError:
+                hard_killed = True
+                _kill_process_group(process)
+            await pumps
+            await process.wait()
+        finally:
+            self._running.pop(job.id, None)
+            if process.returncode is None:
+                _kill_process_group(process)
+                await process.wait()
+        elapsed = time.monotonic() - started
+        return _outcome(progress, process.returncode, hard_killed=hard_killed,
+                        cancelled=running.cancel_requested, limit_seconds=max_seconds, elapsed=elapsed)
+
+    def evaluator_argv(self, artifact_path: Path, options: dict[str, Any]) -> list[str]:
+        settings = self.settings
+        return [
+            *settings.evaluator_command, str(artifact_path),
+            "--data", str(settings.data_dir), "--tokenizer", str(settings.tokenizer),
+            "--ttt" if options["ttt"] else "--no-ttt", "--ngram", options["ngram"],
+            "--max-seconds", f"{options['max_seconds']:g}",
+            *settings.evaluator_extra_args,
+        ]
+
+    async def _pump_events(self, job_id: str, process: asyncio.subprocess.Process, progress: _Progress) -> None:
+        """Store and announce each NDJSON event; anything else on stdout goes to the log tail."""
+        assert process.stdout is not None
+        while True:
+            try:
+                line = await process.stdout.readline()
+            except ValueError:  # a line longer than MAX_EVENT_LINE_BYTES: not an event this service accepts
+                progress.log_lines.append(f"[service] evaluator wrote a line over {MAX_EVENT_LINE_BYTES} bytes")
+                _kill_process_group(process)
+                return
+            if not line:
+                return
+            event = _parse_event(line)
+            if event is None:
+                progress.log_lines.append(line.decode("utf-8", "replace").rstrip())
+                continue
+            if progress.terminal is not None:
+                continue  # nothing counts after the terminal event
+            if event["type"] in TERMINAL_EVENT_STATUS:
+                progress.terminal = event  # stored by finish_job together with the final status
+                continue
+            if event["type"] == "chunk":
+                progress.chunks_done += 1
+                progress.last_chunk = event
+                progress.nll_sum += float(event.get("nll_sum") or 0.0)
+            self.store.append_event(job_id, event)
+            await self.hub.publish(job_id)
+
+
+async def _pump_log(stream: asyncio.StreamReader | None, progress: _Progress) -> None:
+    assert stream is not None
+    while line := await stream.readline():
+        progress.log_lines.append(line.decode("utf-8", "replace").rstrip())
+
+
+def _parse_event(line: bytes) -> dict[str, Any] | None:
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+        return None
+    return event
+
+
+def _outcome(
+    progress: _Progress, returncode: int | None, *, hard_killed: bool, cancelled: bool, limit_seconds: float,
+    elapsed: float,
+) -> tuple[str, dict[str, Any], str | None]:
+    """Final (status, terminal event, reason) of a finished subprocess, most specific cause first."""
+    partial = progress.partial_figures()
+    if cancelled:
+        reason = "cancelled by request; the evaluator was killed"
+        return CANCELLED, _service_error("cancelled", reason, partial), reason
+    if progress.terminal is not None:
+        terminal = progress.terminal
+        status = TERMINAL_EVENT_STATUS[terminal["type"]]
+        reason = None if status == COMPLETED else str(terminal.get("reason") or terminal.get("code") or status)
+        return status, terminal, reason
+    if hard_killed:
+        reason = (f"evaluation limit of {limit_seconds:g} s reached; the evaluator did not stop by itself and "
+                  f"was killed after {elapsed:.1f} s")
+        return TIMEOUT, {"type": "timeout", "source": "service", "reason": reason, **partial}, reason
+    if returncode is not None and returncode < 0:
+        signal_name = signal.Signals(-returncode).name
+        reason = f"the evaluator was killed by {signal_name}"
+        if -returncode == signal.SIGKILL:
+            reason += " (out of memory, or killed from outside)"
+        return FAILED, _service_error("killed", reason, partial), reason
+    last_log = progress.log_lines[-1] if progress.log_lines else "no output"
+    if returncode:
+        reason = f"the evaluator exited with status {returncode}: {last_log}"
+    else:
+        reason = f"the evaluator exited without a final event: {last_log}"
+    return FAILED, _service_error("crashed", reason, partial), reason
+
+
+def _service_error(code: str, reason: str, partial: dict[str, Any]) -> dict[str, Any]:
+    """An `error` event in the engine's schema, written by the service because the engine could not."""
+    return {"type": "error", "source": "service", "code": code, "reason": reason, **partial}
+
+
+def job_links(job: JobRecord) -> dict[str, str]:
+    return {"self": f"/evaluations/{job.id}", "events": f"/evaluations/{job.id}/events",
+            "artifact_sha256": job.artifact_sha256}
+
+
+def _kill_process_group(process: asyncio.subprocess.Process) -> None:
+    """SIGKILL the evaluator and anything it started (torchrun ranks, data loaders)."""
+    if process.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: if the API process dies (even by SIGKILL), the kernel kills the evaluator.
+
+    Without this an evaluation would keep a GPU busy after a crash, invisible to the restarted service, which
+    has already marked its job interrupted.
+    """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)

@@ -1,0 +1,1 @@
+"""One APIRouter per resource; `app.create_app` includes them all."""

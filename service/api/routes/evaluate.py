@@ -1,0 +1,75 @@
+"""`POST /evaluate`: upload an artifact and follow (or not) its evaluation."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import JSONResponse
+
+from service.api.deps import StateDep, WriteAccess
+from service.api.jobs import job_links
+from service.api.schemas import JobAccepted
+from service.api.streaming import event_stream_response, follow_events, wants_sse
+from service.api.submissions import submit_upload
+
+router = APIRouter(tags=["evaluate"])
+
+_MULTIPART_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["artifact"],
+                    "properties": {
+                        "artifact": {"type": "string", "format": "binary",
+                                     "description": "the .pgolf artifact (at most the cap in /limits)"},
+                        "ttt": {"type": "boolean", "default": False},
+                        "ngram": {"type": "string", "enum": ["off", "exact", "hashed-940"], "default": "off"},
+                        "max_seconds": {"type": "number", "description": "at most the service limit"},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+@router.post(
+    "/evaluate",
+    dependencies=[WriteAccess],
+    openapi_extra=_MULTIPART_BODY,
+    responses={
+        200: {"description": "NDJSON events of the evaluation, one JSON object per line",
+              "content": {"application/x-ndjson": {}, "text/event-stream": {}}},
+        202: {"model": JobAccepted, "description": "queued (wait=false)"},
+        400: {"description": "not a multipart upload with an 'artifact' part"},
+        401: {"description": "missing or wrong bearer token"},
+        413: {"description": "artifact over the cap; nothing was stored"},
+        422: {"description": "artifact refused by the reader, tokenizer mismatch, or invalid options"},
+        429: {"description": "queue full; see Retry-After"},
+    },
+)
+async def evaluate(
+    request: Request,
+    state: StateDep,
+    wait: Annotated[bool, Query(description="stream the events (true) or answer 202 with the job id")] = True,
+    force: Annotated[bool, Query(description="evaluate again even if this artifact and options were")] = False,
+    accept: Annotated[str | None, Header()] = None,
+) -> Response:
+    """Upload an artifact; the same artifact with the same options returns the stored evaluation."""
+    submission = await submit_upload(
+        state, request.stream(), content_type=request.headers.get("content-type"),
+        content_length=request.headers.get("content-length"), force=force,
+    )
+    job = submission.job
+    headers = {"Location": f"/evaluations/{job.id}", "X-Evaluation-Id": job.id,
+               "X-Evaluation-Reused": str(submission.reused).lower()}
+    if not wait:
+        body = JobAccepted(id=job.id, status=job.status, reused=submission.reused, links=job_links(job))
+        return JSONResponse(body.model_dump(), status_code=200 if submission.reused else 202, headers=headers)
+    # The stream only follows the job: a client that goes away stops reading, not the evaluation.
+    return event_stream_response(follow_events(state.store, state.hub, job.id), sse=wants_sse(accept),
+                                 headers=headers)

@@ -1,0 +1,77 @@
+"""Request options and response bodies of the API."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+NgramMode = Literal["off", "exact", "hashed-940"]
+
+
+class EvaluationOptions(BaseModel):
+    """Form fields of `POST /evaluate` besides the artifact. Unknown fields are refused, never ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ttt: bool = Field(False, description="score-first test-time training")
+    ngram: NgramMode = Field("off", description="n-gram mixing; 'hashed-940' is for comparison, never compliant")
+    max_seconds: float | None = Field(
+        None, gt=0, description="wall-clock budget of this evaluation (at most the service limit, the default)"
+    )
+
+
+class JobLinks(BaseModel):
+    self: str
+    events: str
+    artifact_sha256: str
+
+
+class JobView(BaseModel):
+    id: str
+    status: Literal["queued", "running", "completed", "failed", "timeout", "cancelled"]
+    reason: str | None = Field(None, description="why the job failed, timed out or was cancelled")
+    artifact_sha256: str
+    artifact_bytes: int | None
+    options: dict[str, Any]
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    queue_position: int | None = Field(None, description="1 = next to start; only while queued")
+    progress: dict[str, Any] | None = Field(None, description="figures of the last chunk event")
+    result: dict[str, Any] | None = Field(None, description="the terminal event (end, timeout or error)")
+    compliance: dict[str, Any] | None = None
+    log_tail: str | None = Field(None, description="last lines the evaluator wrote to stderr")
+    links: JobLinks
+
+
+class JobAccepted(BaseModel):
+    id: str
+    status: str
+    reused: bool = Field(description="an earlier job with the same artifact and options answers this upload")
+    links: JobLinks
+
+
+class Limits(BaseModel):
+    max_artifact_bytes: int
+    eval_limit_seconds: float
+    kill_grace_seconds: float
+    workers: int
+    queue_bound: int
+    auth_required: bool
+    ngram_modes: list[str]
+    tokenizer_sha256: str
+    vocab_size: int
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    running: int
+    queued: int
+    capacity: int
+    uptime_s: float
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str

@@ -1,0 +1,143 @@
+"""Service configuration, read once from the environment.
+
+Every knob is an environment variable so the same image runs in compose, on a bare host and in tests. The
+validation data and tokenizer are required: a service that cannot evaluate should fail at start, not on the
+first upload.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+ARTIFACT_CAP_BYTES = 16_000_000  # the challenge cap, decimal bytes
+EVAL_LIMIT_SECONDS = 600.0  # the challenge's evaluation budget
+
+
+# Subprocesses read untrusted artifacts; they get no credential of the service (EvalAI keeps its API token out of
+# the participant's container for the same reason).
+SECRET_ENV_VARS = ("PGOLF_API_TOKEN",)
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment for evaluator and reader subprocesses: the service's own, minus its secrets."""
+    return {name: value for name, value in os.environ.items() if name not in SECRET_ENV_VARS}
+
+
+class SettingsError(ValueError):
+    """An environment variable is missing or malformed."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path  # PGOLF_DATA_DIR: directory holding the *_val_*.bin shards
+    tokenizer: Path  # PGOLF_TOKENIZER: SentencePiece model of the data (default DATA_DIR/tokenizer.model)
+    storage_dir: Path  # PGOLF_STORAGE_DIR: SQLite database, stored artifacts, upload scratch space
+    max_artifact_bytes: int = ARTIFACT_CAP_BYTES  # PGOLF_MAX_ARTIFACT_BYTES
+    eval_limit_seconds: float = EVAL_LIMIT_SECONDS  # PGOLF_EVAL_LIMIT_SECONDS
+    # PGOLF_KILL_GRACE_SECONDS: the engine stops itself between chunks at the limit; the hard kill waits this
+    # much longer so a clean `timeout` event (with its figures) wins over the backstop whenever possible.
+    kill_grace_seconds: float = 15.0
+    workers: int = 1  # PGOLF_WORKERS: evaluations running at once, one subprocess each
+    queue_bound: int = 8  # PGOLF_QUEUE_BOUND: jobs (and uploads in flight) allowed to wait beyond the workers
+    api_token: str | None = None  # PGOLF_API_TOKEN: when set, POST and DELETE need "Authorization: Bearer ..."
+    host: str = "127.0.0.1"  # PGOLF_HOST
+    port: int = 8000  # PGOLF_PORT
+    # PGOLF_EVALUATOR: command prefix of the evaluator; ARTIFACT and the options are appended. Replace it to run
+    # evaluations inside a container (e.g. "docker run --rm --network none ... python -m service evaluate").
+    evaluator_command: tuple[str, ...] = (sys.executable, "-m", "service", "evaluate")
+    # PGOLF_EVAL_ARGS: extra engine arguments fixed by the organiser for every job (e.g. "--device cuda").
+    evaluator_extra_args: tuple[str, ...] = ()
+    validation_timeout_seconds: float = 120.0  # PGOLF_VALIDATION_TIMEOUT_SECONDS
+
+    @property
+    def database_path(self) -> Path:
+        return self.storage_dir / "service.sqlite3"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.storage_dir / "artifacts"
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.storage_dir / "uploads"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        data_dir = _required_path(env, "PGOLF_DATA_DIR")
+        tokenizer = Path(env["PGOLF_TOKENIZER"]) if env.get("PGOLF_TOKENIZER") else data_dir / "tokenizer.model"
+        settings = cls(
+            data_dir=data_dir,
+            tokenizer=tokenizer,
+            storage_dir=Path(env.get("PGOLF_STORAGE_DIR") or "runs/service"),
+            max_artifact_bytes=_int(env, "PGOLF_MAX_ARTIFACT_BYTES", ARTIFACT_CAP_BYTES, minimum=1),
+            eval_limit_seconds=_float(env, "PGOLF_EVAL_LIMIT_SECONDS", EVAL_LIMIT_SECONDS, minimum=0.1),
+            kill_grace_seconds=_float(env, "PGOLF_KILL_GRACE_SECONDS", 15.0, minimum=0.0),
+            workers=_int(env, "PGOLF_WORKERS", 1, minimum=1),
+            queue_bound=_int(env, "PGOLF_QUEUE_BOUND", 8, minimum=0),
+            api_token=env.get("PGOLF_API_TOKEN") or None,
+            host=env.get("PGOLF_HOST") or "127.0.0.1",
+            port=_int(env, "PGOLF_PORT", 8000, minimum=0),
+            evaluator_command=_command(env, "PGOLF_EVALUATOR", cls.evaluator_command),
+            evaluator_extra_args=tuple(shlex.split(env.get("PGOLF_EVAL_ARGS", ""))),
+            validation_timeout_seconds=_float(env, "PGOLF_VALIDATION_TIMEOUT_SECONDS", 120.0, minimum=1.0),
+        )
+        settings.check_inputs()
+        return settings
+
+    def check_inputs(self) -> None:
+        """Fail fast when the data or tokenizer the service evaluates against is not there."""
+        if not self.data_dir.is_dir():
+            raise SettingsError(f"PGOLF_DATA_DIR={self.data_dir} is not a directory")
+        if not any(self.data_dir.glob("*_val_*.bin")):
+            raise SettingsError(f"PGOLF_DATA_DIR={self.data_dir} holds no *_val_*.bin validation shard")
+        if not self.tokenizer.is_file():
+            raise SettingsError(f"tokenizer {self.tokenizer} does not exist (set PGOLF_TOKENIZER)")
+
+
+def _required_path(env: Mapping[str, str], name: str) -> Path:
+    value = env.get(name)
+    if not value:
+        raise SettingsError(f"{name} must be set")
+    return Path(value)
+
+
+def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw.replace("_", ""))
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise SettingsError(f"{name}={value} must be at least {minimum}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a number") from None
+    if not value >= minimum:  # also rejects nan
+        raise SettingsError(f"{name}={value} must be at least {minimum}")
+    return value
+
+
+def _command(env: Mapping[str, str], name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    raw = env.get(name)
+    if not raw:
+        return default
+    parts = tuple(shlex.split(raw))
+    if not parts:
+        raise SettingsError(f"{name} is empty")
+    return parts

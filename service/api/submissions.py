@@ -1,0 +1,95 @@
+"""`POST /evaluate` behind the route: admit, receive, validate, deduplicate, store, queue.
+
+Order matters for the guarantees of the issue. The queue slot is taken before a byte of the body is read (a
+full queue answers 429 at once); the artifact is on disk only as a scratch file until it has passed the
+reader, and it is deleted on every path that does not end in a stored artifact.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from service.api.errors import ApiError
+from service.api.jobs import QueueFull
+from service.api.schemas import EvaluationOptions
+from service.api.settings import Settings
+from service.api.state import ServiceState
+from service.api.storage import JobRecord
+from service.api.uploads import Upload, UploadError, UploadTooLarge, content_length_too_large, receive_upload
+from service.api.validation import tokenizer_mismatch
+
+
+@dataclass(frozen=True)
+class Submission:
+    job: JobRecord
+    reused: bool  # an earlier job with the same artifact and options answers this upload
+
+
+def resolve_options(fields: dict[str, str], settings: Settings) -> dict[str, Any]:
+    """Validated options with the defaults filled in: the form that identifies "the same options"."""
+    try:
+        options = EvaluationOptions.model_validate(fields)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        raise ApiError(422, "invalid_options", problems) from None
+    limit = settings.eval_limit_seconds
+    if options.max_seconds is not None and options.max_seconds > limit:
+        raise ApiError(422, "invalid_options", f"max_seconds {options.max_seconds:g} exceeds the limit {limit:g}")
+    return {"ttt": options.ttt, "ngram": options.ngram, "max_seconds": options.max_seconds or limit}
+
+
+async def submit_upload(
+    state: ServiceState, body: AsyncIterator[bytes], *, content_type: str | None, content_length: str | None,
+    force: bool,
+) -> Submission:
+    cap = state.settings.max_artifact_bytes
+    if content_length_too_large(content_length, cap):
+        raise ApiError(413, "artifact_too_large", f"the request body declares {content_length} bytes; the "
+                       f"artifact cap is {cap:,} bytes")
+    try:
+        with state.queue.reserve_slot():
+            upload = await receive_upload(body, content_type, state.settings.uploads_dir, cap)
+            try:
+                return await _queue_upload(state, upload, force=force)
+            finally:
+                upload.discard()  # no-op once the file was moved into the artifact store
+    except QueueFull as error:
+        raise ApiError(429, "queue_full", str(error),
+                       headers={"Retry-After": str(error.retry_after_seconds)}) from None
+    except UploadTooLarge as error:
+        raise ApiError(413, "artifact_too_large", str(error)) from None
+    except UploadError as error:
+        raise ApiError(400, "bad_upload", str(error)) from None
+
+
+async def _queue_upload(state: ServiceState, upload: Upload, *, force: bool) -> Submission:
+    store, settings = state.store, state.settings
+    options = resolve_options(upload.fields, settings)
+    if not force:
+        earlier = store.find_reusable_job(upload.sha256, options)
+        if earlier is not None:
+            return Submission(earlier, reused=True)
+
+    known = store.get_artifact(upload.sha256)
+    if known is not None and known.path.is_file():
+        manifest = known.manifest
+    else:
+        verdict = await state.validator.validate(upload.path)
+        if verdict.manifest is None:
+            raise ApiError(422, verdict.code, verdict.message)
+        manifest = verdict.manifest
+    mismatch = tokenizer_mismatch(manifest, state.tokenizer)
+    if mismatch is not None:
+        raise ApiError(422, "tokenizer_mismatch", mismatch)
+
+    if known is None or not known.path.is_file():
+        settings.artifacts_dir.mkdir(parents=True, exist_ok=True)
+        stored_path = settings.artifacts_dir / f"{upload.sha256}.pgolf"
+        os.replace(upload.path, stored_path)
+        store.put_artifact(upload.sha256, upload.size_bytes, stored_path, manifest)
+    return Submission(state.queue.submit(upload.sha256, options), reused=False)

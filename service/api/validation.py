@@ -1,0 +1,156 @@
+"""Artifact validation before a job is queued, in a long-lived helper subprocess.
+
+The reader (`trainer.artifact.read_artifact`) decompresses and checks the whole payload; doing that inside the
+API process would put each upload's decompressed tensors (and torch itself) in the memory of the process that
+must keep answering, and a reader bug triggered by a hostile file would take the API down with it. So the API
+talks to `python -m service.api.validation`: one JSON request line in (the path), one JSON line out (the
+manifest, or the reader's error code and message). The helper imports torch once and serves uploads one at a
+time; if it dies or hangs on a file, that upload is refused and the next one gets a fresh helper.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import hashlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from service.api.settings import subprocess_env
+
+MAX_REPLY_BYTES = 8 << 20  # a manifest is a few KB; a reply near this is itself a sign of a broken helper
+
+
+@dataclass(frozen=True)
+class TokenizerIdentity:
+    """What an artifact must have been trained with to be scored on the configured data."""
+
+    sha256: str
+    vocab_size: int
+
+    @classmethod
+    def of_model_file(cls, path: Path) -> TokenizerIdentity:
+        import sentencepiece  # light (no torch)
+
+        processor = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        return cls(hashlib.sha256(path.read_bytes()).hexdigest(), int(processor.vocab_size()))
+
+
+@dataclass(frozen=True)
+class ValidationResult:
+    manifest: dict[str, Any] | None  # None when the artifact was refused
+    code: str = "ok"
+    message: str = ""
+
+
+def tokenizer_mismatch(manifest: dict[str, Any], expected: TokenizerIdentity) -> str | None:
+    """Why an artifact cannot be scored with the configured tokenizer, or None when it can."""
+    declared = manifest.get("tokenizer")
+    if not isinstance(declared, dict):
+        return "the manifest declares no tokenizer"
+    if declared.get("sha256") != expected.sha256:
+        return (f"the artifact was trained with tokenizer sha256 {declared.get('sha256')}, but this service "
+                f"scores with tokenizer sha256 {expected.sha256}")
+    if declared.get("vocab_size") != expected.vocab_size:
+        return f"the artifact declares vocab size {declared.get('vocab_size')}, the tokenizer has {expected.vocab_size}"
+    return None
+
+
+class ArtifactValidator:
+    """Client of the helper subprocess. One validation at a time; the helper is (re)started on demand."""
+
+    def __init__(self, *, max_file_bytes: int, timeout_seconds: float) -> None:
+        self.max_file_bytes = max_file_bytes
+        self.timeout_seconds = timeout_seconds
+        self._process: asyncio.subprocess.Process | None = None
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        """Start the helper now, so that its imports are done before the first upload arrives."""
+        async with self._lock:
+            await self._running_process()
+
+    async def close(self) -> None:
+        async with self._lock:
+            await self._stop()
+
+    async def validate(self, path: Path) -> ValidationResult:
+        async with self._lock:
+            process = await self._running_process()
+            assert process.stdin is not None and process.stdout is not None
+            request = {"path": str(path), "max_file_bytes": self.max_file_bytes}
+            try:
+                process.stdin.write(json.dumps(request).encode() + b"\n")
+                await process.stdin.drain()
+                line = await asyncio.wait_for(process.stdout.readline(), self.timeout_seconds)
+            except asyncio.TimeoutError:
+                await self._stop()
+                return ValidationResult(None, "validation_timeout",
+                                        f"reading the artifact took longer than {self.timeout_seconds:g} s")
+            except (ConnectionError, ValueError):  # helper gone mid-request, or an over-long reply
+                line = b""
+            except asyncio.CancelledError:  # the client went away mid-request: the helper's reply is now stray
+                await self._stop()
+                raise
+            if not line:
+                await self._stop()
+                return ValidationResult(None, "validator_crashed",
+                                        f"the artifact reader died while reading this file (exit status "
+                                        f"{process.returncode}); the file was refused")
+        reply = json.loads(line)
+        if reply["ok"]:
+            return ValidationResult(reply["manifest"])
+        return ValidationResult(None, str(reply["code"]), str(reply["message"]))
+
+    async def _running_process(self) -> asyncio.subprocess.Process:
+        if self._process is None or self._process.returncode is not None:
+            # stderr is inherited: the helper's own tracebacks belong in the service log.
+            self._process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "service.api.validation",
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=MAX_REPLY_BYTES,
+                env=subprocess_env(),
+            )
+        return self._process
+
+    async def _stop(self) -> None:
+        process, self._process = self._process, None
+        if process is not None and process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helper side: `python -m service.api.validation`, requests on stdin, replies on stdout
+
+
+def _check(path: Path, max_file_bytes: int) -> dict[str, Any]:
+    from trainer.artifact import ArtifactError, read_artifact
+
+    try:
+        artifact = read_artifact(path, max_file_bytes=max_file_bytes)
+    except ArtifactError as error:
+        return {"ok": False, "code": error.code, "message": str(error)}
+    except OSError as error:
+        return {"ok": False, "code": "unreadable", "message": f"the uploaded file could not be read: {error}"}
+    return {"ok": True, "manifest": artifact.manifest}
+
+
+def main() -> int:
+    import trainer.artifact  # noqa: F401  (the slow imports, done before the first request)
+
+    for line in sys.stdin:
+        request = json.loads(line)
+        reply = _check(Path(request["path"]), int(request["max_file_bytes"]))
+        sys.stdout.write(json.dumps(reply) + "\n")
+        sys.stdout.flush()
+        gc.collect()  # the decoded tensors of this file are garbage now; give the memory back before the next
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

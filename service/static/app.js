@@ -1,0 +1,303 @@
+// Web page of the pgolf evaluation service. Plain JS, no dependencies: the page must work offline.
+// It only uses the public API: /limits, /evaluations, /evaluations/{id}/events (server-sent events), /evaluate.
+"use strict";
+
+const TERMINAL = new Set(["end", "timeout", "error"]);
+const EVENT_TYPES = ["queued", "start", "chunk", "end", "timeout", "error"];
+const SVG_NS = "http://www.w3.org/2000/svg";
+const CHART = { width: 640, height: 280, left: 56, right: 16, top: 16, bottom: 36 };
+
+const state = {
+  limits: null,
+  jobId: null,
+  source: null,       // EventSource of the selected job
+  totalChunks: null,  // from the start event
+  points: [],         // one per chunk event: {index, running, chunk}
+};
+
+const $ = (id) => document.getElementById(id);
+
+function el(tag, attrs = {}, text = null) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) node.setAttribute(key, value);
+  if (text !== null) node.textContent = text;
+  return node;
+}
+
+function svg(tag, attrs = {}, text = null) {
+  const node = document.createElementNS(SVG_NS, tag);
+  for (const [key, value] of Object.entries(attrs)) node.setAttribute(key, String(value));
+  if (text !== null) node.textContent = text;
+  return node;
+}
+
+function fmt(value, digits = 4) {
+  if (value === null || value === undefined) return "–";
+  if (typeof value === "number") return Number.isInteger(value) ? value.toLocaleString("en") : value.toFixed(digits);
+  return String(value);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// limits and upload
+
+async function loadLimits() {
+  const response = await fetch("/limits");
+  state.limits = await response.json();
+  const l = state.limits;
+  $("limits").textContent =
+    `artifact cap ${l.max_artifact_bytes.toLocaleString("en")} bytes · evaluation limit ${l.eval_limit_seconds} s · ` +
+    `${l.workers} worker(s), queue bound ${l.queue_bound} · tokenizer ${l.tokenizer_sha256.slice(0, 12)}…`;
+  $("max-seconds").max = String(l.eval_limit_seconds);
+  $("max-seconds").placeholder = String(l.eval_limit_seconds);
+  $("token-field").hidden = !l.auth_required;
+}
+
+async function upload(event) {
+  event.preventDefault();
+  const message = $("upload-message");
+  const file = $("artifact").files[0];
+  if (!file) return;
+  if (state.limits && file.size > state.limits.max_artifact_bytes) {
+    message.textContent = `${file.name} is ${file.size.toLocaleString("en")} bytes, over the cap`;
+    message.className = "error";
+    return;
+  }
+  const form = new FormData();
+  form.append("ttt", $("ttt").checked ? "true" : "false");
+  form.append("ngram", $("ngram").value);
+  if ($("max-seconds").value) form.append("max_seconds", $("max-seconds").value);
+  form.append("artifact", file);
+  const headers = {};
+  if ($("token").value) headers.Authorization = `Bearer ${$("token").value}`;
+  const query = $("force").checked ? "?wait=false&force=true" : "?wait=false";
+  message.textContent = `uploading ${file.name}…`;
+  message.className = "";
+  $("upload-button").disabled = true;
+  try {
+    const response = await fetch(`/evaluate${query}`, { method: "POST", body: form, headers });
+    const body = await response.json();
+    if (!response.ok) {
+      const retry = response.headers.get("Retry-After");
+      message.textContent = `${response.status} ${body.code || ""}: ${body.message || JSON.stringify(body)}` +
+        (retry ? ` (retry in ${retry} s)` : "");
+      message.className = "error";
+      return;
+    }
+    message.textContent = body.reused ? `already evaluated: job ${body.id}` : `queued as job ${body.id}`;
+    selectJob(body.id);
+    refreshQueue();
+  } catch (error) {
+    message.textContent = `upload failed: ${error}`;
+    message.className = "error";
+  } finally {
+    $("upload-button").disabled = false;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// queue
+
+function jobBpb(job) {
+  if (job.result && job.result.val_bpb !== undefined) return job.result.val_bpb;
+  if (job.result && job.result.partial_val_bpb !== undefined) return job.result.partial_val_bpb;
+  return job.progress ? job.progress.running_bpb : null;
+}
+
+async function refreshQueue() {
+  let jobs;
+  try {
+    jobs = await (await fetch("/evaluations?limit=25")).json();
+  } catch (error) {
+    return; // the service is restarting; the next tick retries
+  }
+  const body = $("queue").tBodies[0];
+  body.replaceChildren();
+  for (const job of jobs) {
+    const row = el("tr", { "data-job-id": job.id, class: job.id === state.jobId ? "selected" : "" });
+    row.append(el("td", {}, job.id));
+    const status = el("td");
+    status.append(el("span", { class: `status status-${job.status}` },
+      job.status + (job.queue_position ? ` #${job.queue_position}` : "")));
+    row.append(status);
+    row.append(el("td", {}, job.created_at.replace("T", " ").slice(0, 19)));
+    row.append(el("td", {}, `ttt=${job.options.ttt} ngram=${job.options.ngram}`));
+    row.append(el("td", {}, fmt(jobBpb(job))));
+    row.addEventListener("click", () => selectJob(job.id));
+    body.append(row);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// selected job: live events, chart, final table
+
+function selectJob(jobId) {
+  if (state.source) state.source.close();
+  state.jobId = jobId;
+  state.points = [];
+  state.totalChunks = null;
+  history.replaceState(null, "", `?job=${encodeURIComponent(jobId)}`);
+  $("job-panel").hidden = false;
+  $("job-id").textContent = jobId;
+  setStatus("queued", "");
+  $("final-table").tBodies[0].replaceChildren();
+  $("compliance-badge").hidden = true;
+  $("compliance-details").hidden = true;
+  $("log-details").hidden = true;
+  drawChart();
+
+  const source = new EventSource(`/evaluations/${encodeURIComponent(jobId)}/events`);
+  state.source = source;
+  for (const type of EVENT_TYPES) {
+    source.addEventListener(type, (message) => {
+      const event = JSON.parse(message.data);
+      handleEvent(event);
+      if (TERMINAL.has(event.type)) {
+        source.close(); // the stream is complete; EventSource would otherwise reconnect
+        loadJobDetails(jobId);
+      }
+    });
+  }
+}
+
+function handleEvent(event) {
+  if (event.type === "queued") {
+    setStatus("queued", event.queue_position ? `position ${event.queue_position} in the queue` : "");
+  } else if (event.type === "start") {
+    state.totalChunks = event.chunks ?? null;
+    setStatus("running", `${fmt(event.targets)} targets, ${fmt(event.bytes)} bytes in ${fmt(event.chunks)} chunks`);
+  } else if (event.type === "chunk") {
+    state.points.push({ index: event.index, running: event.running_bpb, chunk: event.chunk_bpb });
+    drawChart();
+    setStatus("running", `chunk ${event.index + 1}${state.totalChunks ? ` of ${state.totalChunks}` : ""}, ` +
+      `running bpb ${fmt(event.running_bpb)}`);
+  } else if (event.type === "end") {
+    setStatus("completed", "");
+    showFinal(event);
+  } else if (event.type === "timeout") {
+    setStatus("timeout", event.reason || "");
+    showFinal(event);
+  } else if (event.type === "error") {
+    setStatus(event.code === "cancelled" ? "cancelled" : "failed", event.reason || event.code || "");
+    showFinal(event);
+  }
+}
+
+function setStatus(status, reason) {
+  const badge = $("job-status");
+  badge.textContent = status;
+  badge.className = `status status-${status}`;
+  $("job-reason").textContent = reason;
+}
+
+function showFinal(event) {
+  const rows = [
+    ["val_bpb", event.val_bpb ?? event.partial_val_bpb],
+    ["val_loss", event.val_loss ?? event.partial_val_loss],
+    ["targets scored", event.targets_scored],
+    ["bytes", event.bytes],
+    ["chunks", event.chunks_done ?? state.points.length],
+    ["elapsed (s)", event.elapsed_s],
+  ];
+  if (event.type !== "end") rows[0][0] = "partial val_bpb";
+  if (event.type !== "end") rows[1][0] = "partial val_loss";
+  const body = $("final-table").tBodies[0];
+  body.replaceChildren();
+  for (const [name, value] of rows) {
+    const row = el("tr");
+    row.append(el("th", {}, name), el("td", {}, fmt(value, 6)));
+    body.append(row);
+  }
+  showCompliance(event.compliance);
+}
+
+function showCompliance(compliance) {
+  const badge = $("compliance-badge");
+  if (!compliance) {
+    badge.hidden = true;
+    return;
+  }
+  const verdict = compliance.compliant;
+  badge.hidden = false;
+  badge.textContent = verdict === true ? "compliant" : verdict === false ? "not compliant" : "compliance unknown";
+  badge.className = `badge ${verdict === true ? "badge-ok" : verdict === false ? "badge-bad" : "badge-unknown"}`;
+  const body = $("compliance-table").tBodies[0];
+  body.replaceChildren();
+  for (const [key, value] of Object.entries(compliance)) {
+    const row = el("tr");
+    row.append(el("th", {}, key), el("td", {}, typeof value === "object" ? JSON.stringify(value) : fmt(value, 6)));
+    body.append(row);
+  }
+  $("compliance-details").hidden = false;
+}
+
+async function loadJobDetails(jobId) {
+  const response = await fetch(`/evaluations/${encodeURIComponent(jobId)}`);
+  if (!response.ok || jobId !== state.jobId) return;
+  const job = await response.json();
+  if (job.reason) $("job-reason").textContent = job.reason;
+  if (job.log_tail) {
+    $("log-tail").textContent = job.log_tail;
+    $("log-details").hidden = false;
+  }
+  refreshQueue();
+}
+
+function drawChart() {
+  const chart = $("chart");
+  chart.replaceChildren();
+  const { width, height, left, right, top, bottom } = CHART;
+  const plotted = state.points.filter((p) => typeof p.running === "number");
+  chart.append(svg("rect", { x: left, y: top, width: width - left - right, height: height - top - bottom,
+    class: "plot-area" }));
+  if (plotted.length === 0) {
+    chart.append(svg("text", { x: width / 2, y: height / 2, "text-anchor": "middle", class: "axis-label" },
+      "waiting for the first chunk…"));
+    return;
+  }
+  const values = plotted.flatMap((p) => [p.running, p.chunk].filter((v) => typeof v === "number"));
+  let lo = Math.min(...values);
+  let hi = Math.max(...values);
+  if (hi - lo < 1e-6) { lo -= 0.05; hi += 0.05; }
+  const pad = (hi - lo) * 0.08;
+  lo -= pad; hi += pad;
+  const lastIndex = Math.max(state.totalChunks ? state.totalChunks - 1 : 0, ...plotted.map((p) => p.index), 1);
+  const x = (index) => left + (index / lastIndex) * (width - left - right);
+  const y = (value) => top + (1 - (value - lo) / (hi - lo)) * (height - top - bottom);
+
+  for (const fraction of [0, 0.5, 1]) {
+    const value = lo + fraction * (hi - lo);
+    chart.append(svg("line", { x1: left, x2: width - right, y1: y(value), y2: y(value), class: "grid" }));
+    chart.append(svg("text", { x: left - 6, y: y(value) + 4, "text-anchor": "end", class: "axis-label" },
+      value.toFixed(3)));
+  }
+  chart.append(svg("text", { x: (left + width - right) / 2, y: height - 8, "text-anchor": "middle",
+    class: "axis-label" }, "chunk"));
+  chart.append(svg("text", { x: left, y: height - 8, class: "axis-label" }, "0"));
+  chart.append(svg("text", { x: width - right, y: height - 8, "text-anchor": "end", class: "axis-label" },
+    String(lastIndex)));
+
+  chart.append(svg("polyline", { points: plotted.map((p) => `${x(p.index)},${y(p.running)}`).join(" "),
+    class: "running-line" }));
+  for (const p of plotted) {
+    if (typeof p.chunk === "number") {
+      chart.append(svg("rect", { x: x(p.index) - 2, y: y(p.chunk) - 2, width: 4, height: 4, class: "chunk-mark" }));
+    }
+    const point = svg("circle", { cx: x(p.index), cy: y(p.running), r: 3.5, class: "chart-point",
+      "data-chunk-index": p.index, "data-running-bpb": p.running });
+    point.append(svg("title", {}, `chunk ${p.index}: running ${fmt(p.running)}, chunk ${fmt(p.chunk)}`));
+    chart.append(point);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+
+async function init() {
+  $("upload-form").addEventListener("submit", upload);
+  await loadLimits().catch(() => { $("limits").textContent = "limits unavailable"; });
+  await refreshQueue();
+  setInterval(refreshQueue, 3000);
+  const requested = new URLSearchParams(location.search).get("job");
+  if (requested) selectJob(requested);
+}
+
+init();

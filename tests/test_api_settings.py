@@ -1,0 +1,72 @@
+"""Settings come from the environment, typed, with the challenge's limits as defaults; bad values fail fast."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from service.api.settings import Settings, SettingsError
+
+
+@pytest.fixture()
+def data_dir(tmp_path: Path) -> Path:
+    (tmp_path / "fineweb_val_000000.bin").write_bytes(b"")
+    (tmp_path / "tokenizer.model").write_bytes(b"")
+    return tmp_path
+
+
+def test_defaults_are_the_challenge_limits(data_dir: Path) -> None:
+    settings = Settings.from_env({"PGOLF_DATA_DIR": str(data_dir)})
+    assert settings.max_artifact_bytes == 16_000_000
+    assert settings.eval_limit_seconds == 600.0
+    assert settings.workers == 1
+    assert settings.api_token is None
+    assert settings.tokenizer == data_dir / "tokenizer.model"
+    assert settings.evaluator_command == (sys.executable, "-m", "service", "evaluate")
+    assert settings.evaluator_extra_args == ()
+
+
+def test_every_variable_is_read(data_dir: Path, tmp_path: Path) -> None:
+    tokenizer = tmp_path / "other.model"
+    tokenizer.write_bytes(b"")
+    settings = Settings.from_env({
+        "PGOLF_DATA_DIR": str(data_dir), "PGOLF_TOKENIZER": str(tokenizer),
+        "PGOLF_STORAGE_DIR": str(tmp_path / "store"), "PGOLF_MAX_ARTIFACT_BYTES": "1_000",
+        "PGOLF_EVAL_LIMIT_SECONDS": "12.5", "PGOLF_KILL_GRACE_SECONDS": "0", "PGOLF_WORKERS": "2",
+        "PGOLF_QUEUE_BOUND": "0", "PGOLF_API_TOKEN": "s3cret", "PGOLF_HOST": "0.0.0.0", "PGOLF_PORT": "9000",
+        "PGOLF_EVALUATOR": "docker run --rm img python -m service evaluate",
+        "PGOLF_EVAL_ARGS": "--device cuda --seq-len '2048'", "PGOLF_VALIDATION_TIMEOUT_SECONDS": "30",
+    })
+    assert settings.tokenizer == tokenizer
+    assert settings.database_path == tmp_path / "store" / "service.sqlite3"
+    assert (settings.max_artifact_bytes, settings.eval_limit_seconds, settings.kill_grace_seconds) == (1000, 12.5, 0)
+    assert (settings.workers, settings.queue_bound, settings.api_token) == (2, 0, "s3cret")
+    assert (settings.host, settings.port, settings.validation_timeout_seconds) == ("0.0.0.0", 9000, 30.0)
+    assert settings.evaluator_command[:3] == ("docker", "run", "--rm")
+    assert settings.evaluator_extra_args == ("--device", "cuda", "--seq-len", "2048")
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("PGOLF_WORKERS", "0", "at least 1"),
+        ("PGOLF_WORKERS", "two", "not an integer"),
+        ("PGOLF_EVAL_LIMIT_SECONDS", "nan", "at least"),
+        ("PGOLF_MAX_ARTIFACT_BYTES", "-1", "at least 1"),
+    ],
+)
+def test_malformed_values_are_refused(data_dir: Path, name: str, value: str, message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        Settings.from_env({"PGOLF_DATA_DIR": str(data_dir), name: value})
+
+
+def test_missing_data_fails_at_start(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="PGOLF_DATA_DIR must be set"):
+        Settings.from_env({})
+    with pytest.raises(SettingsError, match="no \\*_val_\\*.bin"):
+        Settings.from_env({"PGOLF_DATA_DIR": str(tmp_path)})
+    (tmp_path / "x_val_000000.bin").write_bytes(b"")
+    with pytest.raises(SettingsError, match="tokenizer"):
+        Settings.from_env({"PGOLF_DATA_DIR": str(tmp_path)})
