@@ -1,8 +1,8 @@
 """Command line of the verifier: ``python -m verifier {scan,...}``.
 
 Each subcommand lives in its own module exposing ``add_parser(subparsers)`` (which registers its arguments and
-sets ``run`` as the parser default) and ``run(args) -> int`` (the exit status). Adding ``check`` or ``probe`` means
-adding its module to ``SUBCOMMANDS``.
+sets ``run`` as the parser default) and ``run(args) -> int`` (the exit status). A new subcommand is one more module
+in ``SUBCOMMANDS``.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from verifier import scan
+from verifier import check, probe, scan
 
-SUBCOMMANDS = (scan,)
+SUBCOMMANDS = (check, probe, scan)
 
 
 def build_parser() -> argparse.ArgumentParser:
