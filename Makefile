@@ -15,7 +15,9 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m trainer data build-embedded --out data/embedded
+	$(PY) -m service demo --workdir runs/demo --data data/embedded
+	$(PY) -m verifier check runs/demo/train/model.pgolf --train-log runs/demo/train/summary.json \
+		--train-log runs/demo/train/train.log --eval-report runs/demo/eval.ndjson
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

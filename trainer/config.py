@@ -55,9 +55,10 @@ PRESETS: dict[str, TrainConfig] = {
     "demo": TrainConfig(
         model=ModelConfig(num_layers=4, model_dim=128, num_heads=4, num_kv_heads=2, mlp_mult=3,
                           bigram_buckets=1024, bigram_dim=32, xsa_last_n=4, rope_dims=16),
-        train_batch_tokens=8192, train_seq_len=256, grad_accum_base=1, iterations=2000,
-        max_wallclock_seconds=120.0, warmdown_iters=150, warmup_steps=2, matrix_lr=0.04, scalar_lr=0.04,
-        tied_embed_lr=0.05, muon_momentum_warmup_steps=100, val_loss_every=100, val_batch_tokens=32_768,
+        train_batch_tokens=4096, train_seq_len=256, grad_accum_base=1, iterations=2000,
+        max_wallclock_seconds=120.0, warmdown_iters=60, warmup_steps=2, matrix_lr=0.04, scalar_lr=0.04,
+        tied_embed_lr=0.05, muon_momentum_warmup_steps=50, val_loss_every=50, val_batch_tokens=16_384,
+        ema_decay=0.95,  # 0.997 averages over ~300 steps: longer than the whole demo run
         train_log_every=25, compile=False),
 }
 

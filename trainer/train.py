@@ -349,7 +349,7 @@ def _export_and_roundtrip(config: TrainConfig, runtime: Runtime, model: GPT, tab
     training = {
         "seed": config.seed, "steps": step, "world_size": runtime.world_size, "device": _device_name(runtime),
         "train_time_ms": round(train_time_ms, 3), "code_version": __version__,
-        "stop_reason": stop_reason,
+        "stop_reason": stop_reason, "train_seq_len": config.train_seq_len,
     }
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     artifact_path = out_dir / "model.pgolf"
