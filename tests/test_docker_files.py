@@ -1,0 +1,269 @@
+"""Static checks of the Docker files, plus the parts of docker/ that run without a Docker engine.
+
+The images themselves are built and run by docker/smoke.sh (after the test suite in CI). Here: compose.yaml
+names the services and profiles the README promises, its command lines parse with the project's real command
+lines, the Dockerfiles keep the pins and the non-root service, smoke.sh reports a skip (not a pass) where no engine
+can be had, and the demo client uploads and follows an NDJSON stream.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+yaml = pytest.importorskip("yaml")  # PyYAML comes with huggingface_hub
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DOCKER_DIR = REPO_ROOT / "docker"
+GPU_SERVICES = {"data", "train", "service"}
+DEMO_SERVICES = {"demo-data", "demo-train", "demo-service", "demo-client"}
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((REPO_ROOT / "compose.yaml").read_text())
+
+
+def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs with continuation lines joined and comments dropped."""
+    logical, pending = [], ""
+    for line in path.read_text().splitlines():
+        if line.lstrip().startswith("#") or not line.strip():
+            continue
+        if line.rstrip().endswith("\\"):
+            pending += line.rstrip()[:-1] + " "
+            continue
+        logical.append(pending + line)
+        pending = ""
+    return [(text.split(None, 1)[0].upper(), text.split(None, 1)[1].strip()) for text in logical]
+
+
+def pinned_torch_version() -> str:
+    (version,) = re.findall(r'^\s*"torch==([^"]+)"', (REPO_ROOT / "pyproject.toml").read_text(), re.MULTILINE)
+    return version
+
+
+def command_argv(command: str | list[str]) -> list[str]:
+    return shlex.split(command) if isinstance(command, str) else list(command)
+
+
+# --- compose.yaml -------------------------------------------------------------------------------------------------
+
+
+def test_compose_has_the_pipeline_services_and_the_demo_profile(compose: dict) -> None:
+    services = compose["services"]
+    assert GPU_SERVICES | DEMO_SERVICES <= set(services)
+    for name in GPU_SERVICES:
+        assert "profiles" not in services[name], f"`docker compose up {name}` must work without a profile"
+    for name in DEMO_SERVICES:
+        assert services[name]["profiles"] == ["demo"]
+    # This machine has no bridge networks: every container shares the host's network.
+    assert {s.get("network_mode") for s in services.values()} == {"host"}
+
+
+def test_train_reserves_all_gpus_with_shared_memory_and_mounts(compose: dict) -> None:
+    train = compose["services"]["train"]
+    (request,) = train["deploy"]["resources"]["reservations"]["devices"]
+    assert request["driver"] == "nvidia" and request["count"] in ("all", 8) and "gpu" in request["capabilities"]
+    size = re.fullmatch(r"(\d+)([kmg]b?)", str(train["shm_size"]).lower())
+    assert size and size.group(2).startswith("g") and int(size.group(1)) >= 1
+    assert {"./data:/data:ro", "./artifacts:/artifacts"} <= set(train["volumes"])
+    assert train["depends_on"]["data"]["condition"] == "service_completed_successfully"
+    assert "./data:/data" in compose["services"]["data"]["volumes"]
+
+
+def test_train_passes_through_every_reference_override_the_trainer_reads(compose: dict) -> None:
+    from trainer.config import ALL_FIELDS, ENV_ALIASES, UNSUPPORTED_ENV
+
+    read_by_trainer = {name.upper() for name in ALL_FIELDS} | set(ENV_ALIASES) | set(UNSUPPORTED_ENV)
+    environment = compose["services"]["train"]["environment"]
+    missing = sorted(read_by_trainer - set(environment))
+    assert not missing, f"compose.yaml does not pass through {missing}"
+    # Passed through from the shell (no value here), never pinned to a value by the compose file.
+    assert all(environment[name] is None for name in read_by_trainer)
+
+
+def test_service_is_reachable_healthchecked_and_optionally_on_gpus(compose: dict) -> None:
+    services = compose["services"]
+    for name in ("service", "service-cpu", "demo-service"):
+        service = services[name]
+        assert "healthz" in " ".join(command_argv(service["healthcheck"]["test"]))
+        assert "/data:ro" in " ".join(service["volumes"])
+    assert services["service"]["environment"]["PGOLF_PORT"] == "${PGOLF_PORT:-8000}"
+    assert "deploy" in services["service"] and "deploy" not in services["service-cpu"]
+    assert services["service-cpu"]["profiles"] == ["cpu"]
+
+
+def test_demo_runs_in_pipeline_order(compose: dict) -> None:
+    services = compose["services"]
+    assert services["demo-train"]["depends_on"] == {"demo-data": {"condition": "service_completed_successfully"}}
+    assert services["demo-service"]["depends_on"] == {"demo-train": {"condition": "service_completed_successfully"}}
+    assert services["demo-client"]["depends_on"] == {
+        "demo-train": {"condition": "service_completed_successfully"},
+        "demo-service": {"condition": "service_healthy"},
+    }
+    assert services["demo-train"]["environment"]["NPROC_PER_NODE"] == 1
+    assert "deploy" not in services["demo-train"] and "deploy" not in services["demo-service"]
+
+
+def test_compose_command_lines_parse_with_the_real_command_lines(compose: dict) -> None:
+    from service.__main__ import build_parser as service_parser
+    from trainer.cli import build_parser as trainer_parser
+
+    services = compose["services"]
+    download = command_argv(services["data"]["command"].replace("${TRAIN_SHARDS:-80}", "80"))
+    assert download[:3] == ["python", "-m", "trainer"]
+    args = trainer_parser().parse_args(download[3:])
+    assert (args.command, args.variant, args.train_shards, args.out) == ("data", "sp1024", 80, "/data")
+    embedded = command_argv(services["demo-data"]["command"])
+    assert trainer_parser().parse_args(embedded[3:]).data_command == "build-embedded"
+    engine_args = shlex.split(services["demo-service"]["environment"]["PGOLF_EVAL_ARGS"])
+    evaluate = service_parser().parse_args(["evaluate", "model.pgolf", "--data", "/data", *engine_args])
+    assert (evaluate.device, evaluate.seq_len) == ("cpu", 256)
+
+
+def test_demo_client_runs_the_verifier_on_what_demo_train_writes(compose: dict) -> None:
+    script = compose["services"]["demo-client"]["command"][-1]
+    assert "/opt/pgolf/docker/demo_client.py" in script
+    from verifier.__main__ import build_parser
+
+    verify = shlex.split(script[script.index("python -m verifier check"):].replace("\\\n", " "))
+    args = build_parser().parse_args(verify[3:])
+    assert str(args.artifact) == "/artifacts/demo/model.pgolf"
+    assert [p.name for p in args.train_log] == ["train.log", "summary.json"]
+    assert args.eval_report.name == "eval-report.ndjson"
+    assert compose["services"]["demo-train"]["environment"]["PGOLF_OUT_DIR"] == "/artifacts/demo"
+
+
+# --- Dockerfiles and .dockerignore --------------------------------------------------------------------------------
+
+
+def test_train_image_defaults_to_the_pytorch_image_of_the_pinned_torch() -> None:
+    instructions = dockerfile_instructions(DOCKER_DIR / "train.Dockerfile")
+    assert instructions[0] == ("ARG", f"BASE_IMAGE=pytorch/pytorch:{pinned_torch_version()}-cuda13.0-cudnn9-runtime")
+    assert instructions[1] == ("FROM", "${BASE_IMAGE}")
+
+
+def test_train_image_command_is_torchrun_of_trainer_train() -> None:
+    from trainer.cli import build_parser
+
+    instructions = dockerfile_instructions(DOCKER_DIR / "train.Dockerfile")
+    environment = dict(shlex.split(item)[0].split("=", 1)
+                       for args in (a for i, a in instructions if i == "ENV") for item in shlex.split(args))
+    (cmd,) = [args for instruction, args in instructions if instruction == "CMD"]
+    expanded = re.sub(r"\$\{?(\w+)(?::-[^}]*)?\}?", lambda m: environment[m.group(1)], cmd)
+    argv = shlex.split(expanded)
+    assert argv[:4] == ["exec", "python", "-m", "torch.distributed.run"]
+    assert "--standalone" in argv and "--nproc_per_node=8" in argv
+    module_at = argv.index("-m", 4)
+    assert argv[module_at + 1] == "trainer"
+    args = build_parser().parse_args(argv[module_at + 2:])
+    assert (args.command, args.preset, args.data) == ("train", "pr940", "/data/datasets/fineweb10B_sp1024")
+
+
+def test_service_image_runs_unprivileged_with_a_healthcheck() -> None:
+    instructions = dockerfile_instructions(DOCKER_DIR / "service.Dockerfile")
+    assert instructions[0][1].startswith("BASE_IMAGE=python:3.11-slim")
+    users = [args for instruction, args in instructions if instruction == "USER"]
+    assert users and users[-1] not in ("root", "0")
+    assert instructions[-1] == ("USER", users[-1]), "nothing may run as root after the switch"
+    assert any(i == "HEALTHCHECK" and "/healthz" in a for i, a in instructions)
+    assert ("CMD", '["python", "-m", "service", "serve"]') in instructions
+
+
+def test_dockerignore_keeps_data_and_environments_out_but_not_the_project() -> None:
+    patterns = [line.strip() for line in (REPO_ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    assert {".git", ".venv", "data", "artifacts", "**/*.whl", "**/*.pgolf"} <= set(patterns)
+    needed = ["pyproject.toml", "README.md", "trainer", "service", "verifier", "docker"]
+    assert not [name for name in needed if name in patterns]
+
+
+# --- smoke.sh and the demo client, run for real --------------------------------------------------------------------
+
+
+def test_smoke_script_is_valid_bash() -> None:
+    subprocess.run(["bash", "-n", str(DOCKER_DIR / "smoke.sh")], check=True)
+
+
+def test_smoke_reports_a_skip_not_a_pass_where_no_engine_can_be_started(tmp_path: Path) -> None:
+    # A machine whose docker client finds no engine, for a user who is not root.
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    for name, body in {"docker": "exit 1", "id": "echo 1000"}.items():
+        (fake_bin / name).write_text(f"#!/bin/sh\n{body}\n")
+        (fake_bin / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake_bin}:/usr/bin:/bin"}
+    result = subprocess.run(["bash", str(DOCKER_DIR / "smoke.sh")], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "SMOKE SKIPPED: no running Docker engine, and starting one needs root" in result.stdout
+    assert "PASSED" not in result.stdout
+
+
+class _FakeService(BaseHTTPRequestHandler):
+    """POST /evaluate: checks the multipart upload, then streams the events given to the server."""
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+            f"Content-Type: {self.headers['Content-Type']}\r\n\r\n".encode() + body)
+        (part,) = message.iter_parts()
+        self.server.received = (self.path, part.get_param("name", header="content-disposition"),  # type: ignore[attr-defined]
+                                part.get_payload(decode=True))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-ndjson")
+        self.end_headers()
+        for event in self.server.events:  # type: ignore[attr-defined]
+            self.wfile.write(json.dumps(event).encode() + b"\n")
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass
+
+
+@pytest.fixture
+def fake_service() -> Iterator[ThreadingHTTPServer]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeService)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def run_demo_client(server: ThreadingHTTPServer, tmp_path: Path, events: list[dict]) -> tuple[int, Path]:
+    server.events = events  # type: ignore[attr-defined]
+    artifact, report = tmp_path / "model.pgolf", tmp_path / "out" / "eval-report.ndjson"
+    artifact.write_bytes(b"PGOLF\x00" + bytes(range(256)) * 40)
+    result = subprocess.run(
+        [sys.executable, str(DOCKER_DIR / "demo_client.py"), "--url", f"http://127.0.0.1:{server.server_port}",
+         "--artifact", str(artifact), "--report", str(report)], capture_output=True, text=True, timeout=60)
+    assert server.received == ("/evaluate", "artifact", artifact.read_bytes())  # type: ignore[attr-defined]
+    return result.returncode, report
+
+
+def test_demo_client_uploads_and_keeps_the_event_stream(fake_service: ThreadingHTTPServer, tmp_path: Path) -> None:
+    events = [{"type": "start", "job": "j1"}, {"type": "chunk", "index": 0, "bpb": 3.2},
+              {"type": "end", "val_bpb": 3.1}]
+    status, report = run_demo_client(fake_service, tmp_path, events)
+    assert status == 0
+    assert [json.loads(line) for line in report.read_text().splitlines()] == events
+
+
+def test_demo_client_fails_when_the_evaluation_does_not_end(fake_service: ThreadingHTTPServer,
+                                                            tmp_path: Path) -> None:
+    status, report = run_demo_client(fake_service, tmp_path, [{"type": "start"}, {"type": "timeout"}])
+    assert status == 1
+    assert len(report.read_text().splitlines()) == 2
