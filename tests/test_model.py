@@ -33,15 +33,6 @@ TINY = ModelConfig(
 )
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny matrices gain nothing from intra-op threads, and on a shared, oversubscribed CPU the OpenMP threads
-    spin against each other (measured ~30× slower with 2 threads at load 8 on 2 cores)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def tiny(**overrides) -> ModelConfig:
     return dataclasses.replace(TINY, **overrides)

@@ -18,15 +18,6 @@ from trainer.muon import NS_COEFFICIENTS, Muon, zeropower_via_newtonschulz5
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny matrices gain nothing from intra-op threads, and on a shared, oversubscribed CPU the OpenMP threads
-    spin against each other (measured ~30× slower with 2 threads at load 8 on 2 cores)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def scalar_newton_schulz(s: np.ndarray, steps: int = 5) -> np.ndarray:
     """The NS5 polynomial applied to singular values: the matrix iteration acts on each one independently."""
