@@ -46,6 +46,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from service.engine.options import NGRAM_MODES
+
 MIN_ORDER = 2  # an order-n model predicts from n − 1 context tokens; order 1 (no context) is the model itself
 DEFAULT_MAX_ORDER = 7
 DEFAULT_MIN_COUNT = 2
@@ -1054,7 +1056,6 @@ class SmoothedNgramMixer(_ExactCountingMixer):
         return (1.0 - alpha) * p_model + alpha * p
 
 
-NGRAM_MODES = ("off", "exact", "smoothed", "hashed-940")
 
 
 def make_mixer(mode: str, vocab_size: int) -> NgramMixer | None:

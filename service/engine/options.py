@@ -6,8 +6,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from service.engine.ngram import NGRAM_MODES
-
+# Kept here, free of torch, so the CLI and the HTTP service can name the modes without loading the engine.
+NGRAM_MODES = ("off", "exact", "smoothed", "hashed-940")
 TTT_RECIPE_NAMES = ("pr940", "legal-sgd")
 
 
