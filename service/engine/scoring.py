@@ -16,11 +16,9 @@ the final report, so the ordering can be audited after the fact.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,21 +30,12 @@ from service.engine.events import Totals
 from service.engine.ngram import NgramMixer, ScoreOrderError
 from service.engine.windows import Chunk, WindowPlan, build_batch, rank_share
 from trainer.data.byte_accounting import ByteTables
+from trainer.evaluate import autocast_for  # noqa: F401  (re-exported: ttt and the probes use it from here)
 
 # What the engine needs from a model (trainer.model.GPT has it): an nn.Module with ``forward_logits(ids)`` giving
 # (B, T, V) float logits, ``forward(ids, targets)`` giving the mean cross-entropy, and ``blocks`` (an
 # nn.ModuleList, so TTT can freeze the first ones).
 ScoringModel = nn.Module
-
-
-@contextlib.contextmanager
-def autocast_for(device: torch.device) -> Iterator[None]:
-    """bf16 autocast on CUDA (the reference evaluates in bf16); plain fp32 on CPU, where bf16 is slow and lossy."""
-    if device.type == "cuda":
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            yield
-    else:
-        yield
 
 
 def synchronize(device: torch.device) -> None:
