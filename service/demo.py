@@ -50,13 +50,17 @@ def _wait_healthy(base: str, server: subprocess.Popen, timeout: float = 60.0) ->
     raise RuntimeError(f"the service did not answer {base}/healthz within {timeout:.0f} s")
 
 
-def upload_and_stream(base: str, artifact: Path) -> Iterator[dict]:
-    """POST the artifact as multipart/form-data and yield the NDJSON events as they arrive."""
+def upload_and_stream(base: str, artifact: Path, *, force: bool = False) -> Iterator[dict]:
+    """POST the artifact as multipart/form-data and yield the NDJSON events as they arrive.
+
+    Standard library only, so the same client serves `make demo` and the compose demo (whose images carry no curl).
+    """
     boundary = uuid.uuid4().hex
     head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"artifact\"; filename=\"{artifact.name}\"\r\n"
             "Content-Type: application/octet-stream\r\n\r\n").encode()
     body = head + artifact.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
-    request = urllib.request.Request(f"{base}/evaluate?force=true", data=body, method="POST",
+    query = "?force=true" if force else ""
+    request = urllib.request.Request(f"{base.rstrip('/')}/evaluate{query}", data=body, method="POST",
                                      headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
     with urllib.request.urlopen(request, timeout=900) as response:
         for line in response:
@@ -126,7 +130,7 @@ def run_demo(args: argparse.Namespace) -> int:
         _wait_healthy(base, server)
         phase(f"uploading {artifact} to {base}/evaluate (streamed report)")
         with report.open("w") as out:
-            for event in upload_and_stream(base, artifact):
+            for event in upload_and_stream(base, artifact, force=True):
                 out.write(json.dumps(event) + "\n")
                 out.flush()
                 print(describe(event), flush=True)
