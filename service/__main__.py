@@ -77,15 +77,21 @@ def run_evaluate(args: argparse.Namespace) -> int:
                 status = EXIT_ERROR
                 if speaks:
                     print(f"evaluate: {event['code']}: {event['reason']}", file=sys.stderr, flush=True)
+        _leave_process_group(wait_for_peers=status != EXIT_ERROR)
     finally:
-        _leave_process_group()
+        _leave_process_group(wait_for_peers=False)
     return status
 
 
-def _leave_process_group() -> None:
+def _leave_process_group(wait_for_peers: bool) -> None:
+    """Tear down torchrun's process group. After a normal finish every rank first meets at a barrier: a rank that
+    destroys its gloo group while a peer is still using it can abort ("terminate called without an active
+    exception"). After an exception there is no barrier, since a peer may already be gone."""
     import torch.distributed as torch_dist
 
     if torch_dist.is_available() and torch_dist.is_initialized():
+        if wait_for_peers:
+            torch_dist.barrier()
         torch_dist.destroy_process_group()
 
 

@@ -38,6 +38,7 @@ def _worker(rank: int, world_size: int, rendezvous: str, out_dir: str) -> None:
                                          dist=DistContext(rank=rank, world_size=world_size), ttt_recipe=recipe))
             results[name] = events
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+        torch_dist.barrier()  # no rank tears gloo down while its peer still uses it
     finally:
         torch_dist.destroy_process_group()
 
