@@ -4,13 +4,17 @@
     .venv/bin/python bench/eval.py ARTIFACT --max-tokens 100001 --device cpu --modes plain,ngram-exact
     torchrun --nproc_per_node=8 bench/eval.py ARTIFACT              # ranks share each chunk (rank 0 prints)
 
-Modes (each a fresh load of the artifact, since TTT changes the model):
-    plain          sliding windows (seq 2048 / stride 64 unless overridden)
-    ttt            + score-first TTT (--ttt-recipe, default pr940)
-    ngram-exact    + exact normalised n-gram mixing
-    ttt+ngram      + both
-    ngram-smoothed + the smoothed (interpolated) exact n-gram variant
-    hashed-940     the upstream hashed cache: NOT a valid score (unnormalised), shown for comparison only
+Modes (each a fresh load of the artifact, since TTT changes the model; seq_len is the artifact's training
+sequence length and each TTT recipe uses its reference chunk unless --seq-len / --chunk-tokens say otherwise):
+    plain              sliding windows (stride 64), the reference's score
+    ttt-pr940          + score-first TTT, the pr940 recipe (131,072-token chunks)
+    ttt-legal-sgd      + score-first TTT, the legal SGD recipe (32,768-token chunks)
+    ngram-exact        + exact normalised n-gram mixing
+    ngram-smoothed     + the smoothed (interpolated) exact n-gram variant
+    ttt+ngram-exact    TTT (--ttt-recipe) + exact n-gram
+    ttt+ngram-smoothed TTT (--ttt-recipe) + smoothed n-gram
+    default            what `python -m service evaluate` runs without options (EvalOptions' defaults)
+    hashed-940         the upstream hashed cache: NOT a valid score (unnormalised), shown for comparison only
 
 The data is ../shared/data/fineweb_sample (or $PGOLF_SHARED_DATA); the bench exits with a message when it is
 absent. Its val shard is 628k tokens of FineWeb documents, not the official val set, so figures are comparable
@@ -26,17 +30,24 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from service.engine import EvalOptions, evaluate  # noqa: E402
+from service.engine.options import PLAIN  # noqa: E402
 
+# Overrides of the bench's base options, which are PLAIN (no TTT, no n-gram) with the command line's settings.
 MODES: dict[str, dict[str, object]] = {
     "plain": {},
-    "ttt": {"ttt": True},
+    "ttt-pr940": {"ttt": True, "ttt_recipe": "pr940"},
+    "ttt-legal-sgd": {"ttt": True, "ttt_recipe": "legal-sgd"},
     "ngram-exact": {"ngram": "exact"},
-    "ttt+ngram": {"ttt": True, "ngram": "exact"},
     "ngram-smoothed": {"ngram": "smoothed"},
+    "ttt+ngram-exact": {"ttt": True, "ngram": "exact"},
+    "ttt+ngram-smoothed": {"ttt": True, "ngram": "smoothed"},
+    "default": {"ttt": EvalOptions.ttt, "ttt_recipe": EvalOptions.ttt_recipe, "ngram": EvalOptions.ngram},
     "hashed-940": {"ngram": "hashed-940"},
 }
 
@@ -83,7 +94,7 @@ def main() -> int:
     base = EvalOptions(artifact=args.artifact, data_dir=sample / "datasets" / "fineweb10B_sp1024",
                        tokenizer=tokenizer, seq_len=args.seq_len, stride=args.stride,
                        chunk_tokens=args.chunk_tokens, batch_windows=args.batch_windows, ttt_recipe=args.ttt_recipe,
-                       max_seconds=args.max_seconds, device=args.device, max_tokens=args.max_tokens)
+                       max_seconds=args.max_seconds, device=args.device, max_tokens=args.max_tokens, **PLAIN)
     speaks = int(os.environ.get("RANK", "0")) == 0
     rows = []
     for mode in args.modes.split(","):
@@ -104,8 +115,9 @@ def main() -> int:
         })
     if not speaks:
         return 0
-    print(f"\nartifact {args.artifact}, {rows[0].get('targets', '?')} targets, seq {args.seq_len} / stride "
-          f"{args.stride}, chunk {args.chunk_tokens}, TTT recipe {args.ttt_recipe}, device {args.device}\n")
+    print(f"\nartifact {args.artifact}, {rows[0].get('targets', '?')} targets, seq {args.seq_len or 'from artifact'} "
+          f"/ stride {args.stride}, chunk {args.chunk_tokens or 'per recipe'}, TTT recipe {args.ttt_recipe}, "
+          f"device {args.device}, torch threads {torch.get_num_threads()}\n")
     print("| mode | val_bpb | eval tokens/s | elapsed s | compliant | max Σp sampled |")
     print("|---|---|---|---|---|---|")
     for row in rows:

@@ -31,6 +31,7 @@ def main() -> int:
     parser.add_argument("--data", required=True)
     parser.add_argument("--tokenizer", required=True)
     parser.add_argument("--ttt", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--ttt-recipe")
     parser.add_argument("--ngram", required=True)
     parser.add_argument("--max-seconds", type=float, required=True)
     parser.add_argument("--script", type=Path, required=True)

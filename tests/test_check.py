@@ -25,6 +25,7 @@ import zstandard
 from trainer.artifact import SUBMISSION_LIMIT_BYTES
 from trainer.data.loader import load_validation_tokens
 from trainer.data.shards import write_shard
+from trainer.data.val_manifest import write_val_manifest
 from verifier.check import SIZE_LIMIT_BYTES, check_size, run_checks
 from verifier.report import CheckResult
 
@@ -67,6 +68,7 @@ def demo(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     train_shard = next(source.glob("*_train_*.bin"))
     shutil.copy(train_shard, data / train_shard.name)
     write_shard(data / "demo_val_000000.bin", load_validation_tokens(source)[:VAL_TOKENS])
+    write_val_manifest(data, ["demo_val_000000.bin"])  # the short shard is this submission's whole val set
     out = tmp_path_factory.mktemp("check_run")
     trained = run_module("trainer", "train", "--preset", "demo", "--data", data, "--tokenizer", tokenizer,
                          "--out", out, *TINY, "--iterations", "3", "--max-wallclock-seconds", "0")
@@ -114,11 +116,11 @@ def test_demo_submission_passes_every_check_through_the_cli(demo: Demo, tmp_path
     assert names == ["submission_size", "artifact_integrity", "decompression_bound", "model_forward",
                      "train_records", "train_time", "train_environment", "train_artifact_sha256", "train_log_sizes",
                      "eval_report", "eval_time", "eval_targets", "eval_bpb", "eval_score_before_update",
-                     "eval_mode", "eval_artifact_sha256"]
+                     "eval_mode", "eval_artifact_sha256", "eval_order_trace"]
     suite = ET.parse(tmp_path / "check.xml").getroot().find("testsuite")
-    assert suite is not None and suite.get("tests") == "16" and suite.get("failures") == "0"
+    assert suite is not None and suite.get("tests") == "17" and suite.get("failures") == "0"
     assert [case.get("name") for case in suite.iter("testcase")] == names
-    assert "passed: 16 pass, 0 fail, 0 skip" in done.stdout
+    assert "passed: 17 pass, 0 fail, 0 skip" in done.stdout
     # The figures are the recomputed ones: the demo's TTT trained on two of three chunks, bpb matches exactly.
     checks = {check["name"]: check for check in document["checks"]}
     assert "2 of 3 chunks trained on" in checks["eval_score_before_update"]["figure"]
@@ -310,7 +312,8 @@ def test_training_on_a_chunk_not_yet_scored_fails(demo: Demo, tmp_path: Path) ->
         chunks[0]["trained_range"] = [1, chunks[1]["target_range"][1]]
 
     results, _ = run_checks(demo.artifact, eval_report=edited_report(demo, tmp_path, train_ahead))
-    assert failing(results) == {"eval_score_before_update"}
+    # The chunk event no longer agrees with its own order-trace entry either.
+    assert failing(results) == {"eval_score_before_update", "eval_order_trace"}
 
     def train_last(events: list[dict]) -> None:
         events[-2]["trained_range"] = list(events[-2]["target_range"])

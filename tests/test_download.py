@@ -9,6 +9,7 @@ import pytest
 
 from trainer.data.download import DownloadError, download
 from trainer.data.shards import read_shard, write_shard
+from trainer.data.val_manifest import recorded_val_sha256, tokens_sha256
 
 VARIANT_DIR = "fineweb10B_sp1024"
 
@@ -58,7 +59,9 @@ def test_download_lays_out_the_upstream_tree(fake_hub: Path, tmp_path: Path) -> 
     dataset = download(out, train_shards=2, hub=hub, log=lambda _m: None)
     assert dataset == out / "datasets" / VARIANT_DIR
     assert sorted(p.name for p in dataset.iterdir()) == [
-        "fineweb_train_000000.bin", "fineweb_train_000001.bin", "fineweb_val_000000.bin"]
+        "fineweb_train_000000.bin", "fineweb_train_000001.bin", "fineweb_val_000000.bin", "manifest.json"]
+    # The local manifest records the digest of the val stream as installed (what evaluations compare with).
+    assert recorded_val_sha256(dataset) == tokens_sha256(read_shard(dataset / "fineweb_val_000000.bin"))
     assert (out / "tokenizers" / "fineweb_1024_bpe.model").read_bytes() == b"model-bytes"
     assert read_shard(dataset / "fineweb_train_000001.bin").tolist() == [2] * 21
     assert "datasets/datasets/fineweb10B_sp1024/fineweb_val_000000.bin" in hub.fetched

@@ -16,16 +16,19 @@ import sentencepiece
 import torch
 
 from service.engine import EvalOptions, evaluate
+from service.engine.options import TTT_REFERENCE_CHUNK_TOKENS
 from trainer.artifact import write_artifact
 from trainer.code_bytes import counted_code_bytes
 from trainer.data.loader import load_validation_tokens
 from trainer.data.shards import write_shard
+from trainer.data.val_manifest import tokens_sha256, write_val_manifest
 from trainer.model import GPT, ModelConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = ModelConfig(num_layers=2, model_dim=64, num_heads=2, num_kv_heads=1, mlp_mult=2, bigram_buckets=64,
                    bigram_dim=16, xsa_last_n=2)
-FAST = ["--device", "cpu", "--seq-len", "128", "--stride", "64", "--chunk-tokens", "512", "--batch-windows", "8"]
+# No --seq-len: the engine takes the artifact's training sequence length (TRAIN_SEQ_LEN).
+FAST = ["--device", "cpu", "--stride", "64", "--chunk-tokens", "512", "--batch-windows", "8"]
 VAL_TOKENS = 1800
 
 
@@ -46,7 +49,11 @@ def eval_data(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
         tokenizer = source / "tokenizer.model"
     out = tmp_path_factory.mktemp("eval_data")
     write_shard(out / "fineweb_val_000000.bin", load_validation_tokens(source)[:VAL_TOKENS])
+    write_val_manifest(out, ["fineweb_val_000000.bin"])  # this short shard *is* the whole val set here
     return EvalData(out, tokenizer)
+
+
+TRAIN_SEQ_LEN = 128
 
 
 def write_tiny_artifact(path: Path, tokenizer_sha256: str, vocab_size: int) -> Path:
@@ -55,7 +62,7 @@ def write_tiny_artifact(path: Path, tokenizer_sha256: str, vocab_size: int) -> P
     torch.manual_seed(0)
     model = GPT(config)
     training = {"seed": 0, "steps": 0, "world_size": 1, "device": "cpu", "train_time_ms": 0.0,
-                "code_version": "test"}
+                "code_version": "test", "train_seq_len": TRAIN_SEQ_LEN}
     write_artifact(path, model.state_dict(), config, tokenizer_sha256, vocab_size, training,
                    code_bytes=counted_code_bytes())
     return path
@@ -76,18 +83,24 @@ def evaluate_cli(*args: str | Path, launcher: tuple[str, ...] = ()) -> tuple[int
     return done.returncode, events, done.stderr
 
 
-def test_evaluate_streams_start_chunks_end_and_the_classic_line(eval_data: EvalData, artifact: Path) -> None:
+def test_evaluate_plain_streams_start_chunks_end_and_the_classic_line(eval_data: EvalData, artifact: Path) -> None:
     status, events, stderr = evaluate_cli(artifact, "--data", eval_data.data_dir, "--tokenizer", eval_data.tokenizer,
-                                          *FAST)
+                                          *FAST, "--plain")
     assert status == 0, stderr
     types = [e["type"] for e in events]
     assert types[0] == "start" and types[-1] == "end" and set(types[1:-1]) == {"chunk"}
     start, end = events[0], events[-1]
+    assert (start["config"]["ttt"], start["config"]["ngram"]) == (False, "off")  # --plain: the reference's score
     assert start["artifact_sha256"] == hashlib.sha256(artifact.read_bytes()).hexdigest()
     assert start["targets"] == VAL_TOKENS - 1 and start["chunks"] == len(events) - 2
     assert start["config"]["model_config"]["model_dim"] == TINY.model_dim
+    assert (start["config"]["seq_len"], start["config"]["seq_len_source"]) == (
+        TRAIN_SEQ_LEN, "artifact training.train_seq_len")
+    digest = tokens_sha256(load_validation_tokens(eval_data.data_dir))
+    assert start["val_tokens_sha256"] == start["validation_manifest_sha256"] == digest
     assert end["targets_scored"] == VAL_TOKENS - 1 and end["bytes"] == start["bytes"]
     assert end["compliance"]["compliant"] and end["compliance"]["scored_once"]
+    assert end["compliance"]["full_validation_set"] is True
     line = re.search(r"^final_int6_sliding_window_exact val_loss:(\S+) val_bpb:(\S+)$", stderr, re.MULTILINE)
     assert line is not None, stderr
     assert (line.group(1), line.group(2)) == (f"{end['val_loss']:.8f}", f"{end['val_bpb']:.8f}")
@@ -101,12 +114,30 @@ def ttt_ngram_run(eval_data: EvalData, artifact: Path) -> tuple[int, list[dict],
     return evaluate_cli(artifact, "--data", eval_data.data_dir, "--tokenizer", eval_data.tokenizer, *FAST, *TTT_NGRAM)
 
 
+def test_evaluate_defaults_to_ttt_and_ngram_and_marks_a_prefix(eval_data: EvalData, artifact: Path) -> None:
+    status, events, stderr = evaluate_cli(artifact, "--data", eval_data.data_dir, "--tokenizer", eval_data.tokenizer,
+                                          "--device", "cpu", "--max-tokens", "700")
+    assert status == 0, stderr
+    start, end = events[0], events[-1]
+    defaults = EvalOptions()
+    assert (start["config"]["ttt"], start["config"]["ttt_recipe"], start["config"]["ngram"]) == (
+        True, defaults.ttt_recipe, defaults.ngram)
+    assert start["config"]["chunk_tokens"] == TTT_REFERENCE_CHUNK_TOKENS[defaults.ttt_recipe]
+    assert end["compliance"]["compliant"] and end["compliance"]["full_validation_set"] is False
+    assert start["val_tokens_sha256"] != start["validation_manifest_sha256"]
+    # A prefix is not a submission score: the classic line is withheld and the marked line says why.
+    assert "final_int6_sliding_window_exact" not in stderr
+    assert re.search(r"^not_a_submission_score val_loss:\S+ val_bpb:\S+ because: not the full validation set",
+                     stderr, re.MULTILINE), stderr
+
+
 def test_evaluate_with_ttt_and_exact_ngram(ttt_ngram_run: tuple[int, list[dict], str]) -> None:
     status, events, stderr = ttt_ngram_run
     assert status == 0, stderr
     end = events[-1]
     assert end["type"] == "end" and end["compliance"]["compliant"]
     assert end["compliance"]["ttt"]["recipe"] == "legal-sgd" and end["compliance"]["ngram"]["mode"] == "exact"
+    assert "final_int6_sliding_window_exact" in stderr
     chunks = [e for e in events if e["type"] == "chunk"]
     assert all(c["trained_range"] == c["target_range"] for c in chunks[:-1]) and chunks[-1]["trained_range"] is None
 

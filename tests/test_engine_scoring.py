@@ -19,6 +19,7 @@ import torch
 from service.engine import EvalOptions, evaluate_model
 from service.engine.dist import DistContext
 from service.engine.ngram import ScoreOrderError
+from service.engine.options import PLAIN
 from service.engine.scoring import ScoreLedger
 from service.engine.ttt import RECIPES, TTTRecipe, TTTUpdater, release_inference_tensors
 from service.engine.windows import plan_chunks, plan_windows
@@ -84,7 +85,8 @@ def run(model: GPT, tokens: np.ndarray, options: EvalOptions, **kwargs) -> tuple
 
 
 def options(**overrides) -> EvalOptions:
-    base = {"seq_len": 32, "stride": 8, "chunk_tokens": 96, "batch_windows": 5}
+    # Plain unless a test asks for TTT or n-gram mixing: EvalOptions defaults to the measured TTT + n-gram mode.
+    base = {"seq_len": 32, "stride": 8, "chunk_tokens": 96, "batch_windows": 5, **PLAIN}
     return EvalOptions(**{**base, **overrides})
 
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from service.engine.ngram import StreamingMixerBase, as_token_array
-from service.engine.options import EvalOptions
+from service.engine.options import PLAIN, EvalOptions
 from trainer.data.byte_accounting import ByteTables
 from verifier.probe import Stream, probe_subject, scaled_hashed_buckets
 from verifier.probe_subjects import EngineSubject, OrderEvent, ProbeRun, random_model
@@ -28,7 +28,7 @@ from verifier.probe_subjects import EngineSubject, OrderEvent, ProbeRun, random_
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 64
 # Four chunks of 48 targets on 192 tokens: enough for caches and adaptation to be active at the probed positions.
-OPTIONS = {"seq_len": 32, "stride": 8, "chunk_tokens": 48, "batch_windows": 8, "device": "cpu"}
+OPTIONS = {"seq_len": 32, "stride": 8, "chunk_tokens": 48, "batch_windows": 8, "device": "cpu", **PLAIN}
 NUM_TOKENS = 192
 
 

@@ -11,9 +11,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from verifier import check, probe, scan
+from verifier import check, compare, probe, scan
 
-SUBCOMMANDS = (check, probe, scan)
+SUBCOMMANDS = (check, compare, probe, scan)
 
 
 def build_parser() -> argparse.ArgumentParser:

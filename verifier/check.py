@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from verifier import trace_check
 from verifier.logs import LogError, TrainRecord, manifest_record, read_eval_events, read_train_record
 from verifier.report import (
     FAIL,
@@ -289,7 +290,7 @@ def check_train_sizes(records: Sequence[TrainRecord], facts: ArtifactFacts) -> C
 # Evaluation-report checks
 
 EVAL_CHECKS = ("eval_report", "eval_time", "eval_targets", "eval_bpb", "eval_score_before_update", "eval_mode",
-               "eval_artifact_sha256")
+               "eval_artifact_sha256", trace_check.NAME)
 
 
 def check_eval_report(path: Path | None, facts: ArtifactFacts) -> list[CheckResult]:
@@ -311,7 +312,7 @@ def check_eval_report(path: Path | None, facts: ArtifactFacts) -> list[CheckResu
     start, chunks, terminal = events[0], events[1:-1], events[-1]
     return [_eval_completed(start, chunks, terminal), _eval_time(terminal), _eval_targets(start, chunks, terminal),
             _eval_bpb(start, chunks, terminal), _eval_order(start, chunks, terminal), _eval_mode(start, terminal),
-            _eval_sha256(start, facts)]
+            _eval_sha256(start, facts), trace_check.check_order_trace(start, chunks, terminal)]
 
 
 def _report_structure(events: list[dict[str, Any]]) -> str:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from service.engine.options import COMPLIANT_NGRAM_MODES, EvalOptions
 from verifier.report import FAIL, PASS, CheckResult, render_table
 
 if TYPE_CHECKING:  # the subjects import torch and the engine: only the probe command itself needs them
@@ -207,16 +208,20 @@ def probe_subject(subject: ProbeSubject, streams: Sequence[Stream], seed: int = 
 # ----------------------------------------------------------------------------------------------------------------
 # The engine's modes, and the command line
 
-# mode -> (test-time training, n-gram mode)
+# mode -> (test-time training, n-gram mode); TTT uses the engine's default recipe. "default" is what the engine runs
+# without options, "claimed" the PR #940 method's n-gram with TTT (service.compare.CLAIMED_OPTIONS).
 MODES: dict[str, tuple[bool, str]] = {
     "plain": (False, "off"),
     "ttt": (True, "off"),
     "ngram-exact": (False, "exact"),
     "ngram-smoothed": (False, "smoothed"),
     "ttt+ngram-exact": (True, "exact"),
+    "default": (EvalOptions.ttt, EvalOptions.ngram),
     "hashed-940": (False, "hashed-940"),
+    "claimed": (True, "hashed-940"),
 }
-MODE_GROUPS = {"compliant": [mode for mode in MODES if mode != "hashed-940"], "all": list(MODES)}
+MODE_GROUPS = {"compliant": [mode for mode, (_, ngram) in MODES.items() if ngram in COMPLIANT_NGRAM_MODES],
+               "all": list(MODES)}
 FULL_VAL_TOKENS = 62_021_632  # the FineWeb val stream (reference §11)
 
 
@@ -235,7 +240,6 @@ def scaled_hashed_buckets(num_tokens: int) -> int:
 def engine_subject(mode: str, model: GPT, tables: ByteTables, num_tokens: int) -> tuple[ProbeSubject, str]:
     """The engine in one mode, on a geometry small enough to run dozens of times: 4 chunks of 96 targets."""
     from service.engine.ngram_hashed import Hashed940Mixer
-    from service.engine.options import EvalOptions
     from verifier.probe_subjects import EngineSubject
 
     ttt, ngram = MODES[mode]
@@ -271,34 +275,63 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> int:
+@dataclass(frozen=True)
+class ProbeInputs:
+    model: GPT
+    description: str  # of the model
+    tables: ByteTables
+    streams: list[Stream]
+    data: Path
+
+
+def load_probe_inputs(artifact: Path | None, data: Path | None, tokenizer: Path | None) -> ProbeInputs:
+    """The model (the artifact's, or a small random GPT) and the random and real streams; ValueError/OSError
+    with a plain message when the inputs cannot be used."""
     from trainer.data.byte_accounting import ByteTables
     from trainer.data.loader import load_validation_tokens
     from trainer.data.stats import resolve_tokenizer
     from verifier.probe_subjects import random_stream
 
     with tempfile.TemporaryDirectory(prefix="pgolf-probe-") as scratch:
-        data = args.data or _default_data(Path(scratch))
-        try:
-            tokenizer = resolve_tokenizer(data, args.tokenizer)
-            tokenizer_vocab = ByteTables.from_model_file(tokenizer).vocab_size
-            model, description = _probe_model(args.artifact, tokenizer, tokenizer_vocab)
-            tables = ByteTables.from_model_file(tokenizer, vocab_size=model.config.vocab_size)
-            real = np.ascontiguousarray(load_validation_tokens(data, vocab_size=tokenizer_vocab)[:NUM_TOKENS])
-        except (OSError, ValueError) as exc:
-            print(f"probe: {exc}", file=sys.stderr)
-            return 2
+        data = data or _default_data(Path(scratch))
+        tokenizer = resolve_tokenizer(data, tokenizer)
+        tokenizer_vocab = ByteTables.from_model_file(tokenizer).vocab_size
+        model, description = _probe_model(artifact, tokenizer, tokenizer_vocab)
+        tables = ByteTables.from_model_file(tokenizer, vocab_size=model.config.vocab_size)
+        real = np.ascontiguousarray(load_validation_tokens(data, vocab_size=tokenizer_vocab)[:NUM_TOKENS])
     if len(real) < NUM_TOKENS:
-        print(f"probe: {data} holds {len(real)} validation tokens, the probes need {NUM_TOKENS}", file=sys.stderr)
-        return 2
+        raise ValueError(f"{data} holds {len(real)} validation tokens, the probes need {NUM_TOKENS}")
     streams = [Stream("random", random_stream(NUM_TOKENS, tokenizer_vocab), tokenizer_vocab),
                Stream("real", real, tokenizer_vocab)]
-    print(f"subject: the evaluation engine (service.engine) with {description}")
-    print(f"streams: {NUM_TOKENS} uniform random tokens; the first {NUM_TOKENS} validation tokens of {data}")
+    return ProbeInputs(model, description, tables, streams, data)
+
+
+def probe_mode(mode: str, inputs: ProbeInputs) -> tuple[list[CheckResult], str]:
+    """The C1–C4 rows of one engine mode on both streams, and a description of the geometry."""
+    subject, geometry = engine_subject(mode, inputs.model, inputs.tables, NUM_TOKENS)
+    return probe_subject(subject, inputs.streams), geometry
+
+
+def condition_verdicts(rows: Sequence[CheckResult]) -> dict[str, str]:
+    """C1..C4 -> PASS, or FAIL when the condition failed on any stream."""
+    verdicts: dict[str, str] = {}
+    for row in rows:
+        condition = row.name.split()[0]
+        verdicts[condition] = FAIL if FAIL in (row.status, verdicts.get(condition)) else PASS
+    return verdicts
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        inputs = load_probe_inputs(args.artifact, args.data, args.tokenizer)
+    except (OSError, ValueError) as exc:
+        print(f"probe: {exc}", file=sys.stderr)
+        return 2
+    print(f"subject: the evaluation engine (service.engine) with {inputs.description}")
+    print(f"streams: {NUM_TOKENS} uniform random tokens; the first {NUM_TOKENS} validation tokens of {inputs.data}")
     verdicts = []
     for mode in MODE_GROUPS.get(args.mode, [args.mode]):
-        subject, geometry = engine_subject(mode, model, tables, NUM_TOKENS)
-        rows = probe_subject(subject, streams)
+        rows, geometry = probe_mode(mode, inputs)
         failed = sorted({row.name.split()[0] for row in rows if row.status == FAIL})
         verdicts.append(f"{mode} {'FAIL (' + ', '.join(failed) + ')' if failed else PASS}")
         print(f"\nmode {mode}: {geometry}")

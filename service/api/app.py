@@ -17,7 +17,7 @@ from fastapi.staticfiles import StaticFiles
 
 from service.api.errors import ApiError, api_error_handler
 from service.api.jobs import EventHub, JobQueue
-from service.api.routes import evaluate, evaluations, meta
+from service.api.routes import comparisons, evaluate, evaluations, meta
 from service.api.settings import Settings
 from service.api.state import ServiceState
 from service.api.storage import Store
@@ -62,6 +62,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(evaluate.router)
     app.include_router(evaluations.router)
     app.include_router(meta.router)
+    app.include_router(comparisons.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.get("/", include_in_schema=False)

@@ -272,6 +272,8 @@ class JobQueue:
             *settings.evaluator_command, str(artifact_path),
             "--data", str(settings.data_dir), "--tokenizer", str(settings.tokenizer),
             "--ttt" if options["ttt"] else "--no-ttt", "--ngram", options["ngram"],
+            # Jobs stored before the recipe was an option ran the engine's default recipe.
+            *(["--ttt-recipe", options["ttt_recipe"]] if options.get("ttt_recipe") else []),
             "--max-seconds", f"{options['max_seconds']:g}",
             *settings.evaluator_extra_args,
         ]

@@ -6,7 +6,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-NgramMode = Literal["off", "exact", "hashed-940"]
+from service.engine.options import NGRAM_MODES, TTT_RECIPE_NAMES, EvalOptions
+
+# The engine's own lists, so every mode it has is selectable here and in the OpenAPI schema.
+NgramMode = Literal[NGRAM_MODES]  # type: ignore[valid-type]
+TTTRecipeName = Literal[TTT_RECIPE_NAMES]  # type: ignore[valid-type]
 
 
 class EvaluationOptions(BaseModel):
@@ -14,8 +18,10 @@ class EvaluationOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    ttt: bool = Field(False, description="score-first test-time training")
-    ngram: NgramMode = Field("off", description="n-gram mixing; 'hashed-940' is for comparison, never compliant")
+    ttt: bool = Field(EvalOptions.ttt, description="score-first test-time training")
+    ttt_recipe: TTTRecipeName = Field(EvalOptions.ttt_recipe, description="TTT recipe (used when ttt is true)")
+    ngram: NgramMode = Field(EvalOptions.ngram,
+                             description="n-gram mixing; 'hashed-940' is for comparison, never compliant")
     max_seconds: float | None = Field(
         None, gt=0, description="wall-clock budget of this evaluation (at most the service limit, the default)"
     )
@@ -60,6 +66,8 @@ class Limits(BaseModel):
     queue_bound: int
     auth_required: bool
     ngram_modes: list[str]
+    ttt_recipes: list[str]
+    default_options: dict[str, Any] = Field(description="what POST /evaluate runs when a field is not given")
     tokenizer_sha256: str
     vocab_size: int
 

@@ -40,7 +40,8 @@ def resolve_options(fields: dict[str, str], settings: Settings) -> dict[str, Any
     limit = settings.eval_limit_seconds
     if options.max_seconds is not None and options.max_seconds > limit:
         raise ApiError(422, "invalid_options", f"max_seconds {options.max_seconds:g} exceeds the limit {limit:g}")
-    return {"ttt": options.ttt, "ngram": options.ngram, "max_seconds": options.max_seconds or limit}
+    return {"ttt": options.ttt, "ttt_recipe": options.ttt_recipe, "ngram": options.ngram,
+            "max_seconds": options.max_seconds or limit}
 
 
 async def submit_upload(

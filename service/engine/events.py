@@ -12,6 +12,8 @@ when no byte has been scored yet.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +26,15 @@ ERROR = "error"
 TERMINAL_TYPES = frozenset({END, TIMEOUT, ERROR})
 
 Event = dict[str, Any]
+
+
+def order_trace_digest(entries: list[dict[str, Any]]) -> str:
+    """sha256 of the canonical JSON (sorted keys, no spaces) of the order-trace entries, chunk by chunk.
+
+    The engine reports it in the end event; each chunk event carries its own entry, so anyone holding the report
+    can recompute it (``verifier check``)."""
+    canonical = json.dumps(entries, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -44,16 +55,24 @@ class Totals:
 
 
 def start_event(*, config: dict[str, Any], artifact_sha256: str | None, tokens: int, targets: int,
-                bytes_total: int, chunks: int) -> Event:
+                bytes_total: int, chunks: int, val_tokens_sha256: str,
+                validation_manifest_sha256: str | None) -> Event:
+    """``val_tokens_sha256`` hashes the token stream being scored (trainer.data.val_manifest);
+    ``validation_manifest_sha256`` is what the data directory's manifest records for its val split (None: none)."""
     return {"type": START, "config": config, "artifact_sha256": artifact_sha256, "tokens": tokens,
-            "targets": targets, "bytes": bytes_total, "chunks": chunks}
+            "targets": targets, "bytes": bytes_total, "chunks": chunks, "val_tokens_sha256": val_tokens_sha256,
+            "validation_manifest_sha256": validation_manifest_sha256}
 
 
 def chunk_event(*, index: int, target_range: tuple[int, int], chunk: Totals, running: Totals,
-                trained_range: tuple[int, int] | None, elapsed_s: float, phase_seconds: dict[str, float]) -> Event:
+                trained_range: tuple[int, int] | None, elapsed_s: float, phase_seconds: dict[str, float],
+                order_trace: dict[str, Any]) -> Event:
     """One chunk, after its scores were committed and (with TTT) after the model trained on it.
 
     ``trained_range`` is the range of target positions the model was then trained on (None: no training).
+    ``order_trace`` is the chunk's entry of the engine's order trace (scored range, frontier, trained range, the
+    largest target of every optimizer step): the entries of all chunks, in order, hash to the end event's
+    ``trace_digest``, so a reader of the report can re-derive the digest and re-judge score-before-update.
     """
     return {
         "type": CHUNK,
@@ -69,6 +88,7 @@ def chunk_event(*, index: int, target_range: tuple[int, int], chunk: Totals, run
         "trained_range": list(trained_range) if trained_range is not None else None,
         "elapsed_s": round(elapsed_s, 4),
         "phase_seconds": {name: round(seconds, 4) for name, seconds in phase_seconds.items()},
+        "order_trace": order_trace,
     }
 
 

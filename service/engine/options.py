@@ -1,14 +1,30 @@
-"""Options of one evaluation, shared by the CLI, the HTTP service and the Python API."""
+"""Options of one evaluation, shared by the CLI, the HTTP service and the Python API.
+
+The defaults are the evaluation pgolf exists to run, chosen from measurement (README, "Measured"): score-first TTT
+with the ``DEFAULT_TTT_RECIPE`` recipe plus ``DEFAULT_NGRAM`` mixing. ``PLAIN`` is the plain sliding-window score
+the reference reports, one switch away (``--plain`` on the command line).
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 # Kept here, free of torch, so the CLI and the HTTP service can name the modes without loading the engine.
 NGRAM_MODES = ("off", "exact", "smoothed", "hashed-940")
-TTT_RECIPE_NAMES = ("pr940", "legal-sgd")
+COMPLIANT_NGRAM_MODES = tuple(mode for mode in NGRAM_MODES if mode != "hashed-940")
+# Each TTT recipe's reference chunk: pr940's README trains on 131,072-token chunks, the legal SGD recipe of
+# PR #461/#549 on 32,768-token chunks (reference-stack.md §7.3/§7.4). The recipe decides, unless told otherwise.
+TTT_REFERENCE_CHUNK_TOKENS = {"pr940": 131_072, "legal-sgd": 32_768}
+TTT_RECIPE_NAMES = tuple(TTT_REFERENCE_CHUNK_TOKENS)
+UNTRAINED_CHUNK_TOKENS = 131_072  # without TTT the chunk is only the granularity of the streamed events
+FALLBACK_SEQ_LEN = 2048  # the challenge's sequence length, for a model whose artifact does not record its own
+
+DEFAULT_TTT = True
+DEFAULT_TTT_RECIPE = "legal-sgd"
+DEFAULT_NGRAM = "smoothed"
+PLAIN = {"ttt": False, "ngram": "off"}
 
 
 @dataclass(frozen=True)
@@ -16,24 +32,24 @@ class EvalOptions:
     artifact: Path | None = None  # the submission artifact (None only for evaluate_model with an in-memory model)
     data_dir: Path | None = None  # directory holding the *_val_*.bin shards
     tokenizer: Path | None = None  # SentencePiece model of the data; default DATA_DIR/tokenizer.model
-    seq_len: int = 2048
-    stride: int = 64  # stride == seq_len gives the non-overlapping evaluation
-    chunk_tokens: int = 131_072  # TTT chunk; also the granularity of the streamed chunk events
+    seq_len: int | None = None  # None: the artifact's training sequence length (FALLBACK_SEQ_LEN if unrecorded)
+    stride: int | None = 64  # None (or seq_len): the non-overlapping evaluation
+    chunk_tokens: int | None = None  # None: the TTT recipe's reference chunk (UNTRAINED_CHUNK_TOKENS without TTT)
     batch_windows: int = 32  # windows per forward pass (per rank)
-    ttt: bool = False
-    ttt_recipe: str = "pr940"
-    ngram: str = "off"  # off | exact | smoothed | hashed-940 (the last is the upstream, non-compliant scoring)
+    ttt: bool = DEFAULT_TTT
+    ttt_recipe: str = DEFAULT_TTT_RECIPE
+    ngram: str = DEFAULT_NGRAM  # one of NGRAM_MODES; hashed-940 is the upstream, non-compliant scoring
     max_seconds: float = 600.0  # wall-clock budget, checked between chunks
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     max_tokens: int | None = None  # evaluate only a prefix of the stream (a preview, not a full-val score)
 
     def validate(self) -> None:
         """Raise ValueError with a plain message for any option outside its domain."""
-        if self.seq_len < 1:
+        if self.seq_len is not None and self.seq_len < 1:
             raise ValueError(f"seq_len must be positive, got {self.seq_len}")
-        if not 1 <= self.stride <= self.seq_len:
+        if self.stride is not None and (self.stride < 1 or (self.seq_len is not None and self.stride > self.seq_len)):
             raise ValueError(f"stride must be in [1, seq_len={self.seq_len}], got {self.stride}")
-        if self.chunk_tokens < 1:
+        if self.chunk_tokens is not None and self.chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be positive, got {self.chunk_tokens}")
         if self.batch_windows < 1:
             raise ValueError(f"batch_windows must be positive, got {self.batch_windows}")
@@ -45,6 +61,16 @@ class EvalOptions:
             raise ValueError(f"max_seconds must be positive, got {self.max_seconds}")
         if self.max_tokens is not None and self.max_tokens < 2:
             raise ValueError(f"max_tokens must be at least 2 (one target), got {self.max_tokens}")
+
+    def resolved(self, train_seq_len: int | None = None) -> EvalOptions:
+        """These options with every "decide from context" field made concrete: the sequence length from the
+        artifact's training (``train_seq_len``), the chunk from the TTT recipe."""
+        seq_len = self.seq_len if self.seq_len is not None else (train_seq_len or FALLBACK_SEQ_LEN)
+        chunk_tokens = self.chunk_tokens
+        if chunk_tokens is None:
+            chunk_tokens = TTT_REFERENCE_CHUNK_TOKENS.get(self.ttt_recipe) if self.ttt else UNTRAINED_CHUNK_TOKENS
+        return replace(self, seq_len=seq_len, stride=seq_len if self.stride is None else self.stride,
+                       chunk_tokens=chunk_tokens)
 
     def resolved_tokenizer(self) -> Path:
         if self.tokenizer is not None:

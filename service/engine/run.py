@@ -36,7 +36,7 @@ from service.engine.events import (
     timeout_event,
 )
 from service.engine.ngram import NgramMixer, make_mixer
-from service.engine.options import EvalOptions
+from service.engine.options import FALLBACK_SEQ_LEN, EvalOptions
 from service.engine.scoring import (
     ProbabilityCheck,
     ScoreLedger,
@@ -47,6 +47,7 @@ from service.engine.scoring import (
 from service.engine.ttt import RECIPES, TTTRecipe, TTTUpdater
 from service.engine.windows import Chunk, plan_chunks, plan_windows
 from trainer.data.byte_accounting import ByteTables
+from trainer.data.val_manifest import recorded_val_sha256, tokens_sha256
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +73,17 @@ class LoadedInputs:
     tables: ByteTables
     artifact_sha256: str
     model_config: dict[str, Any]
+    train_seq_len: int | None  # the artifact's training.train_seq_len, when it records one
+    validation_manifest_sha256: str | None  # the val digest the data directory's manifest records
 
 
-def evaluate(options: EvalOptions) -> Iterator[Event]:
-    """Evaluate an artifact file on the validation shards; yields start, chunk…, then end | timeout | error."""
-    started = time.perf_counter()
+def evaluate(options: EvalOptions, *, started: float | None = None) -> Iterator[Event]:
+    """Evaluate an artifact file on the validation shards; yields start, chunk…, then end | timeout | error.
+
+    ``started`` is the ``time.perf_counter()`` at which the evaluation's clock started; the command line takes it
+    before it imports torch and the engine, so the 600 s budget includes those imports.
+    """
+    started = time.perf_counter() if started is None else started
     try:
         options.validate()
         device = resolve_device(options.device, local_rank_from_env())
@@ -93,9 +100,12 @@ def evaluate(options: EvalOptions) -> Iterator[Event]:
         yield error_event(code="internal", reason=f"{type(exc).__name__}: {exc}",
                           elapsed_s=time.perf_counter() - started)
         return
-    yield from evaluate_model(inputs.model, inputs.tokens, inputs.tables, options, dist=dist, device=device,
-                              artifact_sha256=inputs.artifact_sha256,
-                              extra_config={"model_config": inputs.model_config}, started=started)
+    seq_len_source = "option" if options.seq_len is not None else (
+        "artifact training.train_seq_len" if inputs.train_seq_len else f"default {FALLBACK_SEQ_LEN}")
+    yield from evaluate_model(inputs.model, inputs.tokens, inputs.tables, options.resolved(inputs.train_seq_len),
+                              dist=dist, device=device, artifact_sha256=inputs.artifact_sha256,
+                              extra_config={"model_config": inputs.model_config, "seq_len_source": seq_len_source},
+                              started=started, validation_manifest_sha256=inputs.validation_manifest_sha256)
 
 
 def load_inputs(options: EvalOptions, device: torch.device) -> LoadedInputs:
@@ -143,7 +153,10 @@ def load_inputs(options: EvalOptions, device: torch.device) -> LoadedInputs:
         tokens = tokens[: options.max_tokens]
     if len(tokens) < 2:
         raise EvalInputError("bad_data", f"the validation stream has {len(tokens)} tokens; nothing to score")
-    return LoadedInputs(model, np.ascontiguousarray(tokens), tables, artifact.file_sha256, model_config)
+    recorded_seq_len = artifact.manifest.get("training", {}).get("train_seq_len")
+    train_seq_len = recorded_seq_len if isinstance(recorded_seq_len, int) and recorded_seq_len > 0 else None
+    return LoadedInputs(model, np.ascontiguousarray(tokens), tables, artifact.file_sha256, model_config,
+                        train_seq_len, recorded_val_sha256(options.data_dir))
 
 
 def total_target_bytes(tables: ByteTables, tokens: np.ndarray, block: int = 1 << 22) -> int:
@@ -188,7 +201,8 @@ def _reduced_check(check: ProbabilityCheck, dist: DistContext, device: torch.dev
 
 def compliance_summary(ledger: ScoreLedger, options: EvalOptions, check: ProbabilityCheck, *,
                        updater: TTTUpdater | None, last_chunk_index: int | None, mixer_compliant: bool,
-                       elapsed_s: float) -> dict[str, Any]:
+                       elapsed_s: float, val_tokens_sha256: str, validation_manifest_sha256: str | None
+                       ) -> dict[str, Any]:
     sums = check.as_dict()
     normalised = bool(check.positions) and (abs(check.minimum - 1.0) <= NORMALISATION_TOLERANCE
                                             and abs(check.maximum - 1.0) <= NORMALISATION_TOLERANCE)
@@ -208,7 +222,13 @@ def compliance_summary(ledger: ScoreLedger, options: EvalOptions, check: Probabi
                   "probability_sum": sums, "tolerance": NORMALISATION_TOLERANCE},
         "trace_digest": ledger.trace.digest(),
         "within_time_budget": elapsed_s <= options.max_seconds,
-        "full_validation_set": options.max_tokens is None,
+        # The stream scored is the data's whole val set only if its digest is the one the data's manifest records
+        # (a max_tokens prefix, a truncated shard or data without a manifest all fail this).
+        "full_validation_set": val_tokens_sha256 == validation_manifest_sha256,
+        "val_tokens_sha256": val_tokens_sha256,
+        "validation_manifest_sha256": validation_manifest_sha256,
+        "sliding_window": options.stride is not None and options.seq_len is not None
+                          and options.stride < options.seq_len,
     }
 
 
@@ -216,8 +236,12 @@ def evaluate_model(model: ScoringModel, tokens: np.ndarray, tables: ByteTables, 
                    dist: DistContext | None = None, device: torch.device | str = "cpu",
                    artifact_sha256: str | None = None, extra_config: dict[str, Any] | None = None,
                    started: float | None = None, clock: Callable[[], float] = time.perf_counter,
-                   observer: ChunkObserver | None = None, ttt_recipe: TTTRecipe | None = None) -> Iterator[Event]:
+                   observer: ChunkObserver | None = None, ttt_recipe: TTTRecipe | None = None,
+                   validation_manifest_sha256: str | None = None) -> Iterator[Event]:
     """The evaluation loop over an in-memory model and token stream (see the module docstring).
+
+    ``validation_manifest_sha256`` is the val digest the data's manifest records; the run counts as a full
+    validation-set score only when the tokens evaluated hash to it.
 
     ``ttt_recipe`` replaces the named recipe of ``options.ttt_recipe`` (benches and tests explore others).
 
@@ -227,6 +251,8 @@ def evaluate_model(model: ScoringModel, tokens: np.ndarray, tables: ByteTables, 
     dist = dist or DistContext()
     device = torch.device(device)
     started = clock() if started is None else started
+    options = options.resolved()  # already concrete when called from evaluate(); else seq 2048, recipe chunk
+    val_tokens_sha256 = tokens_sha256(tokens)
     budget = _Budget(options.max_seconds, started, clock)
     ledger = ScoreLedger(tokens, tables)
     check = ProbabilityCheck()
@@ -237,7 +263,9 @@ def evaluate_model(model: ScoringModel, tokens: np.ndarray, tables: ByteTables, 
     def summary() -> dict[str, Any]:
         return compliance_summary(ledger, options, _reduced_check(check, dist, device), updater=updater,
                                   last_chunk_index=last_chunk_index, elapsed_s=budget.elapsed(),
-                                  mixer_compliant=mixer is None or bool(mixer.compliant))
+                                  mixer_compliant=mixer is None or bool(mixer.compliant),
+                                  val_tokens_sha256=val_tokens_sha256,
+                                  validation_manifest_sha256=validation_manifest_sha256)
 
     try:
         options.validate()
@@ -256,7 +284,8 @@ def evaluate_model(model: ScoringModel, tokens: np.ndarray, tables: ByteTables, 
                   **(extra_config or {})}
         yield start_event(config=config, artifact_sha256=artifact_sha256, tokens=len(tokens),
                           targets=len(tokens) - 1, bytes_total=total_target_bytes(tables, tokens),
-                          chunks=len(chunks))
+                          chunks=len(chunks), val_tokens_sha256=val_tokens_sha256,
+                          validation_manifest_sha256=validation_manifest_sha256)
     except EvalInputError as exc:
         yield error_event(code=exc.code, reason=str(exc), elapsed_s=budget.elapsed())
         return
@@ -300,7 +329,8 @@ def evaluate_model(model: ScoringModel, tokens: np.ndarray, tables: ByteTables, 
                               running=ledger.totals, trained_range=trained_range, elapsed_s=budget.elapsed(),
                               phase_seconds={"score": scores.score_seconds,
                                              "ngram": scores.mix_seconds + mix_commit_seconds,
-                                             "train": train_seconds})
+                                             "train": train_seconds},
+                              order_trace=dict(ledger.trace.chunks[-1]))
     except ScoreOrderError as exc:
         log.exception("score-before-update violation")
         yield error_event(code="order_violation", reason=str(exc), totals=ledger.totals, elapsed_s=budget.elapsed())
@@ -313,7 +343,24 @@ def evaluate_model(model: ScoringModel, tokens: np.ndarray, tables: ByteTables, 
     yield end_event(totals=ledger.totals, elapsed_s=budget.elapsed(), compliance=summary())
 
 
-def classic_log_line(event: Event) -> str:
-    """The reference's final line (reference §11), which log parsers and the verifier read."""
-    return f"final_int6_sliding_window_exact val_loss:{event['val_loss']:.8f} val_bpb:{event['val_bpb']:.8f}"
+CLASSIC_SCORE_LINE = "final_int6_sliding_window_exact"
 
+
+def final_score_line(start: Event, end: Event) -> str:
+    """The reference's final score line (reference §11), which log parsers and leaderboards read, but only for a
+    run that is a submission score: compliant, a sliding-window evaluation, over the full validation set. Any
+    other run gets a line that says what it is not, so no parser can take it for a score."""
+    compliance = end.get("compliance") or {}
+    figures = f"val_loss:{end['val_loss']:.8f} val_bpb:{end['val_bpb']:.8f}"
+    reasons = []
+    if compliance.get("compliant") is not True:
+        reasons.append(f"not compliant (ngram={compliance.get('ngram', {}).get('mode')})")
+    if compliance.get("full_validation_set") is not True:
+        reasons.append("not the full validation set (its tokens do not hash to the data manifest's val sha256)")
+    if compliance.get("sliding_window") is not True:
+        config = start.get("config") or {}
+        reasons.append(f"not a sliding-window evaluation (stride {config.get('stride')} = seq_len "
+                       f"{config.get('seq_len')})")
+    if not reasons:
+        return f"{CLASSIC_SCORE_LINE} {figures}"
+    return f"not_a_submission_score {figures} because: {'; '.join(reasons)}"

@@ -16,8 +16,6 @@ the final report, so the ordering can be audited after the fact.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from service.engine.events import Totals
+from service.engine.events import Totals, order_trace_digest
 from service.engine.ngram import NgramMixer, ScoreOrderError
 from service.engine.windows import Chunk, WindowPlan, build_batch, rank_share
 from trainer.data.byte_accounting import ByteTables
@@ -175,8 +173,7 @@ class OrderTrace:
 
     def digest(self) -> str:
         """sha256 of the canonical JSON of the trace (what was scored and trained, in order)."""
-        canonical = json.dumps(self.chunks, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()
+        return order_trace_digest(self.chunks)
 
 
 class ScoreLedger:

@@ -50,6 +50,20 @@ async function loadLimits() {
   $("max-seconds").max = String(l.eval_limit_seconds);
   $("max-seconds").placeholder = String(l.eval_limit_seconds);
   $("token-field").hidden = !l.auth_required;
+  fillModeChoices(l);
+}
+
+// Every mode the engine has, with the measured default preselected (GET /limits lists both).
+function fillModeChoices(l) {
+  const defaults = l.default_options || {};
+  const labels = { "hashed-940": "hashed-940 (comparison only, never compliant)" };
+  $("ngram").replaceChildren(...(l.ngram_modes || []).map((mode) =>
+    el("option", mode === defaults.ngram ? { value: mode, selected: "" } : { value: mode },
+      (labels[mode] || mode) + (mode === defaults.ngram ? " (default)" : ""))));
+  $("ttt-recipe").replaceChildren(...(l.ttt_recipes || []).map((recipe) =>
+    el("option", recipe === defaults.ttt_recipe ? { value: recipe, selected: "" } : { value: recipe },
+      recipe + (recipe === defaults.ttt_recipe ? " (default)" : ""))));
+  if (typeof defaults.ttt === "boolean") $("ttt").checked = defaults.ttt;
 }
 
 async function upload(event) {
@@ -64,7 +78,8 @@ async function upload(event) {
   }
   const form = new FormData();
   form.append("ttt", $("ttt").checked ? "true" : "false");
-  form.append("ngram", $("ngram").value);
+  if ($("ttt-recipe").value) form.append("ttt_recipe", $("ttt-recipe").value);
+  if ($("ngram").value) form.append("ngram", $("ngram").value);
   if ($("max-seconds").value) form.append("max_seconds", $("max-seconds").value);
   form.append("artifact", file);
   const headers = {};
@@ -120,7 +135,8 @@ async function refreshQueue() {
       job.status + (job.queue_position ? ` #${job.queue_position}` : "")));
     row.append(status);
     row.append(el("td", {}, job.created_at.replace("T", " ").slice(0, 19)));
-    row.append(el("td", {}, `ttt=${job.options.ttt} ngram=${job.options.ngram}`));
+    const recipe = job.options.ttt && job.options.ttt_recipe ? ` (${job.options.ttt_recipe})` : "";
+    row.append(el("td", {}, `ttt=${job.options.ttt}${recipe} ngram=${job.options.ngram}`));
     row.append(el("td", {}, fmt(jobBpb(job))));
     row.addEventListener("click", () => selectJob(job.id));
     body.append(row);
@@ -296,6 +312,7 @@ async function init() {
   await loadLimits().catch(() => { $("limits").textContent = "limits unavailable"; });
   await refreshQueue();
   setInterval(refreshQueue, 3000);
+  if (window.pgolfCompare) await window.pgolfCompare.init();
   const requested = new URLSearchParams(location.search).get("job");
   if (requested) selectJob(requested);
 }

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from trainer.data.shards import ShardError, read_header
+from trainer.data.val_manifest import write_val_manifest
 
 DEFAULT_REPO_ID = os.environ.get("MATCHED_FINEWEB_REPO_ID", "willdepueoai/parameter-golf")
 DEFAULT_REMOTE_ROOT = os.environ.get("MATCHED_FINEWEB_REMOTE_ROOT_PREFIX", "datasets")
@@ -161,4 +162,6 @@ def download(out: Path | str, variant: str = "sp1024", train_shards: int = 80, h
                 target.unlink()
         _install(fetch(f"datasets/{plan.dataset_dir}/{name}"), target, _check_shard)
         log(f"download: [{i}/{len(wanted)}] {name}")
+    write_val_manifest(dataset_dir, wanted[: plan.val_files])
     return dataset_dir
+

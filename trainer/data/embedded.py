@@ -26,6 +26,7 @@ import numpy as np
 
 from trainer.data.byte_accounting import ByteTables
 from trainer.data.shards import write_shard
+from trainer.data.val_manifest import tokens_sha256
 
 DATASET_NAME = "embedded_sp1024"
 VOCAB_SIZE = 1024
@@ -117,6 +118,7 @@ class SplitStats:
     tokens: int
     docs: int
     bytes: int
+    tokens_sha256: str  # trainer.data.val_manifest.tokens_sha256: lets an evaluation prove it scored this split
 
 
 def encode_split(sp, docs: list[str], bos_id: int) -> np.ndarray:
@@ -150,7 +152,7 @@ def build_embedded(out: Path | str, log: Callable[[str], None] = print) -> dict:
         name = f"embedded_{split}_000000.bin"
         write_shard(out / name, tokens)
         splits[split] = SplitStats([name], int(tokens.size), len(split_docs),
-                                   int(tables.stream_bytes(tokens).sum())).__dict__
+                                   int(tables.stream_bytes(tokens).sum()), tokens_sha256(tokens)).__dict__
         log(f"embedded: {split}: {tokens.size} tokens, {splits[split]['bytes']} bytes -> {out / name}")
 
     manifest = {

@@ -12,6 +12,7 @@ from service.api.jobs import job_links
 from service.api.schemas import JobAccepted
 from service.api.streaming import event_stream_response, follow_events, wants_sse
 from service.api.submissions import submit_upload
+from service.engine.options import NGRAM_MODES, TTT_RECIPE_NAMES, EvalOptions
 
 router = APIRouter(tags=["evaluate"])
 
@@ -26,8 +27,11 @@ _MULTIPART_BODY = {
                     "properties": {
                         "artifact": {"type": "string", "format": "binary",
                                      "description": "the .pgolf artifact (at most the cap in /limits)"},
-                        "ttt": {"type": "boolean", "default": False},
-                        "ngram": {"type": "string", "enum": ["off", "exact", "hashed-940"], "default": "off"},
+                        "ttt": {"type": "boolean", "default": EvalOptions.ttt},
+                        "ttt_recipe": {"type": "string", "enum": list(TTT_RECIPE_NAMES),
+                                       "default": EvalOptions.ttt_recipe},
+                        "ngram": {"type": "string", "enum": list(NGRAM_MODES), "default": EvalOptions.ngram,
+                                  "description": "hashed-940 reproduces the upstream scoring: never compliant"},
                         "max_seconds": {"type": "number", "description": "at most the service limit"},
                     },
                 }

@@ -9,6 +9,7 @@ from fastapi import APIRouter
 from service.api.deps import StateDep
 from service.api.schemas import Health, Limits
 from service.api.storage import QUEUED, RUNNING
+from service.engine.options import NGRAM_MODES, TTT_RECIPE_NAMES, EvalOptions
 
 router = APIRouter(tags=["service"])
 
@@ -33,7 +34,9 @@ async def read_limits(state: StateDep) -> Limits:
         workers=settings.workers,
         queue_bound=settings.queue_bound,
         auth_required=settings.api_token is not None,
-        ngram_modes=["off", "exact", "hashed-940"],
+        ngram_modes=list(NGRAM_MODES),
+        ttt_recipes=list(TTT_RECIPE_NAMES),
+        default_options={"ttt": EvalOptions.ttt, "ttt_recipe": EvalOptions.ttt_recipe, "ngram": EvalOptions.ngram},
         tokenizer_sha256=state.tokenizer.sha256,
         vocab_size=state.tokenizer.vocab_size,
     )
