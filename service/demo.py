@@ -1,9 +1,11 @@
 """`python -m service demo`: the whole pipeline on the offline embedded corpus, end to end.
 
 build corpus → train the `demo` preset (its own process) → start the evaluation service (its own process) →
-upload the artifact over HTTP → print the streamed per-chunk report → stop the service. Everything lands under
-the work directory: the training run (model.pgolf, train.log, summary.json), the service's storage, and the
-evaluation report as NDJSON (eval.ndjson), ready for `python -m verifier check`.
+upload the artifact over HTTP with the service's default options (the measured default: score-first TTT + n-gram)
+→ print the streamed per-chunk report → upload it again as the seed's method claims (hashed-940, for the
+comparison) → stop the service. Everything lands under the work directory: the training run (model.pgolf,
+train.log, summary.json), the service's storage, and both evaluation reports as NDJSON (eval.ndjson, the
+compliant one for `python -m verifier check`; claimed.ndjson for `python -m verifier compare`).
 """
 
 from __future__ import annotations
@@ -50,14 +52,19 @@ def _wait_healthy(base: str, server: subprocess.Popen, timeout: float = 60.0) ->
     raise RuntimeError(f"the service did not answer {base}/healthz within {timeout:.0f} s")
 
 
-def upload_and_stream(base: str, artifact: Path, *, force: bool = False) -> Iterator[dict]:
-    """POST the artifact as multipart/form-data and yield the NDJSON events as they arrive.
+def upload_and_stream(base: str, artifact: Path, *, force: bool = False,
+                      fields: dict[str, object] | None = None) -> Iterator[dict]:
+    """POST the artifact (and the option ``fields``) as multipart/form-data and yield the NDJSON events as they
+    arrive.
 
     Standard library only, so the same client serves `make demo` and the compose demo (whose images carry no curl).
     """
     boundary = uuid.uuid4().hex
-    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"artifact\"; filename=\"{artifact.name}\"\r\n"
-            "Content-Type: application/octet-stream\r\n\r\n").encode()
+    head = "".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n"
+                   f"{str(value).lower() if isinstance(value, bool) else value}\r\n"
+                   for name, value in (fields or {}).items()).encode()
+    head += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"artifact\"; filename=\"{artifact.name}\"\r\n"
+             "Content-Type: application/octet-stream\r\n\r\n").encode()
     body = head + artifact.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
     query = "?force=true" if force else ""
     request = urllib.request.Request(f"{base.rstrip('/')}/evaluate{query}", data=body, method="POST",
@@ -86,12 +93,10 @@ def describe(event: dict) -> str:
     return f"{kind}: {event.get('reason', '')}"
 
 
-def summary_seq_len(run_dir: Path) -> int:
-    return int(json.loads((run_dir / "summary.json").read_text())["config"]["train_seq_len"])
-
-
 def run_demo(args: argparse.Namespace) -> int:
+    from service.compare import CLAIMED_OPTIONS
     from trainer.data.embedded import build_embedded
+    from trainer.data.val_manifest import recorded_val_sha256
 
     workdir: Path = args.workdir
     workdir.mkdir(parents=True, exist_ok=True)
@@ -101,7 +106,7 @@ def run_demo(args: argparse.Namespace) -> int:
     def phase(name: str) -> None:
         print(f"\n== demo: {name} ({time.monotonic() - started:.0f}s)", flush=True)
 
-    if not (data / "manifest.json").exists():
+    if recorded_val_sha256(data) is None:  # absent, or built before manifests recorded the val digest
         phase(f"building the embedded corpus in {data}")
         build_embedded(data)
     phase("training the demo preset")
@@ -116,25 +121,25 @@ def run_demo(args: argparse.Namespace) -> int:
     phase("starting the evaluation service")
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
-    # The demo model is trained at seq 256: evaluate it at that context (stride 64), in chunks small enough to
-    # stream several chunk events over the small embedded validation split.
+    # No engine arguments: the engine evaluates at the artifact's training sequence length (seq 256 for the demo
+    # preset), stride 64, in the default TTT recipe's reference chunks, exactly as for any upload.
     env = dict(os.environ, PGOLF_DATA_DIR=str(data), PGOLF_TOKENIZER=str(data / "tokenizer.model"),
-               PGOLF_STORAGE_DIR=str(workdir / "service"), PGOLF_HOST="127.0.0.1", PGOLF_PORT=str(port),
-               PGOLF_EVAL_ARGS=f"--seq-len {summary_seq_len(run_dir)} --stride 64 --chunk-tokens 16384")
+               PGOLF_STORAGE_DIR=str(workdir / "service"), PGOLF_HOST="127.0.0.1", PGOLF_PORT=str(port))
     server_log = (workdir / "service.log").open("w")
     server = subprocess.Popen([sys.executable, "-m", "service", "serve"], env=env, stdout=server_log,
                               stderr=subprocess.STDOUT)
     report = workdir / "eval.ndjson"
-    final: dict = {}
+    claimed_report = workdir / "claimed.ndjson"
     try:
         _wait_healthy(base, server)
-        phase(f"uploading {artifact} to {base}/evaluate (streamed report)")
-        with report.open("w") as out:
-            for event in upload_and_stream(base, artifact, force=True):
-                out.write(json.dumps(event) + "\n")
-                out.flush()
-                print(describe(event), flush=True)
-                final = event
+        phase(f"uploading {artifact} to {base}/evaluate with the default options (streamed report)")
+        final = stream_to(report, upload_and_stream(base, artifact, force=True))
+        phase(f"uploading it again as the seed's method claims ({CLAIMED_OPTIONS}), for the comparison")
+        claimed = stream_to(claimed_report, upload_and_stream(base, artifact, force=True, fields=CLAIMED_OPTIONS))
+        jobs = [next((e.get("job_id") for e in events if e.get("type") == "queued"), None)
+                for events in (final, claimed)]
+        print(f"the page shows this pair at {base}/?compare={jobs[0]},{jobs[1]} while the service runs", flush=True)
+        final = final[-1] if final else {}
     except (OSError, urllib.error.URLError, RuntimeError) as exc:
         print(f"demo: evaluation over HTTP failed: {exc} (service log: {workdir / 'service.log'})", file=sys.stderr)
         return 1
@@ -155,5 +160,19 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"demo: the evaluation ended with {final.get('type')!r}: {final.get('reason', '')}", file=sys.stderr)
         return 1
     print(f"eval:  val_bpb {final['val_bpb']:.6f} over {final['targets_scored']:,} targets "
-          f"in {final['elapsed_s']:.1f}s -> {report}")
+          f"in {final['elapsed_s']:.1f}s -> {report} (claimed method: {claimed_report})")
+    print(f"demo: {time.monotonic() - started:.0f}s so far; `make demo` goes on with `verifier check` and "
+          "`verifier compare`", flush=True)
     return 0
+
+
+def stream_to(report: Path, events: Iterator[dict]) -> list[dict]:
+    """Write the events to ``report`` as they arrive, print a line for each; returns them."""
+    seen = []
+    with report.open("w") as out:
+        for event in events:
+            out.write(json.dumps(event) + "\n")
+            out.flush()
+            print(describe(event), flush=True)
+            seen.append(event)
+    return seen
