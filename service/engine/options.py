@@ -26,6 +26,10 @@ class EvalOptions:
     max_seconds: float = 600.0  # wall-clock budget, checked between chunks
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     max_tokens: int | None = None  # evaluate only a prefix of the stream (a preview, not a full-val score)
+    # Upstream (.ptz) artifacts only: the submission's train_gpt.py, whose Hyperparameters give the model config,
+    # and the KEY=VALUE settings of its run command. Both are ignored, with a note, for a .pgolf artifact.
+    code: Path | None = None
+    env: tuple[str, ...] = ()
 
     def validate(self) -> None:
         """Raise ValueError with a plain message for any option outside its domain."""
