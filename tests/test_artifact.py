@@ -29,9 +29,10 @@ from trainer.artifact import (
     read_artifact,
 )
 from trainer.code_bytes import CodeBytes, counted_code_bytes
+from trainer.encodings import INT5_ROW, INT6_ROW, dequantize_state_dict
 from trainer.export import BudgetExceeded, export_to_budget, int5_downgrade_order, write_artifact
 from trainer.model import GPT, ModelConfig
-from trainer.quant import INT5_ROW, INT6_ROW, dequantize_state_dict, quantize_state_dict
+from trainer.quant import quantize_state_dict
 
 # Small but with every encoding: fc and mlp.proj (640×128) are int6, tok_emb (1024×128) int8, the rest fp16.
 SMALL = ModelConfig(num_layers=3, model_dim=128, num_heads=2, num_kv_heads=1, mlp_mult=5, xsa_last_n=3,

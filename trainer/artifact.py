@@ -35,8 +35,7 @@ import numpy as np
 import torch
 import zstandard
 
-from trainer.model import GPT, ModelConfig
-from trainer.quant import (
+from trainer.encodings import (
     ENCODINGS,
     FLOAT_DTYPE_NAMES,
     RAW,
@@ -50,6 +49,7 @@ from trainer.quant import (
     dequantize_tensor,
     num_rows,
 )
+from trainer.model import GPT, ModelConfig
 
 MAGIC = b"\x89PGOLF\r\n"  # non-ASCII first byte and CRLF catch text-mode mangling, as in PNG
 FORMAT_VERSION = 1
