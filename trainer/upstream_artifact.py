@@ -141,11 +141,6 @@ class UpstreamArtifact:
                 "num_parameters": sum(t.numel() for t in self.state_dict.values())}
 
 
-def is_upstream_artifact(path: str | os.PathLike[str]) -> bool:
-    """Upstream artifacts are told apart by name: the ``.ptz`` suffix every upstream script writes."""
-    return Path(path).suffix.lower() == ".ptz"
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Reading
 

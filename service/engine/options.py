@@ -11,6 +11,14 @@ NGRAM_MODES = ("off", "exact", "smoothed", "hashed-940")
 TTT_RECIPE_NAMES = ("pr940", "legal-sgd")
 
 
+UPSTREAM_SUFFIX = ".ptz"  # what every upstream script names its artifact (final_model.int8.ptz, ….int6.ptz)
+
+
+def is_upstream_artifact(path: Path | str) -> bool:
+    """Upstream artifacts are told apart by their name; the .pgolf reader checks its own magic."""
+    return Path(path).suffix.lower() == UPSTREAM_SUFFIX
+
+
 @dataclass(frozen=True)
 class EvalOptions:
     artifact: Path | None = None  # the submission artifact (None only for evaluate_model with an in-memory model)

@@ -36,7 +36,7 @@ from service.engine.events import (
     timeout_event,
 )
 from service.engine.ngram import NgramMixer, make_mixer
-from service.engine.options import EvalOptions
+from service.engine.options import EvalOptions, is_upstream_artifact
 from service.engine.scoring import (
     ProbabilityCheck,
     ScoreLedger,
@@ -103,9 +103,7 @@ def evaluate(options: EvalOptions) -> Iterator[Event]:
 
 def load_inputs(options: EvalOptions, device: torch.device) -> LoadedInputs:
     """Load tokenizer tables, artifact and validation tokens, refusing any combination that does not match."""
-    from trainer.data.loader import load_validation_tokens
-    from trainer.data.shards import ShardError
-    from trainer.upstream_artifact import is_upstream_artifact
+    from trainer.data.shards import ShardError, load_validation_tokens
 
     if options.artifact is None or options.data_dir is None:
         raise EvalInputError("bad_options", "an artifact path and a data directory are required")
