@@ -60,20 +60,11 @@ def write_big_zero_artifact(path: Path, tokenizer: Path) -> Path:
     import sentencepiece
     import torch
 
-    from trainer.artifact import encode_artifact
     from trainer.code_bytes import CodeBytes
+    from trainer.encodings import RAW, RAW_NUMPY_DTYPES, ROW_QMAX, SCALE_DTYPE, STORAGE_DTYPE, QuantizedTensor, num_rows
+    from trainer.export import encode_artifact
     from trainer.model import GPT, ModelConfig
-    from trainer.quant import (
-        RAW,
-        RAW_NUMPY_DTYPES,
-        ROW_QMAX,
-        SCALE_DTYPE,
-        STORAGE_DTYPE,
-        QuantizedTensor,
-        choose_encoding,
-        dtype_name,
-        num_rows,
-    )
+    from trainer.quant import choose_encoding, dtype_name
 
     vocab = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer)).vocab_size()
     config = ModelConfig(vocab_size=vocab, num_layers=8, model_dim=1024, num_heads=8, num_kv_heads=4, mlp_mult=3,

@@ -112,8 +112,7 @@ def _failure_event(exc: Exception, *, elapsed_s: float, totals: Totals | None = 
 def load_inputs(options: EvalOptions, device: torch.device) -> LoadedInputs:
     """Load tokenizer tables, artifact and validation tokens, refusing any combination that does not match."""
     from trainer.artifact import ArtifactError, load_model
-    from trainer.data.loader import load_validation_tokens
-    from trainer.data.shards import ShardError
+    from trainer.data.shards import ShardError, load_validation_tokens
 
     if options.artifact is None or options.data_dir is None:
         raise EvalInputError("bad_options", "an artifact path and a data directory are required")
