@@ -145,6 +145,9 @@ def test_bomb_manifest_is_refused_without_growing_the_validator(
 ) -> None:
     """num_layers = 10**30 once reached set(range(num_layers)): 1.5 GB in 6 s. Now a bound refuses it first.
     (Its time, well under a second, is printed by bench/fuzz_artifact.py; here the memory is asserted.)"""
+    warm_up = tmp_path / "garbage.pgolf"
+    warm_up.write_bytes(b"not an artifact")  # answered only once the helper has finished its imports
+    assert upload(limited.client, warm_up, params={"wait": "false"}).json()["code"] == "bad_magic"
     pid = limited.validator_pid()
     Path(f"/proc/{pid}/clear_refs").write_text("5")  # reset the peak-RSS mark (VmHWM) to the current RSS
     rss_before = _status_kib(pid, "VmRSS")
