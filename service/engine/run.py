@@ -29,6 +29,8 @@ import torch
 from service.engine.dist import DistContext, init_from_env, local_rank_from_env, resolve_device
 from service.engine.events import (
     Event,
+    Totals,
+    allocation_failure_reason,
     chunk_event,
     end_event,
     error_event,
@@ -91,14 +93,23 @@ def evaluate(options: EvalOptions) -> Iterator[Event]:
         return
     except Exception as exc:  # e.g. a CUDA or process-group failure while setting up: still one error event
         log.exception("evaluation setup failed")
-        yield error_event(code="internal", reason=f"{type(exc).__name__}: {exc}",
-                          elapsed_s=time.perf_counter() - started)
+        yield _failure_event(exc, elapsed_s=time.perf_counter() - started)
         return
     yield from evaluate_model(inputs.model, inputs.tokens, inputs.tables, options, dist=dist, device=device,
                               artifact_sha256=inputs.artifact_sha256,
                               extra_config={"model_config": inputs.model_config,
                                             **({"notes": list(inputs.notes)} if inputs.notes else {})},
                               started=started)
+
+
+def _failure_event(exc: Exception, *, elapsed_s: float, totals: Totals | None = None) -> Event:
+    """The error event of an unexpected exception: `resource_limit` when an allocation failed (the service runs
+    evaluators under an address-space rlimit), else `internal`."""
+    allocation = allocation_failure_reason(exc)
+    if allocation is not None:
+        return error_event(code="resource_limit", reason=f"{allocation}: {type(exc).__name__}: {exc}"[:2000],
+                           totals=totals, elapsed_s=elapsed_s)
+    return error_event(code="internal", reason=f"{type(exc).__name__}: {exc}", totals=totals, elapsed_s=elapsed_s)
 
 
 def load_inputs(options: EvalOptions, device: torch.device) -> LoadedInputs:
@@ -352,8 +363,7 @@ def evaluate_model(model: ScoringModel, tokens: np.ndarray, tables: ByteTables, 
         return
     except Exception as exc:  # an engine or model failure mid-run: report what was committed, then the reason
         log.exception("evaluation failed")
-        yield error_event(code="internal", reason=f"{type(exc).__name__}: {exc}", totals=ledger.totals,
-                          elapsed_s=budget.elapsed())
+        yield _failure_event(exc, totals=ledger.totals, elapsed_s=budget.elapsed())
         return
     yield end_event(totals=ledger.totals, elapsed_s=budget.elapsed(), compliance=summary())
 
