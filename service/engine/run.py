@@ -185,14 +185,14 @@ def _load_upstream(options: EvalOptions, artifact_path: Path,
     """
     from trainer.artifact import ArtifactError
     from trainer.upstream_artifact import load_upstream_model
-    from trainer.upstream_config import parse_env_assignments, resolve_upstream_config
+    from trainer.upstream_config import parse_run_env, resolve_upstream_config
 
     if options.code is None:
         raise EvalInputError("code_required", f"{artifact_path.name} is an upstream artifact: pass the submission's "
                                               f"train_gpt.py (--code) so its model config can be read")
     try:
         code = Path(options.code).read_bytes()
-        config = resolve_upstream_config(code, parse_env_assignments(list(options.env)))
+        config = resolve_upstream_config(code, parse_run_env(list(options.env)))
         model, artifact = load_upstream_model(artifact_path, config.model_config, device=device)
     except OSError as exc:
         raise EvalInputError("bad_artifact", f"cannot read {exc.filename}: {exc.strerror}") from exc
