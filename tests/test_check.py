@@ -23,8 +23,7 @@ import pytest
 import zstandard
 
 from trainer.artifact import SUBMISSION_LIMIT_BYTES
-from trainer.data.loader import load_validation_tokens
-from trainer.data.shards import write_shard
+from trainer.data.shards import load_validation_tokens, write_shard
 from verifier.check import SIZE_LIMIT_BYTES, check_size, run_checks
 from verifier.report import CheckResult
 
