@@ -15,7 +15,7 @@ shape), then:
 * ``val_bpb_mean``: the headline claim is the mean over seeds (of the claims, or of the logs' scores), or one
   log's score;
 * ``code_bytes``: the code as readable source and as the submission counted it (the self-extracting wrapper file
-  when the script is one, decoded statically by ``verifier.scan_unwrap``; the compressed size when the logs
+  when the script is one, decoded statically by ``trainer.source_unwrap``; the compressed size when the logs
   report one);
 * ``scan``: the static compliance scan of the folder (``verifier.scan``).
 
@@ -481,7 +481,7 @@ def _check_mean(logs: list[RecordLog], claims: SubmissionClaims | None) -> Check
 
 
 def _check_code_bytes(folder: Path, logs: list[RecordLog], claims: SubmissionClaims | None) -> CheckResult:
-    from verifier.scan_unwrap import UnwrapError, unwrap
+    from trainer.source_unwrap import UnwrapError, unwrap
 
     entry = folder / ENTRY_POINT
     if not entry.is_file():
