@@ -17,11 +17,10 @@ import torch
 
 from service.engine import EvalOptions, evaluate
 from service.engine.options import TTT_REFERENCE_CHUNK_TOKENS
-from trainer.artifact import write_artifact
 from trainer.code_bytes import counted_code_bytes
-from trainer.data.loader import load_validation_tokens
-from trainer.data.shards import write_shard
+from trainer.data.shards import load_validation_tokens, write_shard
 from trainer.data.val_manifest import tokens_sha256, write_val_manifest
+from trainer.export import write_artifact
 from trainer.model import GPT, ModelConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -288,7 +288,7 @@ def load_probe_inputs(artifact: Path | None, data: Path | None, tokenizer: Path 
     """The model (the artifact's, or a small random GPT) and the random and real streams; ValueError/OSError
     with a plain message when the inputs cannot be used."""
     from trainer.data.byte_accounting import ByteTables
-    from trainer.data.loader import load_validation_tokens
+    from trainer.data.shards import load_validation_tokens
     from trainer.data.stats import resolve_tokenizer
     from verifier.probe_subjects import random_stream
 

@@ -26,7 +26,13 @@ _MULTIPART_BODY = {
                     "required": ["artifact"],
                     "properties": {
                         "artifact": {"type": "string", "format": "binary",
-                                     "description": "the .pgolf artifact (at most the cap in /limits)"},
+                                     "description": "a .pgolf artifact, or an upstream .ptz with its 'code' "
+                                                    "(at most the cap in /limits)"},
+                        "code": {"type": "string", "format": "binary",
+                                 "description": "upstream .ptz only: the submission's train_gpt.py (read "
+                                                "statically, never run; at most 1,000,000 bytes)"},
+                        "env": {"type": "string",
+                                "description": "upstream .ptz only: the run command's KEY=VALUE settings"},
                         "ttt": {"type": "boolean", "default": EvalOptions.ttt},
                         "ttt_recipe": {"type": "string", "enum": list(TTT_RECIPE_NAMES),
                                        "default": EvalOptions.ttt_recipe},
