@@ -9,6 +9,7 @@ PGOLF_EVAL_ARGS), read when it starts, so each test sets the behaviour of its ne
   exit_after_chunks, exit_code   die with this status after that many chunks, without a terminal event
   raw_lines               lines printed as they are after the start event (hostile output: NaN, forged types)
   raw_end                 a line printed instead of the end event
+  spin_seconds            burn CPU this long after the start event (a runaway under the service's CPU rlimit)
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ def main() -> int:
     for raw in script.get("raw_lines", []):
         sys.stdout.write(raw + "\n")
         sys.stdout.flush()
+    spin_until = time.monotonic() + float(script.get("spin_seconds", 0.0))
+    while time.monotonic() < spin_until:
+        pass
     nll_total = 0.0
     for index in range(chunks):
         if exit_after is not None and index == exit_after:

@@ -169,7 +169,7 @@ def test_an_upload_one_byte_over_the_cap_is_refused_and_nothing_is_stored(
 
     # A body declared far over the cap is refused on its Content-Length alone, before a byte of it is read.
     with socket.create_connection(("127.0.0.1", idle.process.port), timeout=30) as raw:
-        raw.sendall(b"POST /evaluate HTTP/1.1\r\nHost: x\r\nContent-Length: 17000000\r\n"
+        raw.sendall(b"POST /evaluate HTTP/1.1\r\nHost: x\r\nContent-Length: 18000000\r\n"
                     b"Content-Type: multipart/form-data; boundary=b\r\n"
                     b"Authorization: Bearer " + TOKEN.encode() + b"\r\n\r\n")
         assert raw.recv(4096).startswith(b"HTTP/1.1 413 ")

@@ -50,7 +50,8 @@ def create_app(settings: Settings) -> FastAPI:
                                  ("storage", settings.storage_dir)])
         queue = JobQueue(settings, store, hub, redactor)
         validator = ArtifactValidator(max_file_bytes=settings.max_artifact_bytes,
-                                      timeout_seconds=settings.validation_timeout_seconds)
+                                      timeout_seconds=settings.validation_timeout_seconds,
+                                      limits=settings.validator_limits)
         tokenizer = TokenizerIdentity.of_model_file(settings.tokenizer)
         uploads = UploadSlots(per_client=settings.uploads_per_client, total=settings.uploads_in_flight,
                               deadline_seconds=settings.upload_deadline_seconds)

@@ -52,5 +52,8 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     server = GracefulServer(config, grace_seconds=grace,
                             on_signal=lambda: asyncio.ensure_future(begin_shutdown(app)))
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it shut down on; the shutdown itself is done
+        pass
     return 0
