@@ -69,8 +69,8 @@ def write_tiny_artifact(path: Path, tokenizer: Path, *, seed: int = 0, tokenizer
     (or with a tokenizer of hash `tokenizer_sha256`)."""
     import torch
 
-    from trainer.artifact import write_artifact
     from trainer.code_bytes import counted_code_bytes
+    from trainer.export import write_artifact
     from trainer.model import GPT, ModelConfig
 
     torch.manual_seed(seed)

@@ -7,6 +7,7 @@ PGOLF_EVAL_ARGS), read when it starts, so each test sets the behaviour of its ne
   chunks, chunk_seconds   how many chunk events, how far apart
   ignore_limit            behave like an engine stuck inside a chunk: only the service's hard kill stops it
   exit_after_chunks, exit_code   die with this status after that many chunks, without a terminal event
+  spin_seconds            burn CPU this long after the start event (a runaway under the service's CPU rlimit)
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ def main() -> int:
           "targets": chunks * targets_per_chunk, "bytes": chunks * bytes_per_chunk, "chunks": chunks})
     print(f"fake evaluator: started (service token visible: {'PGOLF_API_TOKEN' in os.environ})", file=sys.stderr,
           flush=True)
+    spin_until = time.monotonic() + float(script.get("spin_seconds", 0.0))
+    while time.monotonic() < spin_until:
+        pass
     nll_total = 0.0
     for index in range(chunks):
         if exit_after is not None and index == exit_after:

@@ -23,8 +23,7 @@ import pytest
 import zstandard
 
 from trainer.artifact import SUBMISSION_LIMIT_BYTES
-from trainer.data.loader import load_validation_tokens
-from trainer.data.shards import write_shard
+from trainer.data.shards import load_validation_tokens, write_shard
 from verifier.check import SIZE_LIMIT_BYTES, check_size, run_checks
 from verifier.report import CheckResult
 
@@ -253,10 +252,16 @@ def test_upstream_logs_are_read_for_size_and_time(tmp_path: Path) -> None:
     # The script source at the head of the file (a comment quoting 612345ms) is not a log line.
     assert by_name(results, "train_time").figure.startswith("589.977 s <= 600 s")
     assert by_name(results, "train_environment").figure == "world_size 8; device 8xNVIDIA H100 80GB HBM3"
+    # 128 ms over, on the final step of a run at 83.9 ms/step: the overshoot the organisers accepted is a WARN
+    # (exit 0), and a FAIL under --strict.
     over = FIXTURES / "upstream_stdout_over_cap.txt"
     done = run_module("verifier", "check", artifact, "--upstream", "--code", code, "--train-log", over)
-    assert done.returncode == 1
+    assert done.returncode == 0, done.stdout
     assert "600.128 s > 600 s (upstream_stdout_over_cap.txt: stopping_early: wallclock_cap" in done.stdout
+    assert "only the final step (step 7179) crossed the cap: over by 128 ms" in done.stdout
+    assert "passed: 4 pass, 1 warn, 0 fail, 11 skip" in done.stdout
+    strict = run_module("verifier", "check", artifact, "--upstream", "--code", code, "--train-log", over, "--strict")
+    assert strict.returncode == 1 and "--strict: only the final step" in strict.stdout
     with artifact.open("wb") as fh:
         fh.truncate(15_887_929)  # not the artifact the log describes
     results, _ = run_checks(artifact, train_logs=[within], code=[code], upstream=True)

@@ -276,7 +276,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from trainer.data.byte_accounting import ByteTables
-    from trainer.data.loader import load_validation_tokens
+    from trainer.data.shards import load_validation_tokens
     from trainer.data.stats import resolve_tokenizer
     from verifier.probe_subjects import random_stream
 

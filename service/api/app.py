@@ -39,7 +39,8 @@ def create_app(settings: Settings) -> FastAPI:
         hub = EventHub()
         queue = JobQueue(settings, store, hub)
         validator = ArtifactValidator(max_file_bytes=settings.max_artifact_bytes,
-                                      timeout_seconds=settings.validation_timeout_seconds)
+                                      timeout_seconds=settings.validation_timeout_seconds,
+                                      limits=settings.validator_limits)
         tokenizer = TokenizerIdentity.of_model_file(settings.tokenizer)
         app.state.service = ServiceState(settings, store, hub, queue, validator, tokenizer)
         await validator.start()

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from service.api.limits import ResourceLimits, breach_reason, child_setup
 from service.api.settings import Settings, subprocess_env
 from service.api.storage import CANCELLED, COMPLETED, FAILED, QUEUED, TIMEOUT, JobRecord, Store
 
@@ -241,7 +242,8 @@ class JobQueue:
         process = await asyncio.create_subprocess_exec(
             *self.evaluator_argv(artifact.path, job.options),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            limit=MAX_EVENT_LINE_BYTES, start_new_session=True, preexec_fn=_die_with_parent, env=subprocess_env(),
+            limit=MAX_EVENT_LINE_BYTES, start_new_session=True, env=subprocess_env(),
+            preexec_fn=child_setup(self.settings.evaluator_limits, _die_with_parent),
         )
         log.info("job %s: evaluator pid %d started (%s)", job.id, process.pid, job.options)
         running = _Running(process)
@@ -264,7 +266,17 @@ class JobQueue:
                 await process.wait()
         elapsed = time.monotonic() - started
         return _outcome(progress, process.returncode, hard_killed=hard_killed,
-                        cancelled=running.cancel_requested, limit_seconds=max_seconds, elapsed=elapsed)
+                        cancelled=running.cancel_requested, limit_seconds=max_seconds, elapsed=elapsed,
+                        limits=self.settings.evaluator_limits)
+
+    def upstream_args(self, options: dict[str, Any]) -> list[str]:
+        """An upstream .ptz job: the stored train_gpt.py and the run env it was validated with."""
+        if not options.get("code_sha256"):
+            return []
+        from service.api.submissions import code_path
+
+        env_args = [arg for item in options.get("env", []) for arg in ("--env", item)]
+        return ["--code", str(code_path(self.settings.artifacts_dir, options["code_sha256"])), *env_args]
 
     def evaluator_argv(self, artifact_path: Path, options: dict[str, Any]) -> list[str]:
         settings = self.settings
@@ -273,6 +285,7 @@ class JobQueue:
             "--data", str(settings.data_dir), "--tokenizer", str(settings.tokenizer),
             "--ttt" if options["ttt"] else "--no-ttt", "--ngram", options["ngram"],
             "--max-seconds", f"{options['max_seconds']:g}",
+            *self.upstream_args(options),
             *settings.evaluator_extra_args,
         ]
 
@@ -323,7 +336,7 @@ def _parse_event(line: bytes) -> dict[str, Any] | None:
 
 def _outcome(
     progress: _Progress, returncode: int | None, *, hard_killed: bool, cancelled: bool, limit_seconds: float,
-    elapsed: float,
+    elapsed: float, limits: ResourceLimits | None = None,
 ) -> tuple[str, dict[str, Any], str | None]:
     """Final (status, terminal event, reason) of a finished subprocess, most specific cause first."""
     partial = progress.partial_figures()
@@ -339,6 +352,10 @@ def _outcome(
         reason = (f"evaluation limit of {limit_seconds:g} s reached; the evaluator did not stop by itself and "
                   f"was killed after {elapsed:.1f} s")
         return TIMEOUT, {"type": "timeout", "source": "service", "reason": reason, **partial}, reason
+    breach = breach_reason(returncode, limits or ResourceLimits(), "PGOLF_EVALUATOR")
+    if breach is not None:
+        reason = f"the evaluator was stopped: {breach}"
+        return FAILED, _service_error("resource_limit", reason, partial), reason
     if returncode is not None and returncode < 0:
         signal_name = signal.Signals(-returncode).name
         reason = f"the evaluator was killed by {signal_name}"

@@ -14,8 +14,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from service.api.limits import ResourceLimits, default_cpu_seconds
+
 ARTIFACT_CAP_BYTES = 16_000_000  # the challenge cap, decimal bytes
 EVAL_LIMIT_SECONDS = 600.0  # the challenge's evaluation budget
+KILL_GRACE_SECONDS = 15.0
+
+# rlimits of the subprocesses that read uploaded files (docs/service.md, "Resource limits"). The validator's CPU
+# allowance is per artifact; reading a 16 MB artifact takes about a second. Its address space covers torch's
+# imports (~0.7 GiB) plus the decoded tensors of the largest payload the reader admits.
+VALIDATOR_LIMITS = ResourceLimits(address_space_bytes=4 << 30, cpu_seconds=60, open_files=256)
+EVALUATOR_ADDRESS_SPACE_BYTES = 64 << 30
+EVALUATOR_OPEN_FILES = 4096
 
 
 # Subprocesses read untrusted artifacts; they get no credential of the service (EvalAI keeps its API token out of
@@ -41,7 +51,7 @@ class Settings:
     eval_limit_seconds: float = EVAL_LIMIT_SECONDS  # PGOLF_EVAL_LIMIT_SECONDS
     # PGOLF_KILL_GRACE_SECONDS: the engine stops itself between chunks at the limit; the hard kill waits this
     # much longer so a clean `timeout` event (with its figures) wins over the backstop whenever possible.
-    kill_grace_seconds: float = 15.0
+    kill_grace_seconds: float = KILL_GRACE_SECONDS
     workers: int = 1  # PGOLF_WORKERS: evaluations running at once, one subprocess each
     queue_bound: int = 8  # PGOLF_QUEUE_BOUND: jobs (and uploads in flight) allowed to wait beyond the workers
     api_token: str | None = None  # PGOLF_API_TOKEN: when set, POST and DELETE need "Authorization: Bearer ..."
@@ -53,6 +63,11 @@ class Settings:
     # PGOLF_EVAL_ARGS: extra engine arguments fixed by the organiser for every job (e.g. "--device cuda").
     evaluator_extra_args: tuple[str, ...] = ()
     validation_timeout_seconds: float = 120.0  # PGOLF_VALIDATION_TIMEOUT_SECONDS
+    # PGOLF_VALIDATOR_{ADDRESS_SPACE_BYTES,CPU_SECONDS,OPEN_FILES} and PGOLF_EVALUATOR_{...}; 0 disables one.
+    validator_limits: ResourceLimits = VALIDATOR_LIMITS
+    evaluator_limits: ResourceLimits = ResourceLimits(
+        EVALUATOR_ADDRESS_SPACE_BYTES,
+        default_cpu_seconds(EVAL_LIMIT_SECONDS + KILL_GRACE_SECONDS, os.cpu_count() or 1), EVALUATOR_OPEN_FILES)
 
     @property
     def database_path(self) -> Path:
@@ -70,14 +85,18 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
         data_dir = _required_path(env, "PGOLF_DATA_DIR")
+        eval_limit = _float(env, "PGOLF_EVAL_LIMIT_SECONDS", EVAL_LIMIT_SECONDS, minimum=0.1)
+        kill_grace = _float(env, "PGOLF_KILL_GRACE_SECONDS", KILL_GRACE_SECONDS, minimum=0.0)
+        # Every core busy for the whole wall-clock allowance: the CPU limit is a backstop behind the wall clock.
+        evaluator_cpu = default_cpu_seconds(eval_limit + kill_grace, os.cpu_count() or 1)
         tokenizer = Path(env["PGOLF_TOKENIZER"]) if env.get("PGOLF_TOKENIZER") else data_dir / "tokenizer.model"
         settings = cls(
             data_dir=data_dir,
             tokenizer=tokenizer,
             storage_dir=Path(env.get("PGOLF_STORAGE_DIR") or "runs/service"),
             max_artifact_bytes=_int(env, "PGOLF_MAX_ARTIFACT_BYTES", ARTIFACT_CAP_BYTES, minimum=1),
-            eval_limit_seconds=_float(env, "PGOLF_EVAL_LIMIT_SECONDS", EVAL_LIMIT_SECONDS, minimum=0.1),
-            kill_grace_seconds=_float(env, "PGOLF_KILL_GRACE_SECONDS", 15.0, minimum=0.0),
+            eval_limit_seconds=eval_limit,
+            kill_grace_seconds=kill_grace,
             workers=_int(env, "PGOLF_WORKERS", 1, minimum=1),
             queue_bound=_int(env, "PGOLF_QUEUE_BOUND", 8, minimum=0),
             api_token=env.get("PGOLF_API_TOKEN") or None,
@@ -86,6 +105,9 @@ class Settings:
             evaluator_command=_command(env, "PGOLF_EVALUATOR", cls.evaluator_command),
             evaluator_extra_args=tuple(shlex.split(env.get("PGOLF_EVAL_ARGS", ""))),
             validation_timeout_seconds=_float(env, "PGOLF_VALIDATION_TIMEOUT_SECONDS", 120.0, minimum=1.0),
+            validator_limits=_limits(env, "PGOLF_VALIDATOR", VALIDATOR_LIMITS),
+            evaluator_limits=_limits(env, "PGOLF_EVALUATOR", ResourceLimits(
+                EVALUATOR_ADDRESS_SPACE_BYTES, evaluator_cpu, EVALUATOR_OPEN_FILES)),
         )
         settings.check_inputs()
         return settings
@@ -131,6 +153,14 @@ def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float)
     if not value >= minimum:  # also rejects nan
         raise SettingsError(f"{name}={value} must be at least {minimum}")
     return value
+
+
+def _limits(env: Mapping[str, str], prefix: str, defaults: ResourceLimits) -> ResourceLimits:
+    return ResourceLimits(
+        address_space_bytes=_int(env, f"{prefix}_ADDRESS_SPACE_BYTES", defaults.address_space_bytes, minimum=0),
+        cpu_seconds=_int(env, f"{prefix}_CPU_SECONDS", defaults.cpu_seconds, minimum=0),
+        open_files=_int(env, f"{prefix}_OPEN_FILES", defaults.open_files, minimum=0),
+    )
 
 
 def _command(env: Mapping[str, str], name: str, default: tuple[str, ...]) -> tuple[str, ...]:

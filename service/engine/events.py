@@ -13,6 +13,7 @@ when no byte has been scored yet.
 from __future__ import annotations
 
 import math
+import resource
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,3 +99,17 @@ def error_event(*, code: str, reason: str, totals: Totals | None = None, elapsed
     """``code`` is a short slug (e.g. "tokenizer_mismatch", "bad_artifact", "internal"); ``reason`` is plain text."""
     return {"type": ERROR, "code": code, "reason": reason, **_partial(totals or Totals()),
             "elapsed_s": round(elapsed_s, 4)}
+
+
+def allocation_failure_reason(error: BaseException) -> str | None:
+    """A clear reason when ``error`` is a failed allocation (typically under an address-space rlimit), else None.
+
+    Python raises MemoryError; torch's CPU allocator raises RuntimeError("... can't allocate memory ..."),
+    whatever the tensor op, so both are recognised.
+    """
+    if not (isinstance(error, MemoryError) or "can't allocate memory" in str(error)):
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return "memory allocation failed (no address-space limit is set: the host is out of memory)"
+    return f"memory allocation failed under the address-space limit of {soft} bytes ({soft / (1 << 30):.2f} GiB)"

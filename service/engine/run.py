@@ -29,6 +29,8 @@ import torch
 from service.engine.dist import DistContext, init_from_env, local_rank_from_env, resolve_device
 from service.engine.events import (
     Event,
+    Totals,
+    allocation_failure_reason,
     chunk_event,
     end_event,
     error_event,
@@ -36,7 +38,7 @@ from service.engine.events import (
     timeout_event,
 )
 from service.engine.ngram import NgramMixer, make_mixer
-from service.engine.options import EvalOptions
+from service.engine.options import EvalOptions, is_upstream_artifact
 from service.engine.scoring import (
     DistributionCheck,
     ScoreLedger,
@@ -75,6 +77,7 @@ class LoadedInputs:
     tables: ByteTables
     artifact_sha256: str
     model_config: dict[str, Any]
+    notes: tuple[str, ...] = ()
 
 
 def evaluate(options: EvalOptions) -> Iterator[Event]:
@@ -93,19 +96,28 @@ def evaluate(options: EvalOptions) -> Iterator[Event]:
         return
     except Exception as exc:  # e.g. a CUDA or process-group failure while setting up: still one error event
         log.exception("evaluation setup failed")
-        yield error_event(code="internal", reason=f"{type(exc).__name__}: {exc}",
-                          elapsed_s=time.perf_counter() - started)
+        yield _failure_event(exc, elapsed_s=time.perf_counter() - started)
         return
     yield from evaluate_model(inputs.model, inputs.tokens, inputs.tables, options, dist=dist, device=device,
                               artifact_sha256=inputs.artifact_sha256,
-                              extra_config={"model_config": inputs.model_config}, started=started)
+                              extra_config={"model_config": inputs.model_config,
+                                            **({"notes": list(inputs.notes)} if inputs.notes else {})},
+                              started=started)
+
+
+def _failure_event(exc: Exception, *, elapsed_s: float, totals: Totals | None = None) -> Event:
+    """The error event of an unexpected exception: `resource_limit` when an allocation failed (the service runs
+    evaluators under an address-space rlimit), else `internal`."""
+    allocation = allocation_failure_reason(exc)
+    if allocation is not None:
+        return error_event(code="resource_limit", reason=f"{allocation}: {type(exc).__name__}: {exc}"[:2000],
+                           totals=totals, elapsed_s=elapsed_s)
+    return error_event(code="internal", reason=f"{type(exc).__name__}: {exc}", totals=totals, elapsed_s=elapsed_s)
 
 
 def load_inputs(options: EvalOptions, device: torch.device) -> LoadedInputs:
     """Load tokenizer tables, artifact and validation tokens, refusing any combination that does not match."""
-    from trainer.artifact import ArtifactError, load_model
-    from trainer.data.loader import load_validation_tokens
-    from trainer.data.shards import ShardError
+    from trainer.data.shards import ShardError, load_validation_tokens
 
     if options.artifact is None or options.data_dir is None:
         raise EvalInputError("bad_options", "an artifact path and a data directory are required")
@@ -115,24 +127,18 @@ def load_inputs(options: EvalOptions, device: torch.device) -> LoadedInputs:
     except (OSError, RuntimeError) as exc:
         raise EvalInputError("bad_tokenizer", f"cannot read tokenizer {tokenizer_path}: {exc}") from exc
     artifact_path = Path(options.artifact)
-    try:
-        model, artifact = load_model(artifact_path, device=device)
-    except OSError as exc:
-        raise EvalInputError("bad_artifact", f"cannot read artifact {artifact_path}: {exc}") from exc
-    except ArtifactError as exc:
-        raise EvalInputError(getattr(exc, "code", "bad_artifact"), f"artifact refused: {exc}") from exc
-    manifest_tokenizer = artifact.manifest.get("tokenizer", {})
-    model_config = dict(artifact.manifest.get("model_config", {}))
-    if manifest_tokenizer.get("sha256") != tables.sha256:
-        raise EvalInputError(
-            "tokenizer_mismatch",
-            f"the artifact was trained with tokenizer sha256 {manifest_tokenizer.get('sha256')}, but the data's "
-            f"tokenizer {tokenizer_path} has sha256 {tables.sha256}; refusing to score it on this data")
-    if manifest_tokenizer.get("vocab_size") != tables.vocab_size:
-        raise EvalInputError(
-            "tokenizer_mismatch",
-            f"the artifact declares a vocabulary of {manifest_tokenizer.get('vocab_size')} tokens, but the data's "
-            f"tokenizer {tokenizer_path} has {tables.vocab_size}; refusing to score it on this data")
+    if is_upstream_artifact(artifact_path):
+        model, model_config, artifact_sha256, notes = _load_upstream(options, artifact_path, device)
+        if model_config["vocab_size"] != tables.vocab_size:
+            raise EvalInputError(
+                "tokenizer_mismatch",
+                f"the upstream model has a vocabulary of {model_config['vocab_size']} tokens, but the data's "
+                f"tokenizer {tokenizer_path} has {tables.vocab_size}; refusing to score it on this data")
+    else:
+        model, model_config, artifact_sha256 = _load_pgolf(artifact_path, device, tables, tokenizer_path)
+        ignored = [flag for flag, given in (("--code", options.code is not None), ("--env", bool(options.env)))
+                   if given]
+        notes = [f"{' and '.join(ignored)} ignored: a .pgolf artifact carries its own model config"] if ignored else []
     model_vocab = int(model_config.get("vocab_size", tables.vocab_size))
     if model_vocab < tables.vocab_size:
         raise EvalInputError("tokenizer_mismatch", f"the model's output vocabulary ({model_vocab}) is smaller than "
@@ -146,7 +152,57 @@ def load_inputs(options: EvalOptions, device: torch.device) -> LoadedInputs:
         tokens = tokens[: options.max_tokens]
     if len(tokens) < 2:
         raise EvalInputError("bad_data", f"the validation stream has {len(tokens)} tokens; nothing to score")
-    return LoadedInputs(model, np.ascontiguousarray(tokens), tables, artifact.file_sha256, model_config)
+    return LoadedInputs(model, np.ascontiguousarray(tokens), tables, artifact_sha256, model_config, tuple(notes))
+
+
+def _load_pgolf(artifact_path: Path, device: torch.device, tables: ByteTables,
+                tokenizer_path: Path) -> tuple[torch.nn.Module, dict[str, Any], str]:
+    from trainer.artifact import ArtifactError, load_model
+
+    try:
+        model, artifact = load_model(artifact_path, device=device)
+    except OSError as exc:
+        raise EvalInputError("bad_artifact", f"cannot read artifact {artifact_path}: {exc}") from exc
+    except ArtifactError as exc:
+        raise EvalInputError(getattr(exc, "code", "bad_artifact"), f"artifact refused: {exc}") from exc
+    manifest_tokenizer = artifact.manifest.get("tokenizer", {})
+    if manifest_tokenizer.get("sha256") != tables.sha256:
+        raise EvalInputError(
+            "tokenizer_mismatch",
+            f"the artifact was trained with tokenizer sha256 {manifest_tokenizer.get('sha256')}, but the data's "
+            f"tokenizer {tokenizer_path} has sha256 {tables.sha256}; refusing to score it on this data")
+    if manifest_tokenizer.get("vocab_size") != tables.vocab_size:
+        raise EvalInputError(
+            "tokenizer_mismatch",
+            f"the artifact declares a vocabulary of {manifest_tokenizer.get('vocab_size')} tokens, but the data's "
+            f"tokenizer {tokenizer_path} has {tables.vocab_size}; refusing to score it on this data")
+    return model, dict(artifact.manifest.get("model_config", {})), artifact.file_sha256
+
+
+def _load_upstream(options: EvalOptions, artifact_path: Path,
+                   device: torch.device) -> tuple[torch.nn.Module, dict[str, Any], str, list[str]]:
+    """An upstream .ptz: the config from the submission's code and run env, the weights through the safe reader.
+
+    Upstream artifacts carry no tokenizer identity; the vocabulary size is the only check possible (upstream's
+    own scripts make the same one against the tokenizer they are given).
+    """
+    from trainer.artifact import ArtifactError
+    from trainer.upstream_artifact import load_upstream_model
+    from trainer.upstream_config import parse_run_env, resolve_upstream_config
+
+    if options.code is None:
+        raise EvalInputError("code_required", f"{artifact_path.name} is an upstream artifact: pass the submission's "
+                                              f"train_gpt.py (--code) so its model config can be read")
+    try:
+        code = Path(options.code).read_bytes()
+        config = resolve_upstream_config(code, parse_run_env(list(options.env)))
+        model, artifact = load_upstream_model(artifact_path, config.model_config, device=device)
+    except OSError as exc:
+        raise EvalInputError("bad_artifact", f"cannot read {exc.filename}: {exc.strerror}") from exc
+    except ArtifactError as exc:
+        raise EvalInputError(exc.code, f"upstream artifact refused: {exc}") from exc
+    notes = [f"upstream artifact: {artifact.quant_format} + {artifact.compression}", *config.notes]
+    return model, artifact.model_config.to_dict(), artifact.file_sha256, notes
 
 
 def total_target_bytes(tables: ByteTables, tokens: np.ndarray, block: int = 1 << 22) -> int:
@@ -326,8 +382,7 @@ def evaluate_model(model: ScoringModel, tokens: np.ndarray, tables: ByteTables, 
         return
     except Exception as exc:  # an engine or model failure mid-run: report what was committed, then the reason
         log.exception("evaluation failed")
-        yield error_event(code="internal", reason=f"{type(exc).__name__}: {exc}", totals=ledger.totals,
-                          elapsed_s=budget.elapsed())
+        yield _failure_event(exc, totals=ledger.totals, elapsed_s=budget.elapsed())
         return
     yield end_event(totals=ledger.totals, elapsed_s=budget.elapsed(), compliance=summary())
 

@@ -30,7 +30,7 @@ from service.engine.events import Totals
 from service.engine.ngram import NgramMixer, ScoreOrderError
 from service.engine.windows import Chunk, WindowPlan, build_batch, rank_share
 from trainer.data.byte_accounting import ByteTables
-from trainer.evaluate import autocast_for  # noqa: F401  (re-exported: ttt and the probes use it from here)
+from trainer.model import autocast_for  # noqa: F401  (re-exported: ttt and the probes use it from here)
 
 # What the engine needs from a model (trainer.model.GPT has it): an nn.Module with ``forward_logits(ids)`` giving
 # (B, T, V) float logits, ``forward(ids, targets)`` giving the mean cross-entropy, and ``blocks`` (an
