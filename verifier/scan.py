@@ -66,10 +66,11 @@ def scan_source(source: str, filename: str = "<string>") -> FileReport:
         origin = " > ".join(layer.describe() for layer in unwrapped.layers) or None
         report.layers = [layer.describe() for layer in unwrapped.layers]
         report.notes = list(unwrapped.notes)
-        report.findings = analyse_source(unwrapped.source, filename, origin, unwrapped.env_overrides)
+        report.findings = analyse_source(
+            unwrapped.source, filename, origin, unwrapped.env_overrides, unwrapped.tree
+        )
     except SyntaxError as exc:
-        where = "decoded payload" if report.layers else "file"
-        report.error = f"{where} is not valid Python: {exc.msg} (line {exc.lineno})"
+        report.error = f"file is not valid Python: {exc.msg} (line {exc.lineno})"
     except UnwrapError as exc:
         report.error = str(exc)
     except RecursionError:

@@ -39,6 +39,7 @@ from verifier.scan_flow import (
     names_in,
 )
 from verifier.scan_order import OrderAnalysis, OrderRules
+from verifier.scan_syntax import parse_python
 
 MakeFinding = Callable[[str, str, ast.AST, str, str], Finding]
 
@@ -63,10 +64,14 @@ _CONVERSIONS = (1.0, 2.0, 8.0, math.log(2.0), 1.0 / math.log(2.0), 0.5)
 
 
 def analyse_source(
-    source: str, filename: str, origin: str | None = None, env_overrides: dict[str, str] | None = None
+    source: str,
+    filename: str,
+    origin: str | None = None,
+    env_overrides: dict[str, str] | None = None,
+    tree: ast.Module | None = None,
 ) -> list[Finding]:
-    """Run every detector over one (already unwrapped) source text."""
-    tree = ast.parse(source, filename=filename)
+    """Run every detector over one (already unwrapped) source text, parsed with the Python 3.12 grammar."""
+    tree = tree if tree is not None else parse_python(source)
     index = ModuleIndex(tree, source)
     flow = ModuleFlow(index)
     defaults = ConfigDefaults(index, env_overrides or {})
