@@ -37,11 +37,12 @@ TOK = "tok"  # per-token (not yet reduced) values
 MIXED = "mixed"  # the gold probability blended with another quantity
 LOCAL = "local"  # a throwaway object made inside the function (LoRA, deep copy, fresh delta tensor)
 OPTIM = "optim"  # an optimizer
+STAT = "stat"  # a per-position statistic of a full distribution (its entropy, its max): no token's probability
 PARAM = "param:"  # prefix: depends on the function parameter of that name
 
 GOLD_FAMILY = frozenset({GOLD, GOLDP, GOLDLP})
 # Labels a callee parameter inherits from its call sites (the content of a value, never its provenance).
-SEEDABLE = frozenset({TGT, HKEY, NGOLD, GOLD, GOLDP, GOLDLP, PROB, LOGP, MIXED})
+SEEDABLE = frozenset({TGT, HKEY, NGOLD, GOLD, GOLDP, GOLDLP, PROB, LOGP, MIXED, STAT})
 # Labels that describe a value's shape, not what it carries; a value with only these is as good as a constant.
 SHAPE_ONLY = frozenset({TOK})
 
@@ -739,7 +740,10 @@ class FunctionFlow:
         if _VAL_LOADER_FUNC.search(name) and not on_value:
             return passed | {VAL}
         if on_value and name in _REDUCTIONS:
-            return (recv_labels - {TOK}) | (passed - {TGT})
+            reduced = (recv_labels - {TOK}) | (passed - {TGT})
+            if recv_labels & {PROB, LOGP} and not recv_labels & GOLD_FAMILY:
+                reduced |= {STAT}  # (p * log p).sum(-1): a number per position, not a distribution over tokens
+            return reduced
         if on_value and name in _PASS_THROUGH_METHODS:
             return recv_labels | (passed - {TGT, HKEY})
         if on_value and name in {"parameters", "named_parameters"}:
@@ -761,7 +765,12 @@ class FunctionFlow:
         elements = _listed(node.args[0]) if node.args else []
         parts = [self.labels.get(element, EMPTY) for element in elements]
         labels = union(parts) if elements else (arg_labels[0] if arg_labels else EMPTY)
-        if any(GOLDP in part for part in parts) and any(_is_other_probability(part) for part in parts):
+        gold_only = any(GOLDP in part for part in parts) and any(_is_other_probability(part) for part in parts)
+        # Experts stacked for a mixer: per-token gold (log-)probabilities next to a statistic of the model's
+        # distribution (an entropy "expert") that is no probability of the token at all.
+        statistic_expert = any(part & GOLD_FAMILY for part in parts) and any(
+            STAT in part and not part & GOLD_FAMILY for part in parts)
+        if gold_only or statistic_expert:
             self.mix_sites.append(node)
             labels |= {MIXED}
         return labels

@@ -696,10 +696,21 @@ class OrderRules:
             if not (isinstance(node, ast.Call) and _PREFILL.match(call_basename(node)) and receiver(node) is not None):
                 continue
             whole = [arg for arg in node.args if isinstance(arg, ast.Name) and VAL in flow.of(arg)
-                     and is_val_name(arg.id)]
+                     and self._is_whole_stream(arg.id, info)]
             if not whole or self.positions.loops(node):
                 continue
+            before = [s for s in scores if self.positions.order(s.node, node) == -1]
             later = [s for s in scores if self.positions.order(node, s.node) == -1]
+            if before and later:
+                # Pass 1 scored the stream, the state is then built from all of it, and pass 2 scores it again:
+                # every rescored token reads counts that include itself and every later token.
+                found.append(self.finding(
+                    "P3", "C1/C4", node, "high",
+                    f"state is built from the whole validation stream `{whole[0].id}` after it was scored at line "
+                    f"{_line(before[0].node)} and the stream is scored again at line {_line(later[0].node)} "
+                    "(two-pass rescoring: the second pass reads counts of the tokens it scores and of later ones)",
+                ))
+                continue
             # Medium only: a causal one-pass precompute over the whole stream (the accepted n-gram tilt hints)
             # has the same static shape as a two-pass cache prefill.
             found.append(self.finding(
@@ -710,6 +721,21 @@ class OrderRules:
                 "prefill is C1)",
             ))
         return found
+
+    def _is_whole_stream(self, name: str, info: FunctionInfo | None) -> bool:
+        """``val_tokens`` itself, or a name bound in this function to a conversion of the whole stream
+        (``tokens_np = val_tokens.numpy()``), never to a slice of it."""
+        if is_val_name(name):
+            return True
+        values = [
+            node.value for node in self.a._nodes(info)
+            if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets)
+        ]
+        return bool(values) and all(
+            not any(isinstance(sub, ast.Subscript) for sub in ast.walk(value))
+            and any(isinstance(sub, ast.Name) and is_val_name(sub.id) for sub in ast.walk(value))
+            for value in values
+        )
 
     def _min_over_passes(self, info: FunctionInfo | None) -> list[Finding]:
         found: list[Finding] = []

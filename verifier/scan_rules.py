@@ -26,6 +26,7 @@ from verifier.scan_flow import (
     HKEY,
     MIXED,
     NGOLD,
+    STAT,
     TGT,
     VAL,
     FunctionFlow,
@@ -203,7 +204,13 @@ def gold_only_mixing(flow: FunctionFlow, make_finding: MakeFinding) -> list[Find
         if line in seen:
             continue
         seen.add(line)
-        other = "an n-gram estimate read with a target-keyed hash" if NGOLD in flow.of(site) else "another estimate"
+        labels = flow.of(site)
+        if NGOLD in labels:
+            other = "an n-gram estimate read with a target-keyed hash"
+        elif STAT in labels:
+            other = "a statistic of the model's distribution (such as its entropy) used as an 'expert'"
+        else:
+            other = "another estimate"
         findings.append(make_finding(
             "P2", "C2", site, "high" if scored else "medium",
             f"the model's probability of the gold token alone is blended with {other}; no full-vocabulary "
