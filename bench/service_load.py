@@ -53,8 +53,8 @@ def write_tiny_artifact(path: Path, tokenizer: Path) -> Path:
     import sentencepiece
     import torch
 
-    from trainer.artifact import write_artifact
     from trainer.code_bytes import counted_code_bytes
+    from trainer.export import write_artifact
     from trainer.model import GPT, ModelConfig
 
     torch.manual_seed(0)

@@ -15,8 +15,7 @@ import time
 import torch
 
 from trainer.config import PRESETS
-from trainer.evaluate import autocast_for
-from trainer.model import GPT
+from trainer.model import GPT, autocast_for
 from trainer.train import build_optimizers
 
 

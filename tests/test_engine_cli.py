@@ -16,10 +16,9 @@ import sentencepiece
 import torch
 
 from service.engine import EvalOptions, evaluate
-from trainer.artifact import write_artifact
 from trainer.code_bytes import counted_code_bytes
-from trainer.data.loader import load_validation_tokens
-from trainer.data.shards import write_shard
+from trainer.data.shards import load_validation_tokens, write_shard
+from trainer.export import write_artifact
 from trainer.model import GPT, ModelConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.data.loader import DistributedTokenLoader, load_validation_tokens, rank_span
-from trainer.data.shards import write_shard
+from trainer.data.loader import DistributedTokenLoader, rank_span
+from trainer.data.shards import load_validation_tokens, write_shard
 
 
 @pytest.fixture()

@@ -6,9 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.model import GPT, ModelConfig
-from trainer.quant import (
-    BLOCK_CLIP_PERCENTILES,
+from trainer.encodings import (
     FP16,
     FP32,
     INT5_ROW,
@@ -16,12 +14,16 @@ from trainer.quant import (
     INT8_ROW,
     RAW,
     ROW_QMAX,
-    QuantError,
     block_index,
-    choose_encoding,
-    classify,
     dequantize_state_dict,
     dequantize_tensor,
+)
+from trainer.model import GPT, ModelConfig
+from trainer.quant import (
+    BLOCK_CLIP_PERCENTILES,
+    QuantError,
+    choose_encoding,
+    classify,
     quantize_rows,
     quantize_state_dict,
     quantize_tensor,

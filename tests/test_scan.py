@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from verifier import scan_unwrap
+from trainer import source_unwrap as scan_unwrap
 from verifier.scan import EXIT_CLEAN, EXIT_FINDINGS, EXIT_UNREADABLE, scan_file, scan_paths, scan_source
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -1,32 +1,46 @@
 """Counted code bytes: the source that the 16,000,000-byte cap charges alongside the artifact.
 
 Upstream counts the UTF-8 length of its single ``train_gpt.py``, which holds everything needed to rebuild the
-model and score it. This project splits that script into modules, so it counts the source needed to **rebuild a
-model from an artifact and produce its score**:
+model and score it. This project splits that script into modules, so it counts **exactly the modules a compliant
+evaluation imports**, found by following the real import graph:
 
-- the roots: ``trainer/artifact.py`` (reader; it pulls in ``trainer/model.py`` and ``trainer/quant.py``),
-  ``trainer/data/byte_accounting.py`` (bytes per token, the bpb denominator) and every ``*.py`` under
-  ``service/engine/`` (the evaluation loops);
-- plus every project module those files import, transitively (including function-level imports, excluding
+- the entry point: ``service/engine/run.py`` (``evaluate`` reads the artifact and the validation shards and runs
+  the scoring loop);
+- plus every project module it imports, transitively (including function-level imports, excluding
   ``if TYPE_CHECKING:`` blocks), and the ``__init__.py`` of every package on the way, because importing a module
-  runs them.
+  runs them;
+- minus the modules in ``NOT_COUNTED``: code that only a non-compliant evaluation loads. Each must be imported
+  lazily (inside a function), never at module level, so a compliant evaluation provably runs without it.
 
-Following the imports rather than listing files keeps the count honest as the engine grows: when the engine
-starts to read validation shards through ``trainer/data/loader.py``, that file is counted. Training-only code
-(Muon, the training loop, corpus building) is not reached and not counted. docs/artifact-format.md has the
-definition for submitters.
+Following the imports rather than listing files keeps the count honest as the engine grows: a module the
+evaluation starts to import is counted the moment it is imported. What an evaluation does not import is not
+counted: training (loop, Muon, data download, corpus building), the artifact *writer*, the command-line front ends
+that turn flags into ``EvalOptions`` (``python -m service evaluate``), the HTTP service and the verifier.
+tests/test_code_bytes.py proves sufficiency: it copies only the counted files into an empty directory and
+evaluates an artifact from there, bit-identical to the normal run. docs/artifact-format.md §7 has the definition
+for submitters; ``python -m trainer.code_bytes`` prints the per-file breakdown.
 """
 
 from __future__ import annotations
 
 import ast
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-ROOT_FILES = ("trainer/artifact.py", "trainer/data/byte_accounting.py")
-ENGINE_DIR = "service/engine"
+ENTRY_POINTS = ("service/engine/run.py",)
 PROJECT_PACKAGES = ("trainer", "service")  # imports of these are followed; everything else is a dependency
+# Module -> why a compliant evaluation never loads it.
+NOT_COUNTED: dict[str, str] = {
+    "service.engine.ngram_hashed": "the hashed-940 reproduction: scores only the realised token, so it is "
+                                   "non-compliant by construction and only `--ngram hashed-940` loads it",
+    # Upstream .ptz artifacts are scored with the upstream submission's own train_gpt.py counted; pgolf's reader
+    # for them is never loaded by the evaluation of a .pgolf submission.
+    "trainer.upstream_artifact": "the reader of upstream .ptz artifacts; only a .ptz evaluation loads it",
+    "trainer.upstream_config": "reads an upstream train_gpt.py's config; only a .ptz evaluation loads it",
+}
 
 
 @dataclass(frozen=True)
@@ -35,19 +49,25 @@ class CodeBytes:
     files: dict[str, int]  # repo-relative POSIX path -> size in bytes, sorted by path
 
 
+@dataclass(frozen=True)
+class _Import:
+    module: str  # dotted name
+    required: bool  # False for ``from pkg import name``'s ``pkg.name``, which may be an attribute, not a module
+    top_level: bool  # executed when the importing module is imported (not inside a function)
+
+
 def counted_code_bytes(root: Path | str | None = None) -> CodeBytes:
     """Sum the byte sizes of the counted files under ``root`` (default: this checkout).
 
-    The root files must exist (a missing one would silently undercount) and so must every project module they
-    import; the engine files are whatever ``*.py`` exist under service/engine/ at call time. Every counted file
-    must be valid UTF-8.
+    The entry points must exist (a missing one would silently undercount) and so must every project module they
+    import. A ``NOT_COUNTED`` module imported at module level is an error: the evaluation could not run without
+    it. Every counted file must be valid UTF-8.
     """
     base = Path(root) if root is not None else REPO_ROOT
-    missing = [rel for rel in ROOT_FILES if not (base / rel).is_file()]
+    missing = [rel for rel in ENTRY_POINTS if not (base / rel).is_file()]
     if missing:
         raise FileNotFoundError(f"counted code files missing under {base}: {', '.join(missing)}")
-    engine = sorted(p for p in (base / ENGINE_DIR).rglob("*.py") if p.is_file())
-    pending = [base / rel for rel in ROOT_FILES] + engine
+    pending = [path for rel in ENTRY_POINTS for path in _module_files(base, _module_name(rel), importer=rel)]
     counted: dict[str, int] = {}
     while pending:
         path = pending.pop()
@@ -57,26 +77,40 @@ def counted_code_bytes(root: Path | str | None = None) -> CodeBytes:
         source = path.read_bytes()
         text = source.decode("utf-8")  # counted code is UTF-8 source; anything else is an error, not a count
         counted[rel] = len(source)
-        for module, required in _imported_modules(text, rel):
-            pending += _module_files(base, module, required=required, importer=rel)
+        for imported in _project_imports(text, rel):
+            excluded = _not_counted(imported.module)
+            if excluded is None:
+                pending += _module_files(base, imported.module, required=imported.required, importer=rel)
+            elif imported.top_level:
+                raise ValueError(f"{rel} imports {excluded} at module level, so every evaluation loads it; "
+                                 f"it is listed as not counted ({NOT_COUNTED[excluded]}): import it lazily")
     files = dict(sorted(counted.items()))
     return CodeBytes(total=sum(files.values()), files=files)
 
 
-def _imported_modules(source: str, rel: str) -> set[tuple[str, bool]]:
-    """(dotted module name, must exist) for every project import anywhere in a file.
+def _module_name(rel: str) -> str:
+    return rel.removesuffix(".py").replace("/", ".").removesuffix(".__init__")
+
+
+def _not_counted(module: str) -> str | None:
+    """The NOT_COUNTED entry that ``module`` is, or lies inside."""
+    return next((name for name in NOT_COUNTED if module == name or module.startswith(name + ".")), None)
+
+
+def _project_imports(source: str, rel: str) -> set[_Import]:
+    """Every project import anywhere in a file.
 
     ``from pkg import name`` yields ``pkg`` (must exist) and ``pkg.name`` (counted only if it is a module file:
     the name may be an attribute instead).
     """
     tree = ast.parse(source, filename=rel)
-    package = rel.removesuffix(".py").replace("/", ".").removesuffix(".__init__")
+    package = _module_name(rel)
     if not rel.endswith("__init__.py"):
         package = package.rpartition(".")[0]
-    modules: set[tuple[str, bool]] = set()
-    for node in _walk_runtime(tree):
+    found: set[_Import] = set()
+    for node, top_level in _walk_runtime(tree):
         if isinstance(node, ast.Import):
-            modules.update((alias.name, True) for alias in node.names)
+            found.update(_Import(alias.name, True, top_level) for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             if node.level:  # relative import: climb from the importing file's package
                 parts = package.split(".")
@@ -84,22 +118,24 @@ def _imported_modules(source: str, rel: str) -> set[tuple[str, bool]]:
                 base_module = ".".join(parts + ([node.module] if node.module else []))
             else:
                 base_module = node.module or ""
-            modules.add((base_module, True))
-            modules.update((f"{base_module}.{alias.name}", False) for alias in node.names if alias.name != "*")
-    return {(m, required) for m, required in modules if m.split(".")[0] in PROJECT_PACKAGES}
+            found.add(_Import(base_module, True, top_level))
+            found.update(_Import(f"{base_module}.{alias.name}", False, top_level)
+                         for alias in node.names if alias.name != "*")
+    return {i for i in found if i.module.split(".")[0] in PROJECT_PACKAGES}
 
 
-def _walk_runtime(tree: ast.AST):
-    """ast.walk, minus the bodies of ``if TYPE_CHECKING:`` (those imports never run)."""
-    stack = [tree]
+def _walk_runtime(tree: ast.AST) -> Iterator[tuple[ast.AST, bool]]:
+    """(node, runs at import time) for every node, minus the bodies of ``if TYPE_CHECKING:`` (never run)."""
+    stack: list[tuple[ast.AST, bool]] = [(tree, True)]
     while stack:
-        node = stack.pop()
-        yield node
+        node, top_level = stack.pop()
+        yield node, top_level
+        inner = top_level and not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
         for child in ast.iter_child_nodes(node):
             if isinstance(child, ast.If) and _is_type_checking(child.test):
-                stack.extend(child.orelse)
+                stack.extend((c, inner) for c in child.orelse)
                 continue
-            stack.append(child)
+            stack.append((child, inner))
 
 
 def _is_type_checking(test: ast.expr) -> bool:
@@ -108,7 +144,7 @@ def _is_type_checking(test: ast.expr) -> bool:
     )
 
 
-def _module_files(base: Path, module: str, *, required: bool, importer: str) -> list[Path]:
+def _module_files(base: Path, module: str, *, required: bool = True, importer: str) -> list[Path]:
     """The file of ``module`` plus the __init__.py of each enclosing package; [] for an optional name that is
     not a module. A required module that is not in the tree is an error (it would go uncounted)."""
     parts = module.split(".")
@@ -124,3 +160,17 @@ def _module_files(base: Path, module: str, *, required: bool, importer: str) -> 
         return []
     parents = [base.joinpath(*parts[:i], "__init__.py") for i in range(1, len(parts))]
     return [f for f in parents if f.is_file()] + [own]
+
+
+def main() -> int:
+    code = counted_code_bytes()
+    for rel, size in sorted(code.files.items(), key=lambda item: -item[1]):
+        print(f"{size:>8,}  {rel}")
+    print(f"{code.total:>8,}  total ({len(code.files)} files)")
+    for module, reason in NOT_COUNTED.items():
+        print(f"not counted: {module} ({reason})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

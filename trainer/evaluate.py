@@ -7,7 +7,6 @@ and all-reduced before dividing. The reported (sliding-window, TTT, n-gram) eval
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from trainer.data.byte_accounting import ByteTables, bits_per_byte, target_bytes_torch
+from trainer.model import autocast_for
 
 
 @dataclass(frozen=True)
@@ -24,10 +24,6 @@ class ValResult:
     bpb: float
     tokens: int
     bytes: int
-
-
-def autocast_for(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
 @torch.no_grad()

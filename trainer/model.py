@@ -20,6 +20,7 @@ its weight to the activation dtype and every learned scale is cast before it mul
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -86,6 +87,11 @@ CONTROL_TENSOR_NAME_PATTERNS = (
 def rms_norm(x: Tensor) -> Tensor:
     """RMSNorm over the last dim with no learned weight (used everywhere in the stack, default eps)."""
     return F.rms_norm(x, (x.size(-1),))
+
+
+def autocast_for(device: torch.device) -> AbstractContextManager:
+    """How the model runs on a device: under bf16 autocast on CUDA (training and scoring), plain fp32 elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
 class CastedLinear(nn.Linear):

@@ -26,13 +26,15 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from trainer import __version__
-from trainer.artifact import export_to_budget, load_model
+from trainer.artifact import load_model
 from trainer.code_bytes import counted_code_bytes
 from trainer.config import TrainConfig, to_dict
 from trainer.data.byte_accounting import ByteTables
-from trainer.data.loader import DistributedTokenLoader, load_validation_tokens
-from trainer.evaluate import ValResult, autocast_for, evaluate_non_overlapping
-from trainer.model import GPT
+from trainer.data.loader import DistributedTokenLoader
+from trainer.data.shards import load_validation_tokens
+from trainer.evaluate import ValResult, evaluate_non_overlapping
+from trainer.export import export_to_budget
+from trainer.model import GPT, autocast_for
 from trainer.muon import Muon
 
 TRAIN_TIME_LIMIT_MS = 600_000  # the challenge's limit, whatever cap a run was configured with

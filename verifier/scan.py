@@ -1,8 +1,8 @@
 """``python -m verifier scan PATH...``: static compliance scan of upstream-style submissions (files or record folders).
 
 The scanner parses each file with ``ast`` (it never imports or executes it), peels self-extracting lzma / zlib /
-base85 / base64 wrappers statically (``scan_unwrap``), runs a label-based data-flow analysis over the decoded code
-(``scan_flow``) and reports the violation patterns of the compliance rules:
+base85 / base64 wrappers statically (``trainer.source_unwrap``), runs a label-based data-flow analysis over the
+decoded code (``scan_flow``) and reports the violation patterns of the compliance rules:
 
 ====  ==========  ==============================================================================
 P1    C1+C2       the target token hashed into an n-gram lookup key whose count becomes a score
@@ -33,10 +33,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trainer.source_unwrap import UnwrapError, unwrap
 from verifier import scan_folder
 from verifier.scan_findings import CONFIDENCES, PATTERNS, Finding
 from verifier.scan_rules import analyse_source
-from verifier.scan_unwrap import UnwrapError, unwrap
 
 EXIT_CLEAN = 0
 EXIT_FINDINGS = 1

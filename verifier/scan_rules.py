@@ -20,6 +20,7 @@ import math
 import re
 from collections.abc import Callable
 
+from trainer.source_syntax import parse_python
 from verifier.scan_context import UNKNOWN, ConfigDefaults, RunContext
 from verifier.scan_findings import Finding
 from verifier.scan_flow import (
@@ -40,7 +41,6 @@ from verifier.scan_flow import (
     names_in,
 )
 from verifier.scan_order import OrderAnalysis, OrderRules
-from verifier.scan_syntax import parse_python
 
 MakeFinding = Callable[[str, str, ast.AST, str, str], Finding]
 

@@ -1,9 +1,9 @@
-"""Token loaders with the reference semantics (reference-stack §2.4 and §7.1).
+"""The training token loader with the reference semantics (reference-stack §2.4).
 
-Training: the sorted train shards are read as one endless stream (wrapping around, no shuffling). For each
-micro-step every rank takes a disjoint contiguous span of ``local + 1`` tokens out of the same stream chunk of
-``world_size · (local + 1)`` tokens, so the global batch is identical whatever the world size.
-Validation: all val shards concatenated in order, optionally truncated to ``((N−1)//seq)·seq + 1`` tokens.
+The sorted train shards are read as one endless stream (wrapping around, no shuffling). For each micro-step every
+rank takes a disjoint contiguous span of ``local + 1`` tokens out of the same stream chunk of
+``world_size · (local + 1)`` tokens, so the global batch is identical whatever the world size. Validation tokens
+are read by ``trainer.data.shards.load_validation_tokens``.
 """
 
 from __future__ import annotations
@@ -77,16 +77,3 @@ class DistributedTokenLoader:
         start, end = rank_span(len(chunk), self.rank, self.world_size)
         local = torch.from_numpy(chunk[start:end].astype(np.int64))
         return local[:-1].reshape(-1, seq_len), local[1:].reshape(-1, seq_len)
-
-
-def load_validation_tokens(data_dir: Path | str, seq_len: int | None = None,
-                           vocab_size: int | None = None) -> np.ndarray:
-    """All val shards in order; with ``seq_len``, truncated like the reference to a whole number of sequences + 1."""
-    parts = [read_shard(p, vocab_size) for p in shard_paths(data_dir, "val")]
-    tokens = parts[0] if len(parts) == 1 else np.concatenate(parts)
-    if seq_len is not None:
-        usable = ((len(tokens) - 1) // seq_len) * seq_len
-        if usable <= 0:
-            raise ValueError(f"validation split has {len(tokens)} tokens, fewer than one sequence of {seq_len} + 1")
-        tokens = tokens[: usable + 1]
-    return tokens

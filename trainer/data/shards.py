@@ -3,6 +3,8 @@
 A shard is 256 little-endian int32 header words (magic 20240520, version 1, token count, zeros), followed by
 `count` little-endian uint16 token ids. The file size must be exactly 1024 + 2·count. Every reader in the project
 goes through `read_shard`, so a malformed file is refused in one place with a message naming the file.
+The validation split (reference-stack §7.1) is all val shards concatenated in order, optionally truncated to
+`((N−1)//seq)·seq + 1` tokens (`load_validation_tokens`).
 """
 
 from __future__ import annotations
@@ -110,3 +112,16 @@ def shard_paths(data_dir: Path | str, split: str) -> list[Path]:
     if not paths:
         raise FileNotFoundError(f"no {split} shards (*_{split}_*.bin) in {data_dir}")
     return paths
+
+
+def load_validation_tokens(data_dir: Path | str, seq_len: int | None = None,
+                           vocab_size: int | None = None) -> np.ndarray:
+    """All val shards in order; with ``seq_len``, truncated like the reference to a whole number of sequences + 1."""
+    parts = [read_shard(p, vocab_size) for p in shard_paths(data_dir, "val")]
+    tokens = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    if seq_len is not None:
+        usable = ((len(tokens) - 1) // seq_len) * seq_len
+        if usable <= 0:
+            raise ValueError(f"validation split has {len(tokens)} tokens, fewer than one sequence of {seq_len} + 1")
+        tokens = tokens[: usable + 1]
+    return tokens

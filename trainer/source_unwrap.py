@@ -23,7 +23,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from verifier.scan_syntax import parse_python
+from trainer.source_syntax import parse_python
 
 # A real script is at most a few hundred kilobytes; the whole submission is capped at 16 MB.
 MAX_DECODED_BYTES = 16_000_000
