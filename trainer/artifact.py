@@ -13,11 +13,13 @@ The decompressed payload is the concatenation, in manifest order, of every tenso
 The reader treats the file as hostile: it never unpickles or executes anything, checks the size before reading,
 validates every manifest field, verifies both hashes, decompresses with a hard bound, checks the tensor table
 against the model that the manifest's config builds, and checks the decoded values. Each refusal has its own
-``ArtifactError`` subclass with a ``code`` slug.
+``ArtifactError`` subclass with a ``code`` slug, and nothing else escapes: every manifest field is checked against
+an explicit bound (docs/artifact-format.md §5) before any size, count or loop depends on it.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -45,7 +47,6 @@ from trainer.encodings import (
     STORAGE_DTYPE,
     TORCH_DTYPES,
     QuantizedTensor,
-    block_index,
     dequantize_tensor,
     num_rows,
 )
@@ -60,6 +61,43 @@ SUBMISSION_LIMIT_BYTES = 16_000_000  # artifact + counted code, decimal bytes
 MAX_MANIFEST_BYTES = 1 << 20  # a pr940 manifest is ~15 kB
 MAX_RAW_NBYTES = 256 << 20  # hard bound on the declared decompressed payload
 MAX_TENSOR_NDIM = 8
+MAX_TENSORS = 4096  # a pr940 artifact has 190
+MAX_NAME_CHARS = 256
+MAX_MANIFEST_DEPTH = 8  # a valid manifest nests 4 deep (manifest → tensors → record → shape)
+MAX_INT_DIGITS = 20  # any integer field of the format fits in 64 bits
+MAX_CODE_FILES = 10_000
+MAX_TRAINING_FIELDS = 256
+MAX_TRAINING_STRING_CHARS = 4096
+MAX_WORLD_SIZE = 1 << 16
+MAX_COUNT = 2**63 - 1  # training.seed, steps, code byte counts: what a 64-bit integer holds
+# Inclusive bounds of ModelConfig's numeric fields. An integer field without a bound here is refused (a new
+# field must get one); float fields without one must lie within ±DEFAULT_FLOAT_BOUND. The model's own
+# consistency rules (divisibility, rope_dims ≤ head_dim, bos_id < vocab_size, ...) are checked by building it.
+MODEL_CONFIG_BOUNDS: dict[str, tuple[float, float]] = {
+    "vocab_size": (2, 1 << 17),
+    "num_layers": (1, 64),
+    "model_dim": (1, 8192),
+    "num_heads": (1, 256),
+    "num_kv_heads": (1, 256),
+    "mlp_mult": (1, 16),
+    "rope_dims": (0, 8192),
+    "rope_train_seq_len": (1, 1 << 20),
+    "xsa_last_n": (0, 64),
+    "bigram_buckets": (0, 1 << 20),
+    "bigram_dim": (0, 8192),
+    "bos_id": (0, 1 << 17),
+    "leaky_relu_slope": (-1.0, 1.0),
+    "rope_base": (1.0, 1e12),
+    "logit_softcap": (1e-3, 1e4),
+    "tied_embed_init_std": (0.0, 10.0),
+    "qk_gain_init": (-1e3, 1e3),
+    "attn_gate_bias_init": (-1e3, 1e3),
+}
+DEFAULT_FLOAT_BOUND = 1e6
+# Besides the dtype a tensor is restored to, the evaluation may compute in bf16 (CUDA autocast, see
+# trainer.evaluate.autocast_for; linear layers cast their weights to the activation dtype): a weight must be
+# finite in every one of these, or the model would compute with inf.
+COMPUTE_DTYPES = (torch.bfloat16,)
 _DECOMPRESS_CHUNK = 1 << 20
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
@@ -190,7 +228,8 @@ def parse_artifact(data: bytes, *, max_file_bytes: int = SUBMISSION_LIMIT_BYTES)
         raise HashMismatch(f"raw payload sha256 {raw_digest} does not match manifest {payload_info['raw_sha256']}")
 
     tensors = [_decode_tensor(record, raw) for record in manifest["tensors"]]
-    state_dict = {qt.name: dequantize_tensor(qt) for qt in tensors}
+    del raw
+    state_dict = {qt.name: _finite_as_used(qt.name, dequantize_tensor(qt)) for qt in tensors}
     return Artifact(manifest, state_dict, tensors, len(data), hashlib.sha256(data).hexdigest())
 
 
@@ -232,6 +271,7 @@ def _read_header_and_manifest(data: bytes) -> tuple[dict[str, Any], int]:
         manifest = json.loads(
             data[HEADER_NBYTES:payload_start].decode("utf-8"),
             parse_float=_finite_float,
+            parse_int=_bounded_int,
             parse_constant=_reject_constant,
             object_pairs_hook=_unique_keys,
         )
@@ -239,7 +279,26 @@ def _read_header_and_manifest(data: bytes) -> tuple[dict[str, Any], int]:
         raise ManifestNotJSON(f"manifest is not valid UTF-8 JSON: {exc}") from None
     if not isinstance(manifest, dict):
         raise SchemaViolation(f"manifest must be a JSON object, got {type(manifest).__name__}")
+    _check_depth(manifest)
     return manifest, payload_start
+
+
+def _bounded_int(text: str) -> int:
+    # Python refuses int() of 4,300+ digits only after work quadratic in the length; refuse far earlier.
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"integer literal of {len(text)} characters (at most {MAX_INT_DIGITS} digits)")
+    return int(text)
+
+
+def _check_depth(manifest: dict[str, Any]) -> None:
+    """Refuse nesting deeper than any valid manifest has, iteratively (no recursion on attacker data)."""
+    stack: list[tuple[Any, int]] = [(manifest, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_MANIFEST_DEPTH:
+            raise SchemaViolation(f"manifest nests deeper than {MAX_MANIFEST_DEPTH} levels")
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
 
 
 def _finite_float(text: str) -> float:
@@ -257,12 +316,12 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj: dict[str, Any] = {}
     for key, value in pairs:
         if key in obj:
-            raise ValueError(f"duplicate key {key!r}")
+            raise ValueError(f"duplicate key {_show(key)}")
         obj[key] = value
     return obj
 
 
-def _bounded_decompress(compressed: bytes, raw_nbytes: int) -> bytes:
+def _bounded_decompress(compressed: bytes, raw_nbytes: int) -> bytearray:
     """Decompress at most ``raw_nbytes + 1`` bytes: one byte more than declared is proof of a lie."""
     dctx = zstandard.ZstdDecompressor(max_window_size=1 << 27)
     out = bytearray()
@@ -279,10 +338,25 @@ def _bounded_decompress(compressed: bytes, raw_nbytes: int) -> bytes:
         raise DecompressionBomb(f"payload decompresses past its declared raw size of {raw_nbytes} bytes")
     if len(out) < raw_nbytes:
         raise PayloadCorrupt(f"payload decompresses to {len(out)} bytes, manifest declares {raw_nbytes}")
-    return bytes(out)
+    return out
 
 
-def _decode_tensor(record: Mapping[str, Any], raw: bytes) -> QuantizedTensor:
+def _finite_as_used(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """Refuse a float tensor that is not finite in its restored dtype or in a dtype the model computes in.
+
+    The stored values were checked already, but finite there is not finite here: an fp32 value of 1e5 becomes
+    inf when restored to float16, a row-quantised q · scale up to 127 · 65504 overflows float16, and an fp32
+    value near its maximum rounds to inf in bfloat16.
+    """
+    if not tensor.is_floating_point():
+        return tensor
+    for dtype in (tensor.dtype, *COMPUTE_DTYPES):
+        if not bool(torch.isfinite(tensor if dtype == tensor.dtype else tensor.to(dtype)).all()):
+            raise InvalidTensorData(f"{name}: values are not finite in {str(dtype).removeprefix('torch.')}")
+    return tensor
+
+
+def _decode_tensor(record: Mapping[str, Any], raw: bytes | bytearray) -> QuantizedTensor:
     name, encoding, dtype = record["name"], record["encoding"], record["dtype"]
     storage = RAW_NUMPY_DTYPES[dtype] if encoding == RAW else STORAGE_DTYPE[encoding]
     values = np.frombuffer(raw, dtype=storage, count=record["nbytes"] // storage.itemsize, offset=record["offset"])
@@ -344,6 +418,12 @@ def _require(condition: bool, message: str) -> None:
         raise SchemaViolation(message)
 
 
+def _show(value: Any, limit: int = 80) -> str:
+    """repr of an untrusted value, cut short: refusal messages must not echo a megabyte of manifest."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def validate_manifest(manifest: dict[str, Any]) -> None:
     """Every field of a manifest against the schema (the writer runs it on what it writes, too)."""
     _require_keys(manifest, "manifest", _TOP_LEVEL)
@@ -356,7 +436,7 @@ def validate_manifest(manifest: dict[str, Any]) -> None:
 
 
 def _config_kwargs(config: Any) -> dict[str, Any]:
-    """Check a model_config object against ModelConfig's fields and types; return constructor kwargs."""
+    """Check a model_config object against ModelConfig's fields, types and MODEL_CONFIG_BOUNDS; return kwargs."""
     hints = typing.get_type_hints(ModelConfig)
     names = [f.name for f in fields(ModelConfig)]
     _require_keys(config, "model_config", names)
@@ -365,18 +445,26 @@ def _config_kwargs(config: Any) -> dict[str, Any]:
         value, hint = config[name], hints[name]
         where = f"model_config.{name}"
         if hint is bool:
-            _require(isinstance(value, bool), f"{where} must be a boolean, got {value!r}")
+            _require(isinstance(value, bool), f"{where} must be a boolean, got {_show(value)}")
         elif hint is int:
-            _require(_is_int(value), f"{where} must be an integer, got {value!r}")
+            _require(_is_int(value), f"{where} must be an integer, got {_show(value)}")
+            if name not in MODEL_CONFIG_BOUNDS:  # a new integer field: bound it before it sizes anything
+                raise SchemaViolation(f"{where}: this reader has no bound for the field")
+            _require_within(value, MODEL_CONFIG_BOUNDS[name], where)
         elif hint is float:
-            _require(_is_number(value), f"{where} must be a finite number, got {value!r}")
+            _require(_is_number(value), f"{where} must be a finite number, got {_show(value)}")
             value = float(value)
+            _require_within(value, MODEL_CONFIG_BOUNDS.get(name, (-DEFAULT_FLOAT_BOUND, DEFAULT_FLOAT_BOUND)), where)
         elif hint is str:
-            _require(isinstance(value, str), f"{where} must be a string, got {value!r}")
+            _require(isinstance(value, str) and len(value) <= MAX_NAME_CHARS,
+                     f"{where} must be a string of at most {MAX_NAME_CHARS} characters")
         elif typing.get_origin(hint) is tuple and typing.get_args(hint)[:1] == (int,):
+            lo, hi = MODEL_CONFIG_BOUNDS.get(name, (0, 0))
             _require(
-                isinstance(value, list) and all(_is_int(v) for v in value),
-                f"{where} must be a list of integers, got {value!r}",
+                isinstance(value, list) and len(value) <= MODEL_CONFIG_BOUNDS["num_layers"][1]
+                and all(_is_int(v) and lo <= v <= hi for v in value),
+                f"{where} must be a list of at most {MODEL_CONFIG_BOUNDS['num_layers'][1]} integers in "
+                f"[{lo:g}, {hi:g}]",
             )
             value = tuple(value)
         else:  # a ModelConfig field type this reader does not know how to validate
@@ -385,16 +473,22 @@ def _config_kwargs(config: Any) -> dict[str, Any]:
     return kwargs
 
 
+def _require_within(value: float, bounds: tuple[float, float], where: str) -> None:
+    lo, hi = bounds
+    _require(lo <= value <= hi, f"{where} is {_show(value)}, outside the bounds [{lo:g}, {hi:g}]")
+
+
 def _validate_sha256(value: Any, where: str, error: type[ArtifactError] = SchemaViolation) -> None:
     if not (isinstance(value, str) and _SHA256_HEX.fullmatch(value)):
-        raise error(f"{where} must be 64 lowercase hex digits, got {value!r}")
+        raise error(f"{where} must be 64 lowercase hex digits, got {_show(value)}")
 
 
 def _validate_payload(payload: Any) -> None:
     _require_keys(payload, "payload", _PAYLOAD)
-    _require(payload["compression"] == "zstd", f"payload.compression must be 'zstd', got {payload['compression']!r}")
+    compression = payload["compression"]
+    _require(compression == "zstd", f"payload.compression must be 'zstd', got {_show(compression)}")
     level = payload["level"]
-    _require(_is_int(level) and 1 <= level <= 22, f"payload.level must be a zstd level 1-22, got {level!r}")
+    _require(_is_int(level) and 1 <= level <= 22, f"payload.level must be a zstd level 1-22, got {_show(level)}")
     for key in ("compressed_nbytes", "raw_nbytes"):
         _require(_is_int(payload[key]) and payload[key] >= 0, f"payload.{key} must be a non-negative integer")
     for key in ("compressed_sha256", "raw_sha256"):
@@ -408,26 +502,32 @@ def _validate_payload(payload: Any) -> None:
 def _validate_tensor_table(tensors: Any, raw_nbytes: int) -> None:
     """Tensor records must be well-typed and tile the raw payload exactly: no gaps, no overlaps, no tail."""
     _require(isinstance(tensors, list) and tensors, "tensors must be a non-empty list")
+    _require(len(tensors) <= MAX_TENSORS, f"tensors lists {len(tensors)} records, more than the bound {MAX_TENSORS}")
     seen: set[str] = set()
     cursor = 0
     for index, record in enumerate(tensors):
         where = f"tensors[{index}]"
         _require(isinstance(record, dict), f"{where} must be an object")
         encoding = record.get("encoding")
-        _require(encoding in ENCODINGS, f"{where}.encoding {encoding!r} is not one of {', '.join(ENCODINGS)}")
+        _require(encoding in ENCODINGS, f"{where}.encoding {_show(encoding)} is not one of {', '.join(ENCODINGS)}")
         _require_keys(record, where, _TENSOR_KEYS + (_SCALE_KEYS if encoding in ROW_QMAX else ()))
         name = record["name"]
-        _require(isinstance(name, str) and name != "", f"{where}.name must be a non-empty string")
+        _require(isinstance(name, str) and 0 < len(name) <= MAX_NAME_CHARS,
+                 f"{where}.name must be a string of 1 to {MAX_NAME_CHARS} characters")
         _require(name not in seen, f"{where}: duplicate tensor name {name!r}")
         seen.add(name)
         where = f"tensor {name!r}"
         dtype = record["dtype"]
         allowed = RAW_NUMPY_DTYPES if encoding == RAW else FLOAT_DTYPE_NAMES
-        _require(dtype in allowed, f"{where}: dtype {dtype!r} cannot use encoding {encoding!r}")
+        _require(isinstance(dtype, str) and dtype in allowed,
+                 f"{where}: dtype {_show(dtype)} cannot use encoding {encoding!r}")
         shape = record["shape"]
+        # No dimension can exceed the payload bound, so the element count below is a product of small numbers.
         _require(
-            isinstance(shape, list) and len(shape) <= MAX_TENSOR_NDIM and all(_is_int(d) and d >= 0 for d in shape),
-            f"{where}: shape must be a list of at most {MAX_TENSOR_NDIM} non-negative integers, got {shape!r}",
+            isinstance(shape, list) and len(shape) <= MAX_TENSOR_NDIM
+            and all(_is_int(d) and 0 <= d <= MAX_RAW_NBYTES for d in shape),
+            f"{where}: shape must be a list of at most {MAX_TENSOR_NDIM} non-negative integers of at most "
+            f"{MAX_RAW_NBYTES}, got {_show(shape)}",
         )
         numel = math.prod(shape)
         itemsize = (RAW_NUMPY_DTYPES[dtype] if encoding == RAW else STORAGE_DTYPE[encoding]).itemsize
@@ -450,22 +550,27 @@ def _validate_tensor_table(tensors: Any, raw_nbytes: int) -> None:
 
 def _validate_training(training: Any) -> None:
     _require_keys(training, "training", _TRAINING_REQUIRED, extra_ok=True)
-    _require(_is_int(training["seed"]), "training.seed must be an integer")
-    _require(_is_int(training["steps"]) and training["steps"] >= 0, "training.steps must be a non-negative integer")
+    _require(len(training) <= MAX_TRAINING_FIELDS, f"training has more than {MAX_TRAINING_FIELDS} fields")
+    _require(_is_int(training["seed"]) and abs(training["seed"]) <= MAX_COUNT, "training.seed must be an integer")
+    _require(_is_int(training["steps"]) and 0 <= training["steps"] <= MAX_COUNT,
+             "training.steps must be a non-negative integer")
     _require(
-        _is_int(training["world_size"]) and training["world_size"] >= 1,
-        "training.world_size must be a positive integer",
+        _is_int(training["world_size"]) and 1 <= training["world_size"] <= MAX_WORLD_SIZE,
+        f"training.world_size must be an integer in [1, {MAX_WORLD_SIZE}]",
     )
     _require(
-        _is_number(training["train_time_ms"]) and training["train_time_ms"] >= 0,
+        _is_number(training["train_time_ms"]) and 0 <= training["train_time_ms"] <= MAX_COUNT,
         "training.train_time_ms must be a non-negative number",
     )
     for key in ("device", "code_version"):
         _require(isinstance(training[key], str), f"training.{key} must be a string")
     for key, value in training.items():
+        _require(len(key) <= MAX_NAME_CHARS, f"training has a field name over {MAX_NAME_CHARS} characters")
         _require(
-            value is None or isinstance(value, (str, bool)) or _is_number(value),
-            f"training.{key} must be a string, number, boolean or null",
+            value is None or isinstance(value, bool) or _is_number(value)
+            or (isinstance(value, str) and len(value) <= MAX_TRAINING_STRING_CHARS),
+            f"training.{key} must be a string (at most {MAX_TRAINING_STRING_CHARS} characters), number, boolean "
+            f"or null",
         )
 
 
@@ -473,8 +578,10 @@ def _validate_code_bytes(code_bytes: Any) -> None:
     _require_keys(code_bytes, "code_bytes", ("total", "files"))
     files = code_bytes["files"]
     _require(
-        isinstance(files, dict) and all(_is_int(n) and n >= 0 for n in files.values()),
-        "code_bytes.files must map paths to non-negative integers",
+        isinstance(files, dict) and len(files) <= MAX_CODE_FILES
+        and all(len(path) <= MAX_NAME_CHARS and _is_int(n) and 0 <= n <= MAX_COUNT for path, n in files.items()),
+        f"code_bytes.files must map at most {MAX_CODE_FILES} paths (of at most {MAX_NAME_CHARS} characters) to "
+        f"non-negative integers",
     )
     _require(
         _is_int(code_bytes["total"]) and code_bytes["total"] == sum(files.values()),
@@ -484,11 +591,12 @@ def _validate_code_bytes(code_bytes: Any) -> None:
 
 def _validate_tokenizer(tokenizer: Any, model_vocab_size: int) -> None:
     if not isinstance(tokenizer, dict) or set(tokenizer) != {"sha256", "vocab_size"}:
-        raise TokenizerFieldError(f"tokenizer must be an object with exactly sha256 and vocab_size, got {tokenizer!r}")
+        raise TokenizerFieldError(
+            f"tokenizer must be an object with exactly sha256 and vocab_size, got {_show(tokenizer)}")
     _validate_sha256(tokenizer["sha256"], "tokenizer.sha256", TokenizerFieldError)
     vocab = tokenizer["vocab_size"]
     if not (_is_int(vocab) and vocab > 0):
-        raise TokenizerFieldError(f"tokenizer.vocab_size must be a positive integer, got {vocab!r}")
+        raise TokenizerFieldError(f"tokenizer.vocab_size must be a positive integer, got {_show(vocab)}")
     if vocab != model_vocab_size:
         raise TokenizerFieldError(
             f"tokenizer.vocab_size {vocab} disagrees with model_config.vocab_size {model_vocab_size}"
@@ -500,24 +608,18 @@ def _validate_tokenizer(tokenizer: Any, model_vocab_size: int) -> None:
 
 
 def check_against_model(manifest: Mapping[str, Any]) -> None:
-    """Build GPT(config) on the meta device (no memory, no init cost) and compare names, shapes, dtype kinds."""
+    """Compare the tensor table with the model the config builds: parameter count first, then names, shapes and
+    dtype kinds. The config's fields are already within MODEL_CONFIG_BOUNDS, so building it is cheap."""
     records = {r["name"]: r for r in manifest["tensors"]}
-    config_kwargs = _config_kwargs(manifest["model_config"])
-    # Bound the model before building it: every layer owns tensors named blocks.{i}.*, so a config cannot ask for
-    # more layers than the table describes (the table itself is bounded by the manifest size).
-    layers = {i for i in map(block_index, records) if i is not None}
-    num_layers = config_kwargs["num_layers"]
-    if layers != set(range(num_layers)):
+    expected = _expected_tensors(ModelConfig(**_config_kwargs(manifest["model_config"])))
+    # Every parameter takes at least one byte of the decompressed payload (int8 containers are the smallest).
+    parameters = sum(math.prod(shape) for shape, _ in expected.values())
+    raw_nbytes = manifest["payload"]["raw_nbytes"]
+    if parameters > raw_nbytes:
         raise ShapeMismatch(
-            f"model_config.num_layers is {num_layers} but the tensors describe blocks {sorted(layers)}"
+            f"model_config describes {parameters} parameters, which need at least {parameters} bytes, but "
+            f"payload.raw_nbytes declares {raw_nbytes}"
         )
-    try:
-        config = ModelConfig(**config_kwargs)
-        with torch.device("meta"):
-            expected = GPT(config).state_dict()
-    except Exception as exc:  # untrusted config: any failure to build (even ZeroDivisionError) means invalid
-        raise SchemaViolation(f"model_config does not build a model: {type(exc).__name__}: {exc}") from None
-
     missing = [n for n in expected if n not in records]
     unexpected = [n for n in records if n not in expected]
     if missing or unexpected:
@@ -525,9 +627,22 @@ def check_against_model(manifest: Mapping[str, Any]) -> None:
             f"tensor names disagree with the model: missing {missing[:5]}{'…' if len(missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}"
         )
-    for name, tensor in expected.items():
+    for name, (shape, is_float) in expected.items():
         record = records[name]
-        if tuple(record["shape"]) != tuple(tensor.shape):
-            raise ShapeMismatch(f"{name}: artifact shape {record['shape']} but model expects {list(tensor.shape)}")
-        if TORCH_DTYPES[record["dtype"]].is_floating_point != tensor.is_floating_point():
-            raise ShapeMismatch(f"{name}: artifact dtype {record['dtype']} but model has {tensor.dtype}")
+        if tuple(record["shape"]) != shape:
+            raise ShapeMismatch(f"{name}: artifact shape {record['shape']} but model expects {list(shape)}")
+        if TORCH_DTYPES[record["dtype"]].is_floating_point != is_float:
+            raise ShapeMismatch(f"{name}: artifact dtype {record['dtype']} but model has a "
+                                f"{'float' if is_float else 'non-float'} tensor")
+
+
+@functools.lru_cache(maxsize=16)
+def _expected_tensors(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """name → (shape, is floating point) of GPT(config)'s state_dict, built on the meta device (no memory, no
+    init cost). Cached: the validator sees the same few configs again and again."""
+    try:
+        with torch.device("meta"):
+            state = GPT(config).state_dict()
+    except Exception as exc:  # untrusted config: any failure to build (even ZeroDivisionError) means invalid
+        raise SchemaViolation(f"model_config does not build a model: {type(exc).__name__}: {exc}") from None
+    return {name: (tuple(t.shape), t.is_floating_point()) for name, t in state.items()}

@@ -9,8 +9,10 @@ chunk, whatever the number of concurrent uploads.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import re
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -19,7 +21,14 @@ from typing import BinaryIO
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from service.api.admission import UploadRefused
+from service.api.storage import StorageFull
+
 ARTIFACT_FIELD = "artifact"
+# Upstream .ptz artifacts come with their submission's train_gpt.py, from which the model config is read. A real
+# one is under 120 kB; the part is kept in memory and cut off past this.
+CODE_FIELD = "code"
+MAX_CODE_BYTES = 1_000_000
 MAX_TEXT_FIELDS = 16
 MAX_TEXT_FIELD_BYTES = 1024
 # Multipart framing around the file (boundaries, part headers, option fields) stays far below this; a body
@@ -28,6 +37,9 @@ MAX_FORM_OVERHEAD_BYTES = 64 * 1024
 # After the cap is passed the rest of the body is read and thrown away, up to this much, so that an ordinary
 # client gets to read the 413 instead of a connection reset; a longer body is simply cut.
 DRAIN_LIMIT_BYTES = 1 << 20
+# RFC 2046 section 5.1.1: 1 to 70 characters of this set, not ending in a space.
+_BOUNDARY = re.compile(rb"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class UploadError(ValueError):
@@ -43,6 +55,15 @@ class UploadTooLarge(UploadError):
 
 
 @dataclass
+class CodeTooLarge(UploadTooLarge):
+    """The code part passed MAX_CODE_BYTES (HTTP 413)."""
+
+    def __init__(self) -> None:
+        ValueError.__init__(self, f"the code part exceeds {MAX_CODE_BYTES:,} bytes; upload discarded")
+        self.cap_bytes = MAX_CODE_BYTES
+
+
+@dataclass
 class Upload:
     """An artifact safely on disk, with its exact size and sha256, plus the small text fields of the form."""
 
@@ -50,16 +71,23 @@ class Upload:
     size_bytes: int
     sha256: str
     fields: dict[str, str] = field(default_factory=dict)
+    code: bytes | None = None  # the optional 'code' part (an upstream submission's train_gpt.py)
 
     def discard(self) -> None:
         self.path.unlink(missing_ok=True)
 
 
+def max_body_bytes(cap_bytes: int) -> int:
+    """The longest request body an artifact of `cap_bytes` can need (with an upstream submission's code part),
+    framing included, chunked or not."""
+    return cap_bytes + MAX_CODE_BYTES + MAX_FORM_OVERHEAD_BYTES
+
+
 def content_length_too_large(content_length: str | None, cap_bytes: int) -> bool:
     """True when the declared body size alone proves the artifact is over the cap."""
-    if content_length is None or not content_length.isdigit():
+    if content_length is None or not re.fullmatch(r"[0-9]{1,19}", content_length):
         return False
-    return int(content_length) > cap_bytes + MAX_FORM_OVERHEAD_BYTES
+    return int(content_length) > max_body_bytes(cap_bytes)
 
 
 class _FormCollector:
@@ -78,6 +106,7 @@ class _FormCollector:
         self._part_name: str | None = None
         self._part_is_file = False
         self._text = bytearray()
+        self.code: bytearray | None = None
 
     def callbacks(self) -> dict:
         return {
@@ -111,6 +140,10 @@ class _FormCollector:
             if self.artifact_parts > 1:
                 raise UploadError(f"send exactly one '{ARTIFACT_FIELD}' part")
             self._part_is_file = True
+        elif self._part_name == CODE_FIELD:
+            if self.code is not None:
+                raise UploadError(f"send at most one '{CODE_FIELD}' part")
+            self.code = bytearray()
         elif len(self.fields) >= MAX_TEXT_FIELDS:
             raise UploadError(f"too many form fields (at most {MAX_TEXT_FIELDS})")
 
@@ -122,13 +155,17 @@ class _FormCollector:
             chunk = memoryview(data)[start:end]  # no copy of the network chunk
             self.digest.update(chunk)
             self.artifact_file.write(chunk)
+        elif self._part_name == CODE_FIELD and self.code is not None:
+            self.code.extend(data[start:end])
+            if len(self.code) > MAX_CODE_BYTES:
+                raise CodeTooLarge()
         else:
             self._text.extend(data[start:end])
             if len(self._text) > MAX_TEXT_FIELD_BYTES:
                 raise UploadError(f"form field '{self._part_name}' is longer than {MAX_TEXT_FIELD_BYTES} bytes")
 
     def _on_part_end(self) -> None:
-        if not self._part_is_file and self._part_name is not None:
+        if not self._part_is_file and self._part_name not in (None, CODE_FIELD):
             self.fields[self._part_name] = self._text.decode("utf-8", "replace")
 
 
@@ -143,32 +180,49 @@ async def receive_upload(
     media_type, params = parse_options_header(content_type)
     if media_type != b"multipart/form-data" or not params.get(b"boundary"):
         raise UploadError("send the artifact as multipart/form-data with a field named 'artifact'")
-    scratch_dir.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix="upload-", suffix=".part", dir=scratch_dir)
+    if not _BOUNDARY.fullmatch(params[b"boundary"]):
+        raise UploadError("the multipart boundary must be 1 to 70 characters of the set RFC 2046 allows")
+    try:
+        scratch_dir.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(prefix="upload-", suffix=".part", dir=scratch_dir)
+    except OSError as error:
+        raise _disk_error(error) from None
     path = Path(name)
     try:
-        with os.fdopen(handle, "wb") as artifact_file:
-            collector = _FormCollector(artifact_file, cap_bytes)
-            parser = MultipartParser(params[b"boundary"], collector.callbacks())
-            try:
-                async for chunk in body:
-                    parser.write(chunk)
-                parser.finalize()
-            except UploadTooLarge:
-                artifact_file.close()
-                path.unlink(missing_ok=True)
-                await _drain(body, DRAIN_LIMIT_BYTES)
-                raise
-            except UploadError:
-                raise
-            except Exception as error:  # python-multipart's parse errors: the body is not valid multipart
-                raise UploadError(f"malformed multipart body: {error}") from None
+        try:
+            with os.fdopen(handle, "wb") as artifact_file:
+                collector = _FormCollector(artifact_file, cap_bytes)
+                parser = MultipartParser(params[b"boundary"], collector.callbacks())
+                try:
+                    async for chunk in body:
+                        parser.write(chunk)
+                    parser.finalize()
+                except UploadTooLarge:
+                    artifact_file.close()
+                    path.unlink(missing_ok=True)
+                    await _drain(body, DRAIN_LIMIT_BYTES)
+                    raise
+                except (UploadError, OSError, UploadRefused):
+                    raise
+                except Exception as error:  # python-multipart's parse errors: the body is not valid multipart
+                    raise UploadError(f"malformed multipart body: {error}") from None
+        except OSError as error:  # writing or closing the scratch file: the disk, not the client
+            raise _disk_error(error) from None
         if collector.artifact_parts == 0:
             raise UploadError(f"the form has no '{ARTIFACT_FIELD}' file part")
-        return Upload(path, collector.artifact_size, collector.digest.hexdigest(), collector.fields)
+        code = None if collector.code is None else bytes(collector.code)
+        return Upload(path, collector.artifact_size, collector.digest.hexdigest(), collector.fields, code)
     except BaseException:
         path.unlink(missing_ok=True)
         raise
+
+
+def _disk_error(error: OSError) -> Exception:
+    """A full disk is the service's condition (507), not a bad upload; any other OS error stays an error."""
+    if error.errno in _DISK_FULL:
+        return StorageFull(f"the service's upload space is full ({os.strerror(error.errno)}); the upload was "
+                           "discarded, nothing was stored")
+    return error
 
 
 async def _drain(body: AsyncIterator[bytes], limit_bytes: int) -> None:

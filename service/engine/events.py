@@ -13,6 +13,7 @@ when no byte has been scored yet.
 from __future__ import annotations
 
 import math
+import resource
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,10 +51,13 @@ def start_event(*, config: dict[str, Any], artifact_sha256: str | None, tokens: 
 
 
 def chunk_event(*, index: int, target_range: tuple[int, int], chunk: Totals, running: Totals,
-                trained_range: tuple[int, int] | None, elapsed_s: float, phase_seconds: dict[str, float]) -> Event:
+                trained_range: tuple[int, int] | None, elapsed_s: float, phase_seconds: dict[str, float],
+                distribution: dict[str, Any] | None = None, ngram_stats: dict[str, float] | None = None) -> Event:
     """One chunk, after its scores were committed and (with TTT) after the model trained on it.
 
     ``trained_range`` is the range of target positions the model was then trained on (None: no training).
+    ``distribution``: C2 over the chunk's scored positions (vectors summed, max |Σp − 1|, max |p_vector(x_t) −
+    p_shortcut(x_t)|); ``ngram_stats``: the mixer's counters for the chunk (tilt: hints and gates), or None.
     """
     return {
         "type": CHUNK,
@@ -69,6 +73,8 @@ def chunk_event(*, index: int, target_range: tuple[int, int], chunk: Totals, run
         "trained_range": list(trained_range) if trained_range is not None else None,
         "elapsed_s": round(elapsed_s, 4),
         "phase_seconds": {name: round(seconds, 4) for name, seconds in phase_seconds.items()},
+        "distribution": distribution,
+        "ngram_stats": ngram_stats,
     }
 
 
@@ -93,3 +99,17 @@ def error_event(*, code: str, reason: str, totals: Totals | None = None, elapsed
     """``code`` is a short slug (e.g. "tokenizer_mismatch", "bad_artifact", "internal"); ``reason`` is plain text."""
     return {"type": ERROR, "code": code, "reason": reason, **_partial(totals or Totals()),
             "elapsed_s": round(elapsed_s, 4)}
+
+
+def allocation_failure_reason(error: BaseException) -> str | None:
+    """A clear reason when ``error`` is a failed allocation (typically under an address-space rlimit), else None.
+
+    Python raises MemoryError; torch's CPU allocator raises RuntimeError("... can't allocate memory ..."),
+    whatever the tensor op, so both are recognised.
+    """
+    if not (isinstance(error, MemoryError) or "can't allocate memory" in str(error)):
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return "memory allocation failed (no address-space limit is set: the host is out of memory)"
+    return f"memory allocation failed under the address-space limit of {soft} bytes ({soft / (1 << 30):.2f} GiB)"
