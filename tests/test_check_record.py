@@ -86,7 +86,7 @@ def test_a_final_step_overshoot_is_warn_and_strict_fails_it(tmp_path: Path) -> N
     folder = make_record(tmp_path, {"train_seed1.log": march_log(1, 600_080, "1.11000000")},
                          {"val_bpb": 1.11, "seeds": [1], "seed_scores": [1.11]})
     status, figure, reason = rows(folder)["train_time[train_seed1.log]"]
-    assert status == "WARN" and "600080 ms > 600,000 ms at step 6000, 80 ms over" in figure
+    assert status == "WARN" and "600,080 ms > 600,000 ms at step 6000, 80 ms over" in figure
     assert "only the final step (step 6000) crossed the cap: over by 80 ms" in reason
     assert rows(folder, strict=True)["train_time[train_seed1.log]"][0] == "FAIL"
 
