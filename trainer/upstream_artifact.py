@@ -129,6 +129,7 @@ class UpstreamArtifact:
     file_nbytes: int
     file_sha256: str
     encodings: dict[str, str]  # tensor name -> int8 | int6 | int5 | passthrough… (what the file stored)
+    raw_nbytes: int  # size of the decompressed torch zip
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready summary, the upstream counterpart of a .pgolf manifest."""
@@ -137,7 +138,7 @@ class UpstreamArtifact:
             counts[encoding] = counts.get(encoding, 0) + 1
         return {"format": "upstream", "quant_format": self.quant_format, "compression": self.compression,
                 "model_config": self.model_config.to_dict(), "file_nbytes": self.file_nbytes,
-                "file_sha256": self.file_sha256, "tensor_encodings": counts,
+                "file_sha256": self.file_sha256, "raw_nbytes": self.raw_nbytes, "tensor_encodings": counts,
                 "num_parameters": sum(t.numel() for t in self.state_dict.values())}
 
 
@@ -169,7 +170,7 @@ def parse_upstream_artifact(
     quant_format, state_dict, encodings = dequantize(obj, tensors, template_dtypes(expected))
     state_dict = check_against_model(state_dict, expected)
     return UpstreamArtifact(state_dict, model_config, quant_format, compression, len(data),
-                            hashlib.sha256(data).hexdigest(), encodings)
+                            hashlib.sha256(data).hexdigest(), encodings, len(raw))
 
 
 def expected_tensors(model_config: ModelConfig) -> dict[str, torch.Tensor]:

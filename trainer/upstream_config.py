@@ -24,21 +24,17 @@ Settings that change the network in ways pgolf's model cannot express are refuse
 from __future__ import annotations
 
 import ast
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from trainer.artifact import ArtifactError
 from trainer.model import ModelConfig
 from trainer.source_unwrap import UnwrapError, unwrap
-from trainer.upstream_env import ARCHITECTURE_NAMES, NON_ARCHITECTURE_NAMES, env_reads
+from trainer.upstream_env import ARCHITECTURE_NAMES, NON_ARCHITECTURE_NAMES, env_reads, parse_env_assignments
 
 MAX_CODE_BYTES = 1_000_000  # a real train_gpt.py is under 120 kB; the whole submission is capped at 16 MB
-MAX_ENV_ITEMS = 64
-MAX_ENV_VALUE_CHARS = 256
 # rope_train_seq_len that no evaluation reaches: Rotary without the NTK quirk never rescales its base.
 NO_NTK_RESCALE = 1 << 30
-_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,63}")
 
 # Architecture settings pgolf's model cannot express, with the value (as upstream parses it) at which they are
 # off. Any other value is refused.
@@ -82,22 +78,11 @@ class UpstreamConfig:
     notes: list[str] = field(default_factory=list)
 
 
-def parse_env_assignments(items: list[str] | tuple[str, ...]) -> dict[str, str]:
-    """``KEY=VALUE`` strings (the CLI's repeated ``--env``, the API's ``env`` field) to a bounded dict."""
-    if len(items) > MAX_ENV_ITEMS:
-        raise BadRunEnv(f"{len(items)} environment settings; at most {MAX_ENV_ITEMS}")
-    env: dict[str, str] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not _ENV_NAME.fullmatch(key):
-            raise BadRunEnv(f"{item[:80]!r} is not KEY=VALUE with an upper-case KEY")
-        if len(value) > MAX_ENV_VALUE_CHARS:
-            raise BadRunEnv(f"{key}: value longer than {MAX_ENV_VALUE_CHARS} characters")
-        if key in env and env[key] != value:
-            raise BadRunEnv(f"{key} is set twice with different values")
-        env[key] = value.strip()
-    return env
+def parse_run_env(items: list[str] | tuple[str, ...]) -> dict[str, str]:
+    try:
+        return parse_env_assignments(items)
+    except ValueError as exc:
+        raise BadRunEnv(str(exc)) from None
 
 
 def decode_source(code: str | bytes) -> tuple[str, dict[str, str], list[str]]:

@@ -19,7 +19,13 @@ submissions in the verifier corpus and fails on any name that is in neither tabl
 from __future__ import annotations
 
 import ast
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+MAX_ENV_ITEMS = 64
+MAX_ENV_VALUE_CHARS = 256
+_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -27,6 +33,27 @@ class EnvRead:
     name: str
     default: str | None  # the literal default as a string, None when there is none or it is computed
     line: int
+
+
+def parse_env_assignments(items: Sequence[str]) -> dict[str, str]:
+    """``KEY=VALUE`` strings (the CLI's repeated ``--env``, the API's ``env`` field) to a bounded dict.
+
+    Raises ValueError naming the first bad item. Torch-free: the HTTP service validates ``env`` before queueing.
+    """
+    if len(items) > MAX_ENV_ITEMS:
+        raise ValueError(f"{len(items)} environment settings; at most {MAX_ENV_ITEMS}")
+    env: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not _ENV_NAME.fullmatch(key):
+            raise ValueError(f"{item[:80]!r} is not KEY=VALUE with an upper-case KEY")
+        if len(value) > MAX_ENV_VALUE_CHARS:
+            raise ValueError(f"{key}: value longer than {MAX_ENV_VALUE_CHARS} characters")
+        if key in env and env[key] != value.strip():
+            raise ValueError(f"{key} is set twice with different values")
+        env[key] = value.strip()
+    return env
 
 
 def _is_os_environ(node: ast.expr) -> bool:

@@ -12,9 +12,10 @@ Three groups of checks, each one row of the result table (check, status, figure,
   target 1..N−1 scored exactly once, val_bpb recomputed from the per-chunk sums, every chunk scored before the
   model trained on it, no non-compliant mode, the report is about this artifact.
 
-``--upstream`` declares a foreign artifact (an upstream ``final_model.*.ptz``, a pickle): it is never opened, so
-the checks that need to read it are SKIP and only size and the log checks run; ``--code`` then names the files
-the cap counts (``train_gpt.py``). Exit status: 0 when no check fails, 1 when one does, 2 on a usage error.
+``--upstream`` declares an upstream artifact (``final_model.*.ptz``): it is opened through the safe upstream reader
+(``verifier/upstream_check.py``) with the config of the ``train_gpt.py`` that ``--code`` names (also the files the
+cap counts) and the run command's ``--env`` settings. Exit status: 0 when no check fails, 1 when one does, 2 on a
+usage error.
 docs/verifier.md says what each check proves and what it cannot.
 """
 
@@ -167,17 +168,25 @@ def check_model_forward(facts: ArtifactFacts, upstream: bool) -> CheckResult:
         return CheckResult("model_forward", SKIP, "", "upstream artifact: the model is not built")
     if facts.artifact is None:
         return CheckResult("model_forward", SKIP, "", f"the artifact was refused ({facts.error_code})")
-    import torch
-
     from trainer.artifact import load_model
 
     try:
         model, _ = load_model(facts.path)
+    except Exception as exc:  # any failure to build the model is the finding
+        return CheckResult("model_forward", FAIL, "", f"{type(exc).__name__}: {exc}")
+    return forward_result(model)
+
+
+def forward_result(model: Any) -> CheckResult:
+    """Run a built model on a fixed sequence: logits over the whole vocabulary at every position, all finite."""
+    import torch
+
+    try:
         config = model.config
         tokens = (torch.arange(FORWARD_TOKENS) * 7 + 1) % config.vocab_size  # a fixed, non-trivial sequence
         with torch.inference_mode():
             logits = model.forward_logits(tokens[None, :])
-    except Exception as exc:  # any failure to build or run the model is the finding
+    except Exception as exc:  # any failure to run the model is the finding
         return CheckResult("model_forward", FAIL, "", f"{type(exc).__name__}: {exc}")
     parameters = sum(p.numel() for p in model.parameters())
     figure = (f"{config.num_layers} layers x {config.model_dim}d, {parameters:,} parameters; logits "
@@ -508,15 +517,20 @@ def _is_range(value: Any) -> bool:
 
 
 def run_checks(artifact: Path, *, train_logs: Sequence[Path] = (), eval_report: Path | None = None,
-               code: Sequence[Path] | None = None, upstream: bool = False,
+               code: Sequence[Path] | None = None, upstream: bool = False, env: Sequence[str] = (),
                strict: bool = False) -> tuple[list[CheckResult], ArtifactFacts]:
     facts = inspect_artifact(artifact, upstream=upstream)
     records, problems = gather_train_records(facts, train_logs)
+    if upstream:  # opened through the safe upstream reader, with the config of the submission's code
+        from verifier.upstream_check import upstream_artifact_checks
+
+        artifact_rows = upstream_artifact_checks(artifact, code, env)
+    else:
+        artifact_rows = [check_integrity(facts, upstream), check_decompression(facts, upstream),
+                         check_model_forward(facts, upstream)]
     results = [
         check_size(facts.nbytes, code),
-        check_integrity(facts, upstream),
-        check_decompression(facts, upstream),
-        check_model_forward(facts, upstream),
+        *artifact_rows,
         check_train_records(records, problems),
         check_train_time(records, strict=strict),
         check_train_environment(records, upstream),
@@ -548,8 +562,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="what the size cap counts as code: a checkout directory (counted code) or files such "
                              "as train_gpt.py (repeatable; default: this checkout's counted code)")
     parser.add_argument("--upstream", action="store_true",
-                        help="ARTIFACT is an upstream .ptz pickle: never opened; only size and log checks run "
-                             "(requires --code)")
+                        help="ARTIFACT is an upstream .ptz: opened through the safe reader (no pickle global runs) "
+                             "with the model config of the train_gpt.py in --code (required)")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="with --upstream: a setting of the submission's run command (repeatable)")
     parser.add_argument("--strict", action="store_true",
                         help="a training time over 600 s only on the final step (WARN) fails too")
     parser.add_argument("--json", type=Path, metavar="OUT", help="write the results as JSON")
@@ -574,7 +590,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"check: {path} does not exist", file=sys.stderr)
             return 2
     results, facts = run_checks(args.artifact, train_logs=args.train_log, eval_report=args.eval_report,
-                                code=args.code, upstream=args.upstream, strict=args.strict)
+                                code=args.code, upstream=args.upstream, env=args.env, strict=args.strict)
     print(f"artifact {args.artifact} ({facts.nbytes:,} bytes, sha256 {facts.sha256})")
     print(render_table(results))
     print(summary_line(results))

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 # Kept here, free of torch, so the CLI and the HTTP service can name the modes without loading the engine.
-NGRAM_MODES = ("off", "exact", "smoothed", "hashed-940")
+NGRAM_MODES = ("off", "exact", "smoothed", "tilt", "hashed-940")
 TTT_RECIPE_NAMES = ("pr940", "legal-sgd")
 
 
@@ -30,7 +30,7 @@ class EvalOptions:
     batch_windows: int = 32  # windows per forward pass (per rank)
     ttt: bool = False
     ttt_recipe: str = "pr940"
-    ngram: str = "off"  # off | exact | smoothed | hashed-940 (the last is the upstream, non-compliant scoring)
+    ngram: str = "off"  # off | exact | smoothed | tilt | hashed-940 (the last is the upstream, non-compliant scoring)
     max_seconds: float = 600.0  # wall-clock budget, checked between chunks
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     max_tokens: int | None = None  # evaluate only a prefix of the stream (a preview, not a full-val score)

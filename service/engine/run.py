@@ -40,7 +40,7 @@ from service.engine.events import (
 from service.engine.ngram import NgramMixer, make_mixer
 from service.engine.options import EvalOptions, is_upstream_artifact
 from service.engine.scoring import (
-    ProbabilityCheck,
+    DistributionCheck,
     ScoreLedger,
     ScoreOrderError,
     ScoringModel,
@@ -52,9 +52,12 @@ from trainer.data.byte_accounting import ByteTables
 
 log = logging.getLogger(__name__)
 
-# A distribution counts as normalised when every sampled Σ_v p(v) is within this of 1. Sums are taken in float64
-# over fp32 log-probabilities, whose rounding alone stays around 1e-7 for a 1024-token vocabulary.
+# A distribution counts as normalised when every Σ_v p(v) is within this of 1. Sums are taken in float64; without a
+# mixer over fp32 log-probabilities, whose rounding alone stays around 1e-7 for a 1024-token vocabulary (mixers
+# work in float64 and stay near 1e-15).
 NORMALISATION_TOLERANCE = 1e-5
+# |p_vector(x_t) − p_shortcut(x_t)|: both in float64 from the same counts, so they differ by rounding only.
+SHORTCUT_TOLERANCE = 1e-9
 
 ChunkObserver = Callable[[Chunk, np.ndarray], None]
 
@@ -185,14 +188,14 @@ def _load_upstream(options: EvalOptions, artifact_path: Path,
     """
     from trainer.artifact import ArtifactError
     from trainer.upstream_artifact import load_upstream_model
-    from trainer.upstream_config import parse_env_assignments, resolve_upstream_config
+    from trainer.upstream_config import parse_run_env, resolve_upstream_config
 
     if options.code is None:
         raise EvalInputError("code_required", f"{artifact_path.name} is an upstream artifact: pass the submission's "
                                               f"train_gpt.py (--code) so its model config can be read")
     try:
         code = Path(options.code).read_bytes()
-        config = resolve_upstream_config(code, parse_env_assignments(list(options.env)))
+        config = resolve_upstream_config(code, parse_run_env(list(options.env)))
         model, artifact = load_upstream_model(artifact_path, config.model_config, device=device)
     except OSError as exc:
         raise EvalInputError("bad_artifact", f"cannot read {exc.filename}: {exc.strerror}") from exc
@@ -230,24 +233,30 @@ class _Budget:
         return bool(flag.item() > 0)
 
 
-def _reduced_check(check: ProbabilityCheck, dist: DistContext, device: torch.device) -> ProbabilityCheck:
+def _reduced(check: DistributionCheck, stats: dict[str, float], dist: DistContext, device: torch.device
+             ) -> tuple[DistributionCheck, dict[str, float]]:
+    """A chunk's check and mixer counters over all ranks."""
     if dist.world_size == 1:
-        return check
-    low = torch.tensor([check.minimum], dtype=torch.float64, device=device)
-    high = torch.tensor([check.maximum], dtype=torch.float64, device=device)
-    count = torch.tensor([float(check.positions)], dtype=torch.float64, device=device)
-    dist.all_reduce_min(low)
-    dist.all_reduce_max(high)
-    dist.all_reduce_sum(count)
-    return ProbabilityCheck(float(low.item()), float(high.item()), int(count.item()))
+        return check, stats
+    # One MIN gives the smallest sum, the largest sum and gap (negated) and whether every rank scored from vectors.
+    gap = check.gap_max if check.gap_max is not None else -1.0
+    extremes = torch.tensor([check.sum_min, -check.sum_max, -gap, float(check.from_vector)], dtype=torch.float64,
+                            device=device)
+    dist.all_reduce_min(extremes)
+    counts = torch.tensor([check.positions, check.targets, *stats.values()], dtype=torch.float64, device=device)
+    dist.all_reduce_sum(counts)
+    low, high, gap, from_vector = extremes.tolist()
+    merged = DistributionCheck(int(counts[0]), int(counts[1]), low, -high, -gap if gap <= 0 else None,
+                               from_vector == 1.0)
+    return merged, dict(zip(stats, counts[2:].tolist(), strict=True))
 
 
-def compliance_summary(ledger: ScoreLedger, options: EvalOptions, check: ProbabilityCheck, *,
+def compliance_summary(ledger: ScoreLedger, options: EvalOptions, check: DistributionCheck, *,
                        updater: TTTUpdater | None, last_chunk_index: int | None, mixer_compliant: bool,
-                       elapsed_s: float) -> dict[str, Any]:
-    sums = check.as_dict()
-    normalised = bool(check.positions) and (abs(check.minimum - 1.0) <= NORMALISATION_TOLERANCE
-                                            and abs(check.maximum - 1.0) <= NORMALISATION_TOLERANCE)
+                       elapsed_s: float, ngram_stats: dict[str, float] | None = None) -> dict[str, Any]:
+    normalised = check.within(NORMALISATION_TOLERANCE, SHORTCUT_TOLERANCE)
+    sums = {"min": check.sum_min, "max": check.sum_max, "positions": check.positions} if check.positions else \
+        {"min": None, "max": None, "positions": 0}
     scored_once = ledger.scored_once()
     score_before_update = ledger.trace.score_before_update(last_chunk_index)
     return {
@@ -260,8 +269,11 @@ def compliance_summary(ledger: ScoreLedger, options: EvalOptions, check: Probabi
         "positions_not_scored_once": ledger.positions_not_scored_once,
         "score_before_update": score_before_update,
         "ttt": updater.summary() if updater is not None else None,
+        # C2 over every scored position: each score is −ln p(x_t) of a full vector that sums to 1 and whose
+        # x_t entry equals the mixer's closed-form shortcut.
         "ngram": {"mode": options.ngram, "mixer_compliant": mixer_compliant, "normalised": normalised,
-                  "probability_sum": sums, "tolerance": NORMALISATION_TOLERANCE},
+                  "probability_sum": sums, "tolerance": NORMALISATION_TOLERANCE, **check.as_dict(),
+                  "shortcut_tolerance": SHORTCUT_TOLERANCE, "stats": ngram_stats or None},
         "trace_digest": ledger.trace.digest(),
         "within_time_budget": elapsed_s <= options.max_seconds,
         "full_validation_set": options.max_tokens is None,
@@ -285,13 +297,14 @@ def evaluate_model(model: ScoringModel, tokens: np.ndarray, tables: ByteTables, 
     started = clock() if started is None else started
     budget = _Budget(options.max_seconds, started, clock)
     ledger = ScoreLedger(tokens, tables)
-    check = ProbabilityCheck()
+    check = DistributionCheck()
+    ngram_stats: dict[str, float] = {}
     last_chunk_index: int | None = None
     mixer: NgramMixer | None = None
     updater: TTTUpdater | None = None
 
     def summary() -> dict[str, Any]:
-        return compliance_summary(ledger, options, _reduced_check(check, dist, device), updater=updater,
+        return compliance_summary(ledger, options, check, updater=updater, ngram_stats=ngram_stats,
                                   last_chunk_index=last_chunk_index, elapsed_s=budget.elapsed(),
                                   mixer_compliant=mixer is None or bool(mixer.compliant))
 
@@ -331,8 +344,13 @@ def evaluate_model(model: ScoringModel, tokens: np.ndarray, tables: ByteTables, 
                 return
             chunk_started = clock()
             scores = score_chunk(model, tokens, windows, chunk, rank=dist.rank, world_size=dist.world_size,
-                                 batch_windows=options.batch_windows, device=device, mixer=mixer, check=check)
+                                 batch_windows=options.batch_windows, device=device, mixer=mixer)
             dist.all_reduce_sum(scores.sums)
+            chunk_check, chunk_stats = _reduced(scores.check, mixer.take_stats() if mixer is not None else {},
+                                                dist, device)
+            check.merge(chunk_check)
+            for name, value in chunk_stats.items():
+                ngram_stats[name] = ngram_stats.get(name, 0) + value
             chunk_totals = ledger.commit(scores)
             if observer is not None:
                 observer(chunk, scores.sums[0].cpu().numpy())
@@ -356,7 +374,8 @@ def evaluate_model(model: ScoringModel, tokens: np.ndarray, tables: ByteTables, 
                               running=ledger.totals, trained_range=trained_range, elapsed_s=budget.elapsed(),
                               phase_seconds={"score": scores.score_seconds,
                                              "ngram": scores.mix_seconds + mix_commit_seconds,
-                                             "train": train_seconds})
+                                             "train": train_seconds},
+                              distribution=chunk_check.as_dict(), ngram_stats=chunk_stats or None)
     except ScoreOrderError as exc:
         log.exception("score-before-update violation")
         yield error_event(code="order_violation", reason=str(exc), totals=ledger.totals, elapsed_s=budget.elapsed())
