@@ -197,7 +197,7 @@ class LogRun:
 
 
 def final_step(steps: list[TimedStep]) -> TimedStep:
-    return max(steps, key=lambda s: (s.step, -s.precision_ms, s.time_ms))
+    return max(steps, key=lambda s: (s.step, -s.precision_ms, s.time_ms, s.stop))
 
 
 @dataclass(frozen=True)

@@ -522,34 +522,49 @@ def _check_mean(logs: list[RecordLog], claims: SubmissionClaims | None) -> Check
 
 
 def _check_code_bytes(folder: Path, logs: list[RecordLog], claims: SubmissionClaims | None) -> CheckResult:
+    """The code as readable source and as the submission counted it; informational unless the script is missing.
+
+    Upstream counts the bytes of ``train_gpt.py`` as shipped, so a self-extracting wrapper counts as the wrapper
+    file; some later scripts count their own compressed source instead (``Code size (compressed)``). Each figure
+    the logs or submission.json state is matched to what it equals."""
     from trainer.source_unwrap import UnwrapError, unwrap
 
     entry = folder / ENTRY_POINT
     if not entry.is_file():
         return CheckResult("code_bytes", FAIL, "", f"no {ENTRY_POINT} in the folder")
     on_disk = entry.stat().st_size
+    readable_bytes: int | None = None
+    notes: list[str] = []
     try:
-        text = entry.read_bytes().decode("utf-8-sig")
-        unwrapped = unwrap(text)
-        readable = f"{len(unwrapped.source.encode('utf-8')):,} bytes of readable source"
+        unwrapped = unwrap(entry.read_bytes().decode("utf-8-sig"))
+        readable_bytes = len(unwrapped.source.encode("utf-8"))
         wrapper = (f"self-extracting: {' > '.join(layer.describe() for layer in unwrapped.layers)}"
                    if unwrapped.layers else "plain source")
+        notes += unwrapped.notes
     except (UnicodeDecodeError, SyntaxError, UnwrapError, RecursionError, ValueError) as exc:
-        readable, wrapper = f"readable source unknown ({type(exc).__name__}: {exc})", "not decoded"
-    figure = f"{ENTRY_POINT} {on_disk:,} bytes as submitted ({wrapper}); {readable}"
+        wrapper = f"not decoded: {type(exc).__name__}: {exc}"
+    readable = f"{readable_bytes:,} bytes of readable source" if readable_bytes is not None else "readable size unknown"
+    figure = f"{ENTRY_POINT} {on_disk:,} bytes as submitted ({wrapper}), {readable}"
+
+    def what(nbytes: int) -> str:
+        if nbytes == on_disk:
+            return "= as submitted"
+        if nbytes == readable_bytes:
+            return "= readable source"
+        return "= neither"
+
     counted: dict[str, int] = {}
     for log in logs:
         for run in log.runs:
             for label, nbytes in run.code_bytes.items():
-                counted.setdefault(label or "code size", nbytes)
-    notes = []
-    if counted:
-        figure += "; counted by the logs: " + ", ".join(f"{label} {n:,}" for label, n in counted.items())
-        counted_as = counted.get("compressed", counted.get("code size"))
-        if counted_as is not None and counted_as != on_disk and "compressed" not in counted:
-            notes.append(f"the logs count {counted_as:,} bytes, the {ENTRY_POINT} here has {on_disk:,}")
+                counted.setdefault(f"logs 'Code size{f' ({label})' if label else ''}'", nbytes)
     if claims is not None and claims.code_bytes is not None:
-        figure += f"; submission.json {claims.code_bytes.key} {claims.code_bytes.value:,.0f}"
+        counted[f"submission.json {claims.code_bytes.key}"] = int(claims.code_bytes.value)
+    if counted:
+        figure += "; counted: " + ", ".join(f"{label} {n:,} ({what(n)})" for label, n in counted.items())
+    others = sorted(p for p in folder.glob("*.py") if p.name != ENTRY_POINT)
+    if others:
+        figure += "; other Python files: " + ", ".join(f"{p.name} {p.stat().st_size:,}" for p in others)
     return CheckResult("code_bytes", PASS, figure, "; ".join(notes))
 
 
