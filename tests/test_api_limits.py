@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 from api_harness import (  # noqa: F401  (service_data and tiny_artifact are fixtures)
+    AUTH,
     REPO_ROOT,
     ServiceData,
     ServiceProcess,
@@ -111,7 +112,7 @@ def reader_footprint(tiny_artifact: Path) -> int:  # noqa: F811
 class LimitedService:
     def __init__(self, process: ServiceProcess, script: Path) -> None:
         self.process, self.script = process, script
-        self.client = httpx.Client(base_url=process.url, timeout=60)
+        self.client = httpx.Client(base_url=process.url, timeout=60, headers=AUTH)
 
     def validator_pid(self) -> int:
         for pid in self.process.child_pids():
