@@ -569,22 +569,20 @@ def _check_code_bytes(folder: Path, logs: list[RecordLog], claims: SubmissionCla
 
 
 def _check_scan(folder: Path) -> CheckResult:
+    """The folder scan of ``verifier scan DIR``: the entry point and every file it reaches."""
     from verifier import scan
 
-    entry = folder / ENTRY_POINT
-    if not entry.is_file():
-        return CheckResult("scan", SKIP, "", f"no {ENTRY_POINT} to scan")
-    reports = [scan.scan_file(entry)]
+    reports = scan.scan_paths([folder])
     code = scan.exit_code(reports)
     findings = [(report.path, f) for report in reports for f in report.findings]
     high = [(path, f) for path, f in findings if f.confidence == "high"]
-    figure = f"{len(reports)} file(s) scanned, {len(findings)} finding(s), {len(high)} high"
+    scanned = ", ".join(f"{Path(report.path).name}{f' ({report.via})' if report.via else ''}" for report in reports)
+    figure = f"{len(reports)} file(s) scanned: {scanned}; {len(findings)} finding(s), {len(high)} high"
     if code == scan.EXIT_UNREADABLE:
-        errors = "; ".join(f"{report.path}: {report.error}" for report in reports if report.error)
+        errors = "; ".join(f"{Path(report.path).name}: {report.error}" for report in reports if report.error)
         return CheckResult("scan", FAIL, figure, f"unreadable: {errors}")
     if high:
         path, first = high[0]
         return CheckResult("scan", FAIL, figure, f"{first.pattern} {first.condition} at {Path(path).name} line "
                                                  f"{first.line}: {first.explanation}")
     return CheckResult("scan", PASS, figure)
-
