@@ -162,3 +162,17 @@ def test_no_step_timings_cannot_show_a_final_step_overshoot() -> None:
     assert judge_total(600_001.0).status == "FAIL"
     assert judge_steps(run_steps(stop=(10, 600_050.0))).status == "FAIL"
     assert judge_steps([]).reason == "no line states the training time"
+
+
+def test_a_file_with_more_lines_than_any_log_is_refused(monkeypatch) -> None:
+    import pytest
+
+    import verifier.logs as logs
+    from verifier.logs import LogError
+
+    monkeypatch.setattr(logs, "MAX_TIMED_LINES", 10)
+    monkeypatch.setattr(logs, "MAX_FIGURES", 10)
+    with pytest.raises(LogError, match="more than 10 timed step lines"):
+        parse_training_log("".join(f"step:{i}/99 train_time:{i}ms\n" for i in range(11)))
+    with pytest.raises(LogError, match="more than 10 bits-per-byte figures"):
+        parse_training_log("val_bpb:1.0\n" * 11)
