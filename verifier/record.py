@@ -36,11 +36,11 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from verifier.check import SIZE_LIMIT_BYTES
 from verifier.logs import MAX_LOG_BYTES, Figure, LogError, LogRun, parse_training_log, read_bounded_text
 from verifier.report import FAIL, PASS, SKIP, CheckResult
 from verifier.wallclock import TimeVerdict, judge_steps, worst
 
-SIZE_LIMIT_BYTES = 16_000_000
 LOG_SUFFIXES = (".log", ".txt")
 MAX_LOG_DEPTH = 3  # folder levels under the record searched for logs (logs/, ttt_*/ …)
 MAX_LOG_FILES = 1000  # a record has a handful; the rest of a larger folder is not read
@@ -513,13 +513,13 @@ def _check_mean(logs: list[RecordLog], claims: SubmissionClaims | None) -> Check
         if headline.agrees(mean):
             return CheckResult("val_bpb_mean", PASS, f"{figure} = mean of {len(seed_claims)} per-seed claims "
                                                      f"{mean:.8f}")
-    by_seed: dict[int | None, float] = {}
+    by_seed: dict[int | str, float] = {}  # one score per seed (a log without a seed counts on its own)
     for log in logs:
         if log.score is None or log.kind == "not a log":
             continue
         claim = claims.per_seed.get(log.seed, SeedClaims()).val_bpb if log.seed is not None else None
         found = _printed(claim, [log]) if claim else None
-        by_seed[log.seed if log.seed is not None else id(log)] = found[1].value if found else log.score.value
+        by_seed[log.seed if log.seed is not None else log.path] = found[1].value if found else log.score.value
     if by_seed:
         mean = statistics.fmean(by_seed.values())
         if headline.agrees(mean):
