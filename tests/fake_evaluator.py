@@ -8,6 +8,7 @@ PGOLF_EVAL_ARGS), read when it starts, so each test sets the behaviour of its ne
   ignore_limit            behave like an engine stuck inside a chunk: only the service's hard kill stops it
   exit_after_chunks, exit_code   die with this status after that many chunks, without a terminal event
   spin_seconds            burn CPU this long after the start event (a runaway under the service's CPU rlimit)
+  nan_result              end with val_bpb NaN, written as Python's json writes it (not valid JSON)
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def main() -> int:
               "running_bpb": nll_total / (math.log(2) * done * bytes_per_chunk),
               "trained_range": None, "elapsed_s": time.monotonic() - started, "phase_seconds": {}})
     emit({"type": "end", "val_loss": nll_total / (chunks * targets_per_chunk),
-          "val_bpb": nll_total / (math.log(2) * chunks * bytes_per_chunk),
+          "val_bpb": math.nan if script.get("nan_result") else nll_total / (math.log(2) * chunks * bytes_per_chunk),
           "targets_scored": chunks * targets_per_chunk, "bytes": chunks * bytes_per_chunk,
           "nll_sum": nll_total, "elapsed_s": time.monotonic() - started,
           "compliance": {"compliant": args.ngram != "hashed-940", "scored_once": True}})

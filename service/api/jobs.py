@@ -291,7 +291,13 @@ class JobQueue:
                 return
             if not line:
                 return
-            event = _parse_event(line)
+            try:
+                event = _parse_event(line)
+            except NonFiniteEvent:  # the engine never writes one (strict JSON); a wrapper or a broken evaluator
+                if progress.terminal is None:
+                    reason = "the evaluator reported a non-finite number (NaN or Infinity), which is not a result"
+                    progress.terminal = _service_error("non_finite_value", reason, progress.partial_figures())
+                continue
             if event is None:
                 progress.log_lines.append(line.decode("utf-8", "replace").rstrip())
                 continue
@@ -314,9 +320,27 @@ async def _pump_log(stream: asyncio.StreamReader | None, progress: _Progress) ->
         progress.log_lines.append(line.decode("utf-8", "replace").rstrip())
 
 
+class NonFiniteEvent(ValueError):
+    """An event line that is JSON only in Python's lax dialect: it holds NaN or ±Infinity."""
+
+
+def _refuse_constant(name: str) -> float:
+    raise NonFiniteEvent(name)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)  # "1e999" is valid JSON syntax but overflows to inf
+    if not math.isfinite(value):
+        raise NonFiniteEvent(text)
+    return value
+
+
 def _parse_event(line: bytes) -> dict[str, Any] | None:
+    """The event on this stdout line, None for a line that is not an event; NonFiniteEvent for NaN/Infinity."""
     try:
-        event = json.loads(line)
+        event = json.loads(line, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except NonFiniteEvent:
+        raise
     except ValueError:
         return None
     if not isinstance(event, dict) or not isinstance(event.get("type"), str):

@@ -93,7 +93,7 @@ class JobRecord:
 
 def canonical_json(value: Any) -> str:
     """The one JSON spelling of a value, so equal options compare equal as text in SQL."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
 class Store:
@@ -120,7 +120,7 @@ class Store:
             self._db.execute(
                 "INSERT OR IGNORE INTO artifacts (sha256, size_bytes, path, manifest, created_at)"
                 " VALUES (?, ?, ?, ?, ?)",
-                (sha256, size_bytes, str(path), json.dumps(manifest), time.time()),
+                (sha256, size_bytes, str(path), json.dumps(manifest, allow_nan=False), time.time()),
             )
 
     def get_artifact(self, sha256: str) -> ArtifactRecord | None:
@@ -231,7 +231,7 @@ class Store:
                 self._db.execute(
                     "UPDATE jobs SET status = ?, reason = ?, result = ?, log_tail = ?, finished_at = ?"
                     " WHERE id = ?",
-                    (status, reason, json.dumps(terminal_event), log_tail, time.time(), job_id),
+                    (status, reason, json.dumps(terminal_event, allow_nan=False), log_tail, time.time(), job_id),
                 )
                 self._db.execute("COMMIT")
             except BaseException:
@@ -272,7 +272,7 @@ class Store:
         ).fetchone()
         self._db.execute(
             "INSERT INTO events (job_id, seq, type, body, created_at) VALUES (?, ?, ?, ?, ?)",
-            (job_id, next_seq, str(event.get("type")), json.dumps(event), time.time()),
+            (job_id, next_seq, str(event.get("type")), json.dumps(event, allow_nan=False), time.time()),
         )
         return int(next_seq)
 

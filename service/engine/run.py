@@ -35,6 +35,7 @@ from service.engine.events import (
     end_event,
     error_event,
     start_event,
+    strict_event_stream,
     timeout_event,
 )
 from service.engine.ngram import NgramMixer, make_mixer
@@ -48,6 +49,7 @@ from service.engine.scoring import (
 )
 from service.engine.ttt import RECIPES, TTTRecipe, TTTUpdater
 from service.engine.windows import Chunk, plan_chunks, plan_windows
+from trainer.artifact import SUBMISSION_LIMIT_BYTES
 from trainer.data.byte_accounting import ByteTables
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,8 @@ log = logging.getLogger(__name__)
 # A distribution counts as normalised when every sampled Σ_v p(v) is within this of 1. Sums are taken in float64
 # over fp32 log-probabilities, whose rounding alone stays around 1e-7 for a 1024-token vocabulary.
 NORMALISATION_TOLERANCE = 1e-5
+# The challenge's evaluation limit (compliance-rules §7: "Evaluation ≤ 600 s"), in the verdict whatever the budget.
+EVAL_TIME_LIMIT_SECONDS = 600.0
 
 ChunkObserver = Callable[[Chunk, np.ndarray], None]
 
@@ -68,12 +72,29 @@ class EvalInputError(ValueError):
 
 
 @dataclass(frozen=True)
+class SubmissionSize:
+    """What the size rule counts: the artifact file's bytes plus the submission's code bytes, and where the
+    latter come from (a .pgolf manifest's ``code_bytes.total``; for an upstream artifact, its script)."""
+
+    artifact_bytes: int
+    code_bytes: int
+    code_source: str
+
+    def verdict(self) -> dict[str, Any]:
+        total = self.artifact_bytes + self.code_bytes
+        return {"artifact_bytes": self.artifact_bytes, "code_bytes": self.code_bytes, "code_source": self.code_source,
+                "total_bytes": total, "limit_bytes": SUBMISSION_LIMIT_BYTES,
+                "within_limit": total <= SUBMISSION_LIMIT_BYTES}
+
+
+@dataclass(frozen=True)
 class LoadedInputs:
     model: ScoringModel
     tokens: np.ndarray
     tables: ByteTables
     artifact_sha256: str
     model_config: dict[str, Any]
+    size: SubmissionSize
 
 
 def evaluate(options: EvalOptions) -> Iterator[Event]:
@@ -95,7 +116,7 @@ def evaluate(options: EvalOptions) -> Iterator[Event]:
         yield _failure_event(exc, elapsed_s=time.perf_counter() - started)
         return
     yield from evaluate_model(inputs.model, inputs.tokens, inputs.tables, options, dist=dist, device=device,
-                              artifact_sha256=inputs.artifact_sha256,
+                              artifact_sha256=inputs.artifact_sha256, submission=inputs.size,
                               extra_config={"model_config": inputs.model_config}, started=started)
 
 
@@ -153,7 +174,9 @@ def load_inputs(options: EvalOptions, device: torch.device) -> LoadedInputs:
         tokens = tokens[: options.max_tokens]
     if len(tokens) < 2:
         raise EvalInputError("bad_data", f"the validation stream has {len(tokens)} tokens; nothing to score")
-    return LoadedInputs(model, np.ascontiguousarray(tokens), tables, artifact.file_sha256, model_config)
+    size = SubmissionSize(artifact.file_nbytes, int(artifact.manifest["code_bytes"]["total"]),
+                          "manifest code_bytes.total")
+    return LoadedInputs(model, np.ascontiguousarray(tokens), tables, artifact.file_sha256, model_config, size)
 
 
 def total_target_bytes(tables: ByteTables, tokens: np.ndarray, block: int = 1 << 22) -> int:
@@ -198,16 +221,24 @@ def _reduced_check(check: ProbabilityCheck, dist: DistContext, device: torch.dev
 
 def compliance_summary(ledger: ScoreLedger, options: EvalOptions, check: ProbabilityCheck, *,
                        updater: TTTUpdater | None, last_chunk_index: int | None, mixer_compliant: bool,
-                       elapsed_s: float) -> dict[str, Any]:
+                       elapsed_s: float, submission: SubmissionSize | None = None) -> dict[str, Any]:
+    """The verdict: C1–C4 as far as the engine can check them, the size rule and the evaluation time limit.
+
+    The time limit is the challenge's 600 s, not the run's own budget (``--max-seconds`` may be larger). The size
+    rule needs an artifact: for an in-memory model (``submission`` None) ``size`` is null and not part of it.
+    """
     sums = check.as_dict()
     normalised = bool(check.positions) and (abs(check.minimum - 1.0) <= NORMALISATION_TOLERANCE
                                             and abs(check.maximum - 1.0) <= NORMALISATION_TOLERANCE)
     scored_once = ledger.scored_once()
     score_before_update = ledger.trace.score_before_update(last_chunk_index)
+    size = submission.verdict() if submission is not None else None
+    within_time_limit = elapsed_s <= EVAL_TIME_LIMIT_SECONDS
     return {
         # C1–C4 as far as they can be checked; a mixer that declares itself non-compliant (hashed-940, which
         # only ever evaluates the realised token) never is, whatever its sampled sums show.
-        "compliant": scored_once and score_before_update and normalised and mixer_compliant,
+        "compliant": (scored_once and score_before_update and normalised and mixer_compliant and within_time_limit
+                      and (size is None or size["within_limit"])),
         "scored_once": scored_once,
         "targets_expected": ledger.num_targets,
         "targets_scored": ledger.totals.targets,
@@ -218,13 +249,18 @@ def compliance_summary(ledger: ScoreLedger, options: EvalOptions, check: Probabi
                   "probability_sum": sums, "tolerance": NORMALISATION_TOLERANCE},
         "trace_digest": ledger.trace.digest(),
         "within_time_budget": elapsed_s <= options.max_seconds,
+        "within_time_limit": within_time_limit,
+        "time_limit_seconds": EVAL_TIME_LIMIT_SECONDS,
+        "size": size,
         "full_validation_set": options.max_tokens is None,
     }
 
 
+@strict_event_stream
 def evaluate_model(model: ScoringModel, tokens: np.ndarray, tables: ByteTables, options: EvalOptions, *,
                    dist: DistContext | None = None, device: torch.device | str = "cpu",
-                   artifact_sha256: str | None = None, extra_config: dict[str, Any] | None = None,
+                   artifact_sha256: str | None = None, submission: SubmissionSize | None = None,
+                   extra_config: dict[str, Any] | None = None,
                    started: float | None = None, clock: Callable[[], float] = time.perf_counter,
                    observer: ChunkObserver | None = None, ttt_recipe: TTTRecipe | None = None) -> Iterator[Event]:
     """The evaluation loop over an in-memory model and token stream (see the module docstring).
@@ -246,7 +282,7 @@ def evaluate_model(model: ScoringModel, tokens: np.ndarray, tables: ByteTables, 
 
     def summary() -> dict[str, Any]:
         return compliance_summary(ledger, options, _reduced_check(check, dist, device), updater=updater,
-                                  last_chunk_index=last_chunk_index, elapsed_s=budget.elapsed(),
+                                  last_chunk_index=last_chunk_index, elapsed_s=budget.elapsed(), submission=submission,
                                   mixer_compliant=mixer is None or bool(mixer.compliant))
 
     try:
@@ -287,6 +323,13 @@ def evaluate_model(model: ScoringModel, tokens: np.ndarray, tables: ByteTables, 
             scores = score_chunk(model, tokens, windows, chunk, rank=dist.rank, world_size=dist.world_size,
                                  batch_windows=options.batch_windows, device=device, mixer=mixer, check=check)
             dist.all_reduce_sum(scores.sums)
+            non_finite = int((~torch.isfinite(scores.sums[0])).sum())
+            if non_finite:  # a score of NaN/inf is no score: stop before it enters the committed totals
+                yield error_event(code="non_finite_score",
+                                  reason=f"the model produced {non_finite} non-finite NLL value(s) in chunk "
+                                         f"{chunk.index}; nothing of that chunk was committed",
+                                  totals=ledger.totals, elapsed_s=budget.elapsed())
+                return
             chunk_totals = ledger.commit(scores)
             if observer is not None:
                 observer(chunk, scores.sums[0].cpu().numpy())
