@@ -14,7 +14,7 @@ The reader treats the file as hostile: it never unpickles or executes anything, 
 validates every manifest field, verifies both hashes, decompresses with a hard bound, checks the tensor table
 against the model that the manifest's config builds, and checks the decoded values. Each refusal has its own
 ``ArtifactError`` subclass with a ``code`` slug, and nothing else escapes: every manifest field is checked against
-an explicit bound (docs/artifact-format.md §5) before any size, count or loop depends on it.
+an explicit bound (docs/artifact-format.md §6.1) before any size, count or loop depends on it.
 """
 
 from __future__ import annotations
