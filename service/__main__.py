@@ -28,7 +28,13 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
 
     defaults = EvalOptions()
     parser = subparsers.add_parser("evaluate", help="score an artifact on the validation shards (NDJSON events)")
-    parser.add_argument("artifact", type=Path, help="submission artifact file")
+    parser.add_argument("artifact", type=Path, help="submission artifact: a .pgolf file, or an upstream .ptz")
+    parser.add_argument("--code", type=Path, default=None,
+                        help="upstream .ptz only: the submission's train_gpt.py, read statically for the model "
+                             "config (ignored, with a note, for .pgolf)")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="upstream .ptz only: a setting of the submission's run command (NUM_LAYERS=11 ...); "
+                             "repeatable")
     parser.add_argument("--data", type=Path, required=True, help="directory holding the *_val_*.bin shards")
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="SentencePiece model of the data (default: DATA/tokenizer.model)")
@@ -59,7 +65,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         artifact=args.artifact, data_dir=args.data, tokenizer=args.tokenizer, seq_len=args.seq_len,
         stride=args.seq_len if args.non_overlapping else args.stride, chunk_tokens=args.chunk_tokens,
         batch_windows=args.batch_windows, ttt=args.ttt, ttt_recipe=args.ttt_recipe, ngram=args.ngram,
-        max_seconds=args.max_seconds, device=args.device, max_tokens=args.max_tokens)
+        max_seconds=args.max_seconds, device=args.device, max_tokens=args.max_tokens, code=args.code,
+        env=tuple(args.env))
     speaks = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 prints
     status = EXIT_ERROR
     try:

@@ -36,6 +36,10 @@ PROJECT_PACKAGES = ("trainer", "service")  # imports of these are followed; ever
 NOT_COUNTED: dict[str, str] = {
     "service.engine.ngram_hashed": "the hashed-940 reproduction: scores only the realised token, so it is "
                                    "non-compliant by construction and only `--ngram hashed-940` loads it",
+    # Upstream .ptz artifacts are scored with the upstream submission's own train_gpt.py counted; pgolf's reader
+    # for them is never loaded by the evaluation of a .pgolf submission.
+    "trainer.upstream_artifact": "the reader of upstream .ptz artifacts; only a .ptz evaluation loads it",
+    "trainer.upstream_config": "reads an upstream train_gpt.py's config; only a .ptz evaluation loads it",
 }
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ class TrainRecord:
     artifact_sha256: str | None = None
     artifact_bytes: int | None = None  # the artifact's size as the log states it
     total_bytes: int | None = None  # "Total submission size": artifact + code as the log states it
+    runs: tuple[LogRun, ...] = ()  # a text log's runs, with their step timings; empty for JSON records
 
 
 def read_bounded_text(path: Path) -> str:
@@ -115,40 +116,218 @@ def _is_positive_int(value: Any) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Text logs (reference-stack.md §11)
+# Text logs (reference-stack.md §11), read by shape rather than by exact format
+#
+# Submitters print the same facts in many spellings: `train_time:599544ms` (March), `train_time: 9.8m` and
+# `  world_size: 8` (April), `tt:600069ms` (abbreviated forks), `World size: 8`, `"post_ttt_val_bpb": 1.064`,
+# timestamp or log-level prefixes. Rather than one pattern per spelling, every line is read as `key SEP value[unit]`
+# pairs (SEP is `:` or `=`, with or without spaces; a key may be two words) after a leading timestamp/level prefix
+# is set aside. A line *starting* with a step counter (`step:N/M`, `step N/M`, `s:N/M`, a bare `N/M`) is a
+# training-step line; one starting with `stop…` is the early-stop line. The script source that upstream file
+# logs echo at their head is skipped as a block, so the f-strings and comments in it never count.
 
-_NUMBER = r"(\d+(?:\.\d+)?)"
-_STEP_TIME = re.compile(rf"^step:\d+/\d+ .*?\btrain_time:{_NUMBER}ms", re.M)
-_STOPPING = re.compile(rf"^stopping_early: wallclock_cap train_time:{_NUMBER}ms", re.M)
-_WORLD = re.compile(r"^world_size:(\d+) grad_accum_steps:\d+", re.M)
-_PGOLF_HEADER = re.compile(r"^pgolf \S+ python \S+ torch \S+ device (\S+)", re.M)
-_NVIDIA_SMI_GPU = re.compile(r"^\|\s+\d+\s+(NVIDIA[^|]*?)\s+(?:On|Off)\s+\|", re.M)
+_PREFIX = re.compile(r"^(?:\[[^\]]*\]\s*|\d[\d.:,\-T]*\s+|[A-Z]{3,}:\s+)*")
+_STEP_AT_START = re.compile(r"^(?:(?:step|s)\b[:\s]\s*)?(\d+)\s*/\s*(\d+)\b|^step\s+(\d+)\b")
+_STOP_AT_START = re.compile(r"^stop\w*\b", re.I)
+_STEP_ANYWHERE = re.compile(r"\b(\d+)/(\d+)\b")
+_PAIR = re.compile(r"(?<![\w./])([A-Za-z_]\w*(?: [A-Za-z_]\w*)?)\"?(\s*[:=]\s*)"
+                   r"(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)(ms|min|s|m)?(?![\w.])")
+# Spellings of the same key seen in submitters' logs.
+_TIME_KEYS = frozenset({"train_time", "training_time", "tt"})
+_WORLD_KEYS = frozenset({"world_size", "ws"})
+_TIME_UNITS_MS = {"ms": 1.0, "s": 1000.0, "m": 60_000.0, "min": 60_000.0}
+_SEPARATOR = re.compile(r"^={20,}\s*$")
+_SOURCE_START = re.compile(r"^(?:import \w|from [\w.]+ import |#!|\"\"\"|''')")
+_PGOLF_HEADER = re.compile(r"^pgolf \S+ python \S+ torch \S+ device (\S+)")
+_NVIDIA_SMI_GPU = re.compile(r"^\|\s+\d+\s+(NVIDIA[^|]*?)\s+(?:On|Off)\s+\|")
 # "Serialized model: N bytes" (no label) is the raw torch state dict upstream, not the artifact: need a label.
-_SERIALIZED = re.compile(r"^Serialized model (\S+): (\d+) bytes", re.M)
-_TOTAL = re.compile(r"^Total submission size(?: \S+)?: (\d+) bytes", re.M)
+_SERIALIZED = re.compile(r"^Serialized model (\S+): (\d+) bytes")
+_TOTAL = re.compile(r"^Total submission size(?: \S+)?: (\d+) bytes")
+_CODE = re.compile(r"^Code size(?: \((\w+)\))?: (\d+) bytes")
+
+
+@dataclass(frozen=True)
+class TimedStep:
+    """A line stating the cumulative training time after ``step`` optimizer steps."""
+
+    step: int
+    time_ms: float
+    line: int  # 1-based line number in the file
+    text: str
+    stop: bool = False  # the early-stop line rather than a step line
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A bits-per-byte figure printed after training, with the precision it was printed at."""
+
+    value: float
+    decimals: int
+    key: str
+    line: int
+    text: str
+
+
+@dataclass
+class LogRun:
+    """One training run inside a log file (a file can hold several: the step counter starts over)."""
+
+    steps: list[TimedStep] = field(default_factory=list)
+    step_lines: int = 0  # lines starting with a step counter, timed or not
+    world_size: int | None = None
+    seed: int | None = None
+    device: str | None = None
+    bpb: list[Figure] = field(default_factory=list)  # printed after the training loop, in order
+    artifact_bytes: int | None = None  # "Serialized model <label>: N bytes"
+    total_bytes: int | None = None  # "Total submission size …: N bytes"
+    code_bytes: dict[str, int] = field(default_factory=dict)  # "" | "compressed" | "uncompressed" -> bytes
+    time_separators: set[str] = field(default_factory=set)  # "train_time:X" (March) / "train_time: X" (April)
+
+    @property
+    def final(self) -> TimedStep | None:
+        """The largest training time the run states (the forced last step of upstream counts: it trained)."""
+        return max(self.steps, key=lambda s: (s.time_ms, s.stop)) if self.steps else None
+
+    @property
+    def score(self) -> Figure | None:
+        return self.bpb[-1] if self.bpb else None
+
+
+@dataclass(frozen=True)
+class _Pair:
+    key: str  # normalised: lower case, words joined by "_"
+    word: str  # the key's last word, normalised
+    value: str
+    unit: str | None
+    spaced: bool  # whitespace after the separator
+
+
+def _pairs(content: str) -> list[_Pair]:
+    found = []
+    for match in _PAIR.finditer(content):
+        key = match.group(1).lower()
+        found.append(_Pair(key.replace(" ", "_"), key.split()[-1], match.group(3), match.group(4),
+                           match.group(2) != match.group(2).strip()))
+    return found
+
+
+def _script_source_lines(lines: list[str]) -> set[int]:
+    """Indexes of script-source blocks: from an `import`/docstring line up to the next `=====` separator."""
+    skipped: set[int] = set()
+    index = 0
+    while index < len(lines):
+        if _SOURCE_START.match(lines[index]):
+            end = next((j for j in range(index + 1, len(lines)) if _SEPARATOR.match(lines[j])), None)
+            if end is not None:
+                skipped.update(range(index, end))
+                index = end + 1
+                continue
+        index += 1
+    return skipped
+
+
+def parse_training_log(text: str) -> list[LogRun]:
+    """Every run in a training log. Setup facts (world size, seed, device) printed before a run's first timed
+    step belong to that run; results (bpb figures, sizes) printed after it belong to it until the next run."""
+    lines = text.splitlines()
+    skipped = _script_source_lines(lines)
+    runs: list[LogRun] = []
+    pending: dict[str, Any] = {}  # setup facts waiting for the run they precede
+    gpus: list[str] = []
+    orphans = LogRun()  # results printed before any timed step (an evaluation-only log has nothing else)
+
+    def setup(key: str, value: Any) -> None:
+        current = runs[-1] if runs else None
+        if current is not None and getattr(current, key) is None and not current.bpb and current.total_bytes is None:
+            setattr(current, key, value)  # printed during the run, before its results
+        else:
+            pending.setdefault(key, value)
+
+    for index, raw in enumerate(lines):
+        if index in skipped:
+            continue
+        number = index + 1
+        gpu = _NVIDIA_SMI_GPU.match(raw)
+        if gpu:
+            gpus.append(gpu.group(1).strip())
+            continue
+        if gpus and raw.startswith(("|", "+")):  # still inside the nvidia-smi table
+            continue
+        if gpus:
+            setup("device", f"{len(gpus)}x{gpus[0]}")
+            gpus = []
+        content = _PREFIX.sub("", raw, count=1)
+        header = _PGOLF_HEADER.match(content)
+        if header:
+            setup("device", header.group(1))
+            continue
+        pairs = _pairs(content)
+        step_start = _STEP_AT_START.match(content)
+        is_stop = bool(_STOP_AT_START.match(content))
+        if step_start or is_stop:
+            time = next((p for p in pairs if p.word in _TIME_KEYS and p.unit), None)
+            step_match = step_start if step_start and step_start.group(1) else _STEP_ANYWHERE.search(content)
+            if step_start and not is_stop:
+                (runs[-1] if runs else orphans).step_lines += 1
+            if time is not None and step_match is not None:
+                timed = TimedStep(int(step_match.group(1)), float(time.value) * _TIME_UNITS_MS[time.unit],
+                                  number, raw.strip(), stop=is_stop)
+                current = runs[-1] if runs else None
+                last = current.steps[-1] if current and current.steps else None
+                # The step counter going back starts another run (a file log can hold several).
+                if current is None or last is None or timed.step < last.step:
+                    current = LogRun(step_lines=0 if runs else orphans.step_lines)
+                    runs.append(current)
+                    for key, value in pending.items():
+                        setattr(current, key, value)
+                    pending = {}
+                current.steps.append(timed)
+                current.time_separators.add(f"{time.word}{': ' if time.spaced else ':'}")
+            continue
+        target = runs[-1] if runs else orphans
+        for pair in pairs:
+            if pair.key in _WORLD_KEYS and pair.value.isdigit():
+                setup("world_size", int(pair.value))
+            elif pair.word == "seed" and pair.value.isdigit():
+                setup("seed", int(pair.value))
+            elif "bpb" in pair.word and pair.unit is None:
+                decimals = len(pair.value.split(".")[1]) if "." in pair.value else 0
+                target.bpb.append(Figure(float(pair.value), decimals, pair.key, number, raw.strip()))
+        for pattern, attribute in ((_SERIALIZED, "artifact_bytes"), (_TOTAL, "total_bytes")):
+            match = pattern.match(content)
+            if match:
+                setattr(target, attribute, int(match.groups()[-1]))
+        code = _CODE.match(content)
+        if code:
+            target.code_bytes[code.group(1) or ""] = int(code.group(2))
+    if gpus:
+        setup("device", f"{len(gpus)}x{gpus[0]}")
+    if not runs:
+        runs.append(orphans)
+        for key, value in pending.items():
+            setattr(orphans, key, value)
+    else:
+        first = runs[0]
+        first.bpb[:0] = orphans.bpb
+        for key, value in pending.items():  # setup printed after the last run started (a closing summary)
+            if getattr(runs[-1], key) is None:
+                setattr(runs[-1], key, value)
+    return runs
 
 
 def _log_record(text: str, source: str) -> TrainRecord:
-    pgolf_header = _PGOLF_HEADER.search(text)
-    kind = "pgolf log" if pgolf_header else "upstream log"
-    # Training time: the largest cumulative train_time of any step line or of the early-stop line. The step line
-    # logged after the cap (upstream's forced last step) counts: that step was training too.
-    times = [(float(m.group(1)), m.group(0)) for m in _STEP_TIME.finditer(text)]
-    times += [(float(m.group(1)), m.group(0)) for m in _STOPPING.finditer(text)]
-    time_ms, origin = max(times) if times else (None, None)
-    worlds = _WORLD.findall(text)
-    if pgolf_header:
-        device: str | None = pgolf_header.group(1)
-    else:
-        gpus = _NVIDIA_SMI_GPU.findall(text)
-        device = f"{len(gpus)}x{gpus[0].strip()}" if gpus else None
-    serialized = _SERIALIZED.findall(text)
-    totals = _TOTAL.findall(text)
+    runs = parse_training_log(text)
+    kind = "pgolf log" if any(_PGOLF_HEADER.match(line) for line in text.splitlines()[:50]) else "upstream log"
+    finals = [(run.final, run) for run in runs if run.final is not None]
+    final, longest = max(finals, key=lambda pair: pair[0].time_ms) if finals else (None, runs[-1])
+    worlds = [run.world_size for run in runs if run.world_size is not None]
+    devices = [run.device for run in runs if run.device]
+    last = runs[-1]
     return TrainRecord(
-        source=source, kind=kind, train_time_ms=time_ms, train_time_origin=origin,
-        world_size=int(worlds[-1]) if worlds else None, device=device,
-        artifact_bytes=int(serialized[-1][1]) if serialized else None,
-        total_bytes=int(totals[-1]) if totals else None,
+        source=source, kind=kind, train_time_ms=final.time_ms if final else None,
+        train_time_origin=final.text if final else None,
+        world_size=worlds[-1] if worlds else None, device=devices[-1] if devices else None,
+        artifact_bytes=last.artifact_bytes, total_bytes=last.total_bytes, runs=tuple(runs),
     )
 
 

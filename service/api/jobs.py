@@ -269,6 +269,15 @@ class JobQueue:
                         cancelled=running.cancel_requested, limit_seconds=max_seconds, elapsed=elapsed,
                         limits=self.settings.evaluator_limits)
 
+    def upstream_args(self, options: dict[str, Any]) -> list[str]:
+        """An upstream .ptz job: the stored train_gpt.py and the run env it was validated with."""
+        if not options.get("code_sha256"):
+            return []
+        from service.api.submissions import code_path
+
+        env_args = [arg for item in options.get("env", []) for arg in ("--env", item)]
+        return ["--code", str(code_path(self.settings.artifacts_dir, options["code_sha256"])), *env_args]
+
     def evaluator_argv(self, artifact_path: Path, options: dict[str, Any]) -> list[str]:
         settings = self.settings
         return [
@@ -276,6 +285,7 @@ class JobQueue:
             "--data", str(settings.data_dir), "--tokenizer", str(settings.tokenizer),
             "--ttt" if options["ttt"] else "--no-ttt", "--ngram", options["ngram"],
             "--max-seconds", f"{options['max_seconds']:g}",
+            *self.upstream_args(options),
             *settings.evaluator_extra_args,
         ]
 

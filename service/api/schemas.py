@@ -19,6 +19,10 @@ class EvaluationOptions(BaseModel):
     max_seconds: float | None = Field(
         None, gt=0, description="wall-clock budget of this evaluation (at most the service limit, the default)"
     )
+    env: str | None = Field(
+        None, description="upstream .ptz only: the run command's settings, KEY=VALUE separated by spaces or "
+                          "newlines (NUM_LAYERS=11 XSA_LAST_N=11 ...); ignored for .pgolf"
+    )
 
 
 class JobLinks(BaseModel):

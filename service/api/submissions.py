@@ -7,9 +7,11 @@ reader, and it is deleted on every path that does not end in a stored artifact.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -20,8 +22,16 @@ from service.api.schemas import EvaluationOptions
 from service.api.settings import Settings
 from service.api.state import ServiceState
 from service.api.storage import JobRecord
-from service.api.uploads import Upload, UploadError, UploadTooLarge, content_length_too_large, receive_upload
-from service.api.validation import tokenizer_mismatch
+from service.api.uploads import (
+    CodeTooLarge,
+    Upload,
+    UploadError,
+    UploadTooLarge,
+    content_length_too_large,
+    receive_upload,
+)
+from service.api.validation import is_upstream_manifest, tokenizer_mismatch
+from trainer.upstream_env import parse_env_assignments
 
 
 @dataclass(frozen=True)
@@ -40,7 +50,15 @@ def resolve_options(fields: dict[str, str], settings: Settings) -> dict[str, Any
     limit = settings.eval_limit_seconds
     if options.max_seconds is not None and options.max_seconds > limit:
         raise ApiError(422, "invalid_options", f"max_seconds {options.max_seconds:g} exceeds the limit {limit:g}")
-    return {"ttt": options.ttt, "ngram": options.ngram, "max_seconds": options.max_seconds or limit}
+    resolved: dict[str, Any] = {"ttt": options.ttt, "ngram": options.ngram,
+                                "max_seconds": options.max_seconds or limit}
+    if options.env is not None:
+        try:
+            env = parse_env_assignments(options.env.split())
+        except ValueError as error:
+            raise ApiError(422, "bad_run_env", f"env: {error}") from None
+        resolved["env"] = [f"{key}={value}" for key, value in sorted(env.items())]
+    return resolved
 
 
 async def submit_upload(
@@ -58,6 +76,8 @@ async def submit_upload(
                 return await _queue_upload(state, upload, force=force)
             finally:
                 upload.discard()  # no-op once the file was moved into the artifact store
+    except CodeTooLarge as error:
+        raise ApiError(413, "code_too_large", str(error)) from None
     except QueueFull as error:
         raise ApiError(429, "queue_full", str(error),
                        headers={"Retry-After": str(error.retry_after_seconds)}) from None
@@ -70,26 +90,49 @@ async def submit_upload(
 async def _queue_upload(state: ServiceState, upload: Upload, *, force: bool) -> Submission:
     store, settings = state.store, state.settings
     options = resolve_options(upload.fields, settings)
+    # An upstream .ptz is read with its submission's code and run env, so both are part of "the same options".
+    if upload.code is not None:
+        options["code_sha256"] = hashlib.sha256(upload.code).hexdigest()
     if not force:
         earlier = store.find_reusable_job(upload.sha256, options)
         if earlier is not None:
             return Submission(earlier, reused=True)
 
     known = store.get_artifact(upload.sha256)
-    if known is not None and known.path.is_file():
+    if known is not None and known.path.is_file() and upload.code is None:
         manifest = known.manifest
     else:
-        verdict = await state.validator.validate(upload.path)
+        verdict = await state.validator.validate(upload.path, code=upload.code, env=options.get("env", []))
         if verdict.manifest is None:
             raise ApiError(422, verdict.code, verdict.message)
         manifest = verdict.manifest
+    upstream = is_upstream_manifest(manifest)
+    if not upstream:  # a .pgolf artifact carries its own config: code and env are ignored (the job says so)
+        for key in ("code_sha256", "env"):
+            options.pop(key, None)
     mismatch = tokenizer_mismatch(manifest, state.tokenizer)
     if mismatch is not None:
         raise ApiError(422, "tokenizer_mismatch", mismatch)
 
     if known is None or not known.path.is_file():
         settings.artifacts_dir.mkdir(parents=True, exist_ok=True)
-        stored_path = settings.artifacts_dir / f"{upload.sha256}.pgolf"
+        stored_path = settings.artifacts_dir / f"{upload.sha256}{'.ptz' if upstream else '.pgolf'}"
         os.replace(upload.path, stored_path)
         store.put_artifact(upload.sha256, upload.size_bytes, stored_path, manifest)
+    if upstream and upload.code is not None:
+        _store_code(settings.artifacts_dir, options["code_sha256"], upload.code)
     return Submission(state.queue.submit(upload.sha256, options), reused=False)
+
+
+def code_path(artifacts_dir: Path, code_sha256: str) -> Path:
+    """Where the train_gpt.py of an upstream job is kept, by its sha256, beside the artifacts."""
+    return artifacts_dir / f"code-{code_sha256}.py"
+
+
+def _store_code(artifacts_dir: Path, code_sha256: str, code: bytes) -> None:
+    target = code_path(artifacts_dir, code_sha256)
+    if target.is_file():
+        return
+    scratch = target.with_name(target.name + ".part")
+    scratch.write_bytes(code)
+    os.replace(scratch, target)

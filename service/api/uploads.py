@@ -20,6 +20,10 @@ from typing import BinaryIO
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 ARTIFACT_FIELD = "artifact"
+# Upstream .ptz artifacts come with their submission's train_gpt.py, from which the model config is read. A real
+# one is under 120 kB; the part is kept in memory and cut off past this.
+CODE_FIELD = "code"
+MAX_CODE_BYTES = 1_000_000
 MAX_TEXT_FIELDS = 16
 MAX_TEXT_FIELD_BYTES = 1024
 # Multipart framing around the file (boundaries, part headers, option fields) stays far below this; a body
@@ -43,6 +47,15 @@ class UploadTooLarge(UploadError):
 
 
 @dataclass
+class CodeTooLarge(UploadTooLarge):
+    """The code part passed MAX_CODE_BYTES (HTTP 413)."""
+
+    def __init__(self) -> None:
+        ValueError.__init__(self, f"the code part exceeds {MAX_CODE_BYTES:,} bytes; upload discarded")
+        self.cap_bytes = MAX_CODE_BYTES
+
+
+@dataclass
 class Upload:
     """An artifact safely on disk, with its exact size and sha256, plus the small text fields of the form."""
 
@@ -50,6 +63,7 @@ class Upload:
     size_bytes: int
     sha256: str
     fields: dict[str, str] = field(default_factory=dict)
+    code: bytes | None = None  # the optional 'code' part (an upstream submission's train_gpt.py)
 
     def discard(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -78,6 +92,7 @@ class _FormCollector:
         self._part_name: str | None = None
         self._part_is_file = False
         self._text = bytearray()
+        self.code: bytearray | None = None
 
     def callbacks(self) -> dict:
         return {
@@ -111,6 +126,10 @@ class _FormCollector:
             if self.artifact_parts > 1:
                 raise UploadError(f"send exactly one '{ARTIFACT_FIELD}' part")
             self._part_is_file = True
+        elif self._part_name == CODE_FIELD:
+            if self.code is not None:
+                raise UploadError(f"send at most one '{CODE_FIELD}' part")
+            self.code = bytearray()
         elif len(self.fields) >= MAX_TEXT_FIELDS:
             raise UploadError(f"too many form fields (at most {MAX_TEXT_FIELDS})")
 
@@ -122,13 +141,17 @@ class _FormCollector:
             chunk = memoryview(data)[start:end]  # no copy of the network chunk
             self.digest.update(chunk)
             self.artifact_file.write(chunk)
+        elif self._part_name == CODE_FIELD and self.code is not None:
+            self.code.extend(data[start:end])
+            if len(self.code) > MAX_CODE_BYTES:
+                raise CodeTooLarge()
         else:
             self._text.extend(data[start:end])
             if len(self._text) > MAX_TEXT_FIELD_BYTES:
                 raise UploadError(f"form field '{self._part_name}' is longer than {MAX_TEXT_FIELD_BYTES} bytes")
 
     def _on_part_end(self) -> None:
-        if not self._part_is_file and self._part_name is not None:
+        if not self._part_is_file and self._part_name not in (None, CODE_FIELD):
             self.fields[self._part_name] = self._text.decode("utf-8", "replace")
 
 
@@ -165,7 +188,8 @@ async def receive_upload(
                 raise UploadError(f"malformed multipart body: {error}") from None
         if collector.artifact_parts == 0:
             raise UploadError(f"the form has no '{ARTIFACT_FIELD}' file part")
-        return Upload(path, collector.artifact_size, collector.digest.hexdigest(), collector.fields)
+        code = None if collector.code is None else bytes(collector.code)
+        return Upload(path, collector.artifact_size, collector.digest.hexdigest(), collector.fields, code)
     except BaseException:
         path.unlink(missing_ok=True)
         raise

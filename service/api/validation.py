@@ -15,6 +15,7 @@ with `resource_limit` instead of costing the host.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import gc
 import hashlib
@@ -58,8 +59,22 @@ class ValidationResult:
     message: str = ""
 
 
+def is_upstream_manifest(manifest: dict[str, Any]) -> bool:
+    """The helper describes an upstream .ptz with ``format: upstream`` in place of a .pgolf manifest."""
+    return manifest.get("format") == "upstream"
+
+
 def tokenizer_mismatch(manifest: dict[str, Any], expected: TokenizerIdentity) -> str | None:
-    """Why an artifact cannot be scored with the configured tokenizer, or None when it can."""
+    """Why an artifact cannot be scored with the configured tokenizer, or None when it can.
+
+    An upstream artifact names no tokenizer; its vocabulary size is the one check there is (upstream's scripts
+    make the same check against the tokenizer they are run with).
+    """
+    if is_upstream_manifest(manifest):
+        vocab = manifest.get("model_config", {}).get("vocab_size")
+        if vocab != expected.vocab_size:
+            return f"the upstream model has a vocabulary of {vocab} tokens, the tokenizer has {expected.vocab_size}"
+        return None
     declared = manifest.get("tokenizer")
     if not isinstance(declared, dict):
         return "the manifest declares no tokenizer"
@@ -90,11 +105,15 @@ class ArtifactValidator:
         async with self._lock:
             await self._stop()
 
-    async def validate(self, path: Path) -> ValidationResult:
+    async def validate(self, path: Path, *, code: bytes | None = None, env: list[str] | None = None
+                       ) -> ValidationResult:
+        """Read ``path`` in the helper. With ``code`` (an upstream submission's train_gpt.py) a file that is not a
+        .pgolf artifact is read as an upstream .ptz whose config comes from that code and ``env``."""
         async with self._lock:
             process = await self._running_process()
             assert process.stdin is not None and process.stdout is not None
-            request = {"path": str(path), "max_file_bytes": self.max_file_bytes}
+            request = {"path": str(path), "max_file_bytes": self.max_file_bytes, "env": list(env or []),
+                       "code_b64": None if code is None else base64.b64encode(code).decode("ascii")}
             try:
                 process.stdin.write(json.dumps(request).encode() + b"\n")
                 await process.stdin.drain()
@@ -143,10 +162,15 @@ class ArtifactValidator:
 # helper side: `python -m service.api.validation`, requests on stdin, replies on stdout
 
 
-def _check(path: Path, max_file_bytes: int) -> dict[str, Any]:
-    from trainer.artifact import ArtifactError, read_artifact
+def _check(path: Path, max_file_bytes: int, code: bytes | None = None, env: list[str] | None = None
+           ) -> dict[str, Any]:
+    from trainer.artifact import MAGIC, ArtifactError, read_artifact
 
     try:
+        if code is not None:
+            with path.open("rb") as handle:
+                if handle.read(len(MAGIC)) != MAGIC:
+                    return _check_upstream(path, max_file_bytes, code, env or [])
         artifact = read_artifact(path, max_file_bytes=max_file_bytes)
     except ArtifactError as error:
         return {"ok": False, "code": error.code, "message": str(error)}
@@ -160,6 +184,16 @@ def _check(path: Path, max_file_bytes: int) -> dict[str, Any]:
     return {"ok": True, "manifest": artifact.manifest}
 
 
+def _check_upstream(path: Path, max_file_bytes: int, code: bytes, env: list[str]) -> dict[str, Any]:
+    """An upstream .ptz through the safe reader, its config from the submission's code (never run) and env."""
+    from trainer.upstream_artifact import read_upstream_artifact
+    from trainer.upstream_config import parse_run_env, resolve_upstream_config
+
+    config = resolve_upstream_config(code, parse_run_env(env))
+    artifact = read_upstream_artifact(path, config.model_config, max_file_bytes=max_file_bytes)
+    return {"ok": True, "manifest": {**artifact.describe(), "settings": config.settings, "notes": config.notes}}
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -169,11 +203,14 @@ def main(argv: list[str] | None = None) -> int:
     # The default action of SIGXCPU ends the process; make sure an inherited "ignore" does not defeat the limit.
     signal.signal(signal.SIGXCPU, signal.SIG_DFL)
     import trainer.artifact  # noqa: F401  (the slow imports, done before the first request)
+    import trainer.upstream_artifact  # noqa: F401
 
     for line in sys.stdin:
         request = json.loads(line)
         renew_cpu_allowance(args.cpu_seconds_per_file)
-        reply = _check(Path(request["path"]), int(request["max_file_bytes"]))
+        code = request.get("code_b64")
+        reply = _check(Path(request["path"]), int(request["max_file_bytes"]),
+                       None if code is None else base64.b64decode(code), request.get("env"))
         sys.stdout.write(json.dumps(reply, allow_nan=False) + "\n")
         sys.stdout.flush()
         gc.collect()  # the decoded tensors of this file are garbage now; give the memory back before the next

@@ -56,10 +56,13 @@ def start_event(*, config: dict[str, Any], artifact_sha256: str | None, tokens: 
 
 
 def chunk_event(*, index: int, target_range: tuple[int, int], chunk: Totals, running: Totals,
-                trained_range: tuple[int, int] | None, elapsed_s: float, phase_seconds: dict[str, float]) -> Event:
+                trained_range: tuple[int, int] | None, elapsed_s: float, phase_seconds: dict[str, float],
+                distribution: dict[str, Any] | None = None, ngram_stats: dict[str, float] | None = None) -> Event:
     """One chunk, after its scores were committed and (with TTT) after the model trained on it.
 
     ``trained_range`` is the range of target positions the model was then trained on (None: no training).
+    ``distribution``: C2 over the chunk's scored positions (vectors summed, max |Σp − 1|, max |p_vector(x_t) −
+    p_shortcut(x_t)|); ``ngram_stats``: the mixer's counters for the chunk (tilt: hints and gates), or None.
     """
     return {
         "type": CHUNK,
@@ -75,6 +78,8 @@ def chunk_event(*, index: int, target_range: tuple[int, int], chunk: Totals, run
         "trained_range": list(trained_range) if trained_range is not None else None,
         "elapsed_s": round(elapsed_s, 4),
         "phase_seconds": {name: round(seconds, 4) for name, seconds in phase_seconds.items()},
+        "distribution": distribution,
+        "ngram_stats": ngram_stats,
     }
 
 

@@ -7,8 +7,16 @@ from pathlib import Path
 from typing import Any
 
 # Kept here, free of torch, so the CLI and the HTTP service can name the modes without loading the engine.
-NGRAM_MODES = ("off", "exact", "smoothed", "hashed-940")
+NGRAM_MODES = ("off", "exact", "smoothed", "tilt", "hashed-940")
 TTT_RECIPE_NAMES = ("pr940", "legal-sgd")
+
+
+UPSTREAM_SUFFIX = ".ptz"  # what every upstream script names its artifact (final_model.int8.ptz, ….int6.ptz)
+
+
+def is_upstream_artifact(path: Path | str) -> bool:
+    """Upstream artifacts are told apart by their name; the .pgolf reader checks its own magic."""
+    return Path(path).suffix.lower() == UPSTREAM_SUFFIX
 
 
 @dataclass(frozen=True)
@@ -22,10 +30,14 @@ class EvalOptions:
     batch_windows: int = 32  # windows per forward pass (per rank)
     ttt: bool = False
     ttt_recipe: str = "pr940"
-    ngram: str = "off"  # off | exact | smoothed | hashed-940 (the last is the upstream, non-compliant scoring)
+    ngram: str = "off"  # off | exact | smoothed | tilt | hashed-940 (the last is the upstream, non-compliant scoring)
     max_seconds: float = 600.0  # wall-clock budget, checked between chunks
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     max_tokens: int | None = None  # evaluate only a prefix of the stream (a preview, not a full-val score)
+    # Upstream (.ptz) artifacts only: the submission's train_gpt.py, whose Hyperparameters give the model config,
+    # and the KEY=VALUE settings of its run command. Both are ignored, with a note, for a .pgolf artifact.
+    code: Path | None = None
+    env: tuple[str, ...] = ()
 
     def validate(self) -> None:
         """Raise ValueError with a plain message for any option outside its domain."""

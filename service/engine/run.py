@@ -39,9 +39,9 @@ from service.engine.events import (
     timeout_event,
 )
 from service.engine.ngram import NgramMixer, make_mixer
-from service.engine.options import EvalOptions
+from service.engine.options import EvalOptions, is_upstream_artifact
 from service.engine.scoring import (
-    ProbabilityCheck,
+    DistributionCheck,
     ScoreLedger,
     ScoreOrderError,
     ScoringModel,
@@ -54,9 +54,12 @@ from trainer.data.byte_accounting import ByteTables
 
 log = logging.getLogger(__name__)
 
-# A distribution counts as normalised when every sampled Σ_v p(v) is within this of 1. Sums are taken in float64
-# over fp32 log-probabilities, whose rounding alone stays around 1e-7 for a 1024-token vocabulary.
+# A distribution counts as normalised when every Σ_v p(v) is within this of 1. Sums are taken in float64; without a
+# mixer over fp32 log-probabilities, whose rounding alone stays around 1e-7 for a 1024-token vocabulary (mixers
+# work in float64 and stay near 1e-15).
 NORMALISATION_TOLERANCE = 1e-5
+# |p_vector(x_t) − p_shortcut(x_t)|: both in float64 from the same counts, so they differ by rounding only.
+SHORTCUT_TOLERANCE = 1e-9
 # The challenge's evaluation limit (compliance-rules §7: "Evaluation ≤ 600 s"), in the verdict whatever the budget.
 EVAL_TIME_LIMIT_SECONDS = 600.0
 
@@ -95,6 +98,7 @@ class LoadedInputs:
     artifact_sha256: str
     model_config: dict[str, Any]
     size: SubmissionSize
+    notes: tuple[str, ...] = ()
 
 
 def evaluate(options: EvalOptions) -> Iterator[Event]:
@@ -117,7 +121,9 @@ def evaluate(options: EvalOptions) -> Iterator[Event]:
         return
     yield from evaluate_model(inputs.model, inputs.tokens, inputs.tables, options, dist=dist, device=device,
                               artifact_sha256=inputs.artifact_sha256, submission=inputs.size,
-                              extra_config={"model_config": inputs.model_config}, started=started)
+                              extra_config={"model_config": inputs.model_config,
+                                            **({"notes": list(inputs.notes)} if inputs.notes else {})},
+                              started=started)
 
 
 def _failure_event(exc: Exception, *, elapsed_s: float, totals: Totals | None = None) -> Event:
@@ -132,7 +138,6 @@ def _failure_event(exc: Exception, *, elapsed_s: float, totals: Totals | None = 
 
 def load_inputs(options: EvalOptions, device: torch.device) -> LoadedInputs:
     """Load tokenizer tables, artifact and validation tokens, refusing any combination that does not match."""
-    from trainer.artifact import ArtifactError, load_model
     from trainer.data.shards import ShardError, load_validation_tokens
 
     if options.artifact is None or options.data_dir is None:
@@ -143,24 +148,18 @@ def load_inputs(options: EvalOptions, device: torch.device) -> LoadedInputs:
     except (OSError, RuntimeError) as exc:
         raise EvalInputError("bad_tokenizer", f"cannot read tokenizer {tokenizer_path}: {exc}") from exc
     artifact_path = Path(options.artifact)
-    try:
-        model, artifact = load_model(artifact_path, device=device)
-    except OSError as exc:
-        raise EvalInputError("bad_artifact", f"cannot read artifact {artifact_path}: {exc}") from exc
-    except ArtifactError as exc:
-        raise EvalInputError(getattr(exc, "code", "bad_artifact"), f"artifact refused: {exc}") from exc
-    manifest_tokenizer = artifact.manifest.get("tokenizer", {})
-    model_config = dict(artifact.manifest.get("model_config", {}))
-    if manifest_tokenizer.get("sha256") != tables.sha256:
-        raise EvalInputError(
-            "tokenizer_mismatch",
-            f"the artifact was trained with tokenizer sha256 {manifest_tokenizer.get('sha256')}, but the data's "
-            f"tokenizer {tokenizer_path} has sha256 {tables.sha256}; refusing to score it on this data")
-    if manifest_tokenizer.get("vocab_size") != tables.vocab_size:
-        raise EvalInputError(
-            "tokenizer_mismatch",
-            f"the artifact declares a vocabulary of {manifest_tokenizer.get('vocab_size')} tokens, but the data's "
-            f"tokenizer {tokenizer_path} has {tables.vocab_size}; refusing to score it on this data")
+    if is_upstream_artifact(artifact_path):
+        model, model_config, artifact_sha256, notes, size = _load_upstream(options, artifact_path, device)
+        if model_config["vocab_size"] != tables.vocab_size:
+            raise EvalInputError(
+                "tokenizer_mismatch",
+                f"the upstream model has a vocabulary of {model_config['vocab_size']} tokens, but the data's "
+                f"tokenizer {tokenizer_path} has {tables.vocab_size}; refusing to score it on this data")
+    else:
+        model, model_config, artifact_sha256, size = _load_pgolf(artifact_path, device, tables, tokenizer_path)
+        ignored = [flag for flag, given in (("--code", options.code is not None), ("--env", bool(options.env)))
+                   if given]
+        notes = [f"{' and '.join(ignored)} ignored: a .pgolf artifact carries its own model config"] if ignored else []
     model_vocab = int(model_config.get("vocab_size", tables.vocab_size))
     if model_vocab < tables.vocab_size:
         raise EvalInputError("tokenizer_mismatch", f"the model's output vocabulary ({model_vocab}) is smaller than "
@@ -174,9 +173,62 @@ def load_inputs(options: EvalOptions, device: torch.device) -> LoadedInputs:
         tokens = tokens[: options.max_tokens]
     if len(tokens) < 2:
         raise EvalInputError("bad_data", f"the validation stream has {len(tokens)} tokens; nothing to score")
+    return LoadedInputs(model, np.ascontiguousarray(tokens), tables, artifact_sha256, model_config, size,
+                        tuple(notes))
+
+
+def _load_pgolf(artifact_path: Path, device: torch.device, tables: ByteTables,
+                tokenizer_path: Path) -> tuple[torch.nn.Module, dict[str, Any], str, SubmissionSize]:
+    from trainer.artifact import ArtifactError, load_model
+
+    try:
+        model, artifact = load_model(artifact_path, device=device)
+    except OSError as exc:
+        raise EvalInputError("bad_artifact", f"cannot read artifact {artifact_path}: {exc}") from exc
+    except ArtifactError as exc:
+        raise EvalInputError(getattr(exc, "code", "bad_artifact"), f"artifact refused: {exc}") from exc
+    manifest_tokenizer = artifact.manifest.get("tokenizer", {})
+    if manifest_tokenizer.get("sha256") != tables.sha256:
+        raise EvalInputError(
+            "tokenizer_mismatch",
+            f"the artifact was trained with tokenizer sha256 {manifest_tokenizer.get('sha256')}, but the data's "
+            f"tokenizer {tokenizer_path} has sha256 {tables.sha256}; refusing to score it on this data")
+    if manifest_tokenizer.get("vocab_size") != tables.vocab_size:
+        raise EvalInputError(
+            "tokenizer_mismatch",
+            f"the artifact declares a vocabulary of {manifest_tokenizer.get('vocab_size')} tokens, but the data's "
+            f"tokenizer {tokenizer_path} has {tables.vocab_size}; refusing to score it on this data")
     size = SubmissionSize(artifact.file_nbytes, int(artifact.manifest["code_bytes"]["total"]),
                           "manifest code_bytes.total")
-    return LoadedInputs(model, np.ascontiguousarray(tokens), tables, artifact.file_sha256, model_config, size)
+    return model, dict(artifact.manifest.get("model_config", {})), artifact.file_sha256, size
+
+
+def _load_upstream(options: EvalOptions, artifact_path: Path,
+                   device: torch.device) -> tuple[torch.nn.Module, dict[str, Any], str, list[str], SubmissionSize]:
+    """An upstream .ptz: the config from the submission's code and run env, the weights through the safe reader.
+
+    Upstream artifacts carry no tokenizer identity; the vocabulary size is the only check possible (upstream's
+    own scripts make the same one against the tokenizer they are given).
+    """
+    from trainer.artifact import ArtifactError
+    from trainer.upstream_artifact import load_upstream_model
+    from trainer.upstream_config import parse_run_env, resolve_upstream_config
+
+    if options.code is None:
+        raise EvalInputError("code_required", f"{artifact_path.name} is an upstream artifact: pass the submission's "
+                                              f"train_gpt.py (--code) so its model config can be read")
+    try:
+        code = Path(options.code).read_bytes()
+        config = resolve_upstream_config(code, parse_run_env(list(options.env)))
+        model, artifact = load_upstream_model(artifact_path, config.model_config, device=device)
+    except OSError as exc:
+        raise EvalInputError("bad_artifact", f"cannot read {exc.filename}: {exc.strerror}") from exc
+    except ArtifactError as exc:
+        raise EvalInputError(exc.code, f"upstream artifact refused: {exc}") from exc
+    notes = [f"upstream artifact: {artifact.quant_format} + {artifact.compression}", *config.notes]
+    # The rule counts bytes(train_gpt.py) + bytes(compressed model) (compliance-rules §7.1).
+    size = SubmissionSize(artifact.file_nbytes, len(code), f"{Path(options.code).name} (--code)")
+    return model, artifact.model_config.to_dict(), artifact.file_sha256, notes, size
 
 
 def total_target_bytes(tables: ByteTables, tokens: np.ndarray, block: int = 1 << 22) -> int:
@@ -207,29 +259,36 @@ class _Budget:
         return bool(flag.item() > 0)
 
 
-def _reduced_check(check: ProbabilityCheck, dist: DistContext, device: torch.device) -> ProbabilityCheck:
+def _reduced(check: DistributionCheck, stats: dict[str, float], dist: DistContext, device: torch.device
+             ) -> tuple[DistributionCheck, dict[str, float]]:
+    """A chunk's check and mixer counters over all ranks."""
     if dist.world_size == 1:
-        return check
-    low = torch.tensor([check.minimum], dtype=torch.float64, device=device)
-    high = torch.tensor([check.maximum], dtype=torch.float64, device=device)
-    count = torch.tensor([float(check.positions)], dtype=torch.float64, device=device)
-    dist.all_reduce_min(low)
-    dist.all_reduce_max(high)
-    dist.all_reduce_sum(count)
-    return ProbabilityCheck(float(low.item()), float(high.item()), int(count.item()))
+        return check, stats
+    # One MIN gives the smallest sum, the largest sum and gap (negated) and whether every rank scored from vectors.
+    gap = check.gap_max if check.gap_max is not None else -1.0
+    extremes = torch.tensor([check.sum_min, -check.sum_max, -gap, float(check.from_vector)], dtype=torch.float64,
+                            device=device)
+    dist.all_reduce_min(extremes)
+    counts = torch.tensor([check.positions, check.targets, *stats.values()], dtype=torch.float64, device=device)
+    dist.all_reduce_sum(counts)
+    low, high, gap, from_vector = extremes.tolist()
+    merged = DistributionCheck(int(counts[0]), int(counts[1]), low, -high, -gap if gap <= 0 else None,
+                               from_vector == 1.0)
+    return merged, dict(zip(stats, counts[2:].tolist(), strict=True))
 
 
-def compliance_summary(ledger: ScoreLedger, options: EvalOptions, check: ProbabilityCheck, *,
+def compliance_summary(ledger: ScoreLedger, options: EvalOptions, check: DistributionCheck, *,
                        updater: TTTUpdater | None, last_chunk_index: int | None, mixer_compliant: bool,
-                       elapsed_s: float, submission: SubmissionSize | None = None) -> dict[str, Any]:
+                       elapsed_s: float, ngram_stats: dict[str, float] | None = None,
+                       submission: SubmissionSize | None = None) -> dict[str, Any]:
     """The verdict: C1–C4 as far as the engine can check them, the size rule and the evaluation time limit.
 
     The time limit is the challenge's 600 s, not the run's own budget (``--max-seconds`` may be larger). The size
     rule needs an artifact: for an in-memory model (``submission`` None) ``size`` is null and not part of it.
     """
-    sums = check.as_dict()
-    normalised = bool(check.positions) and (abs(check.minimum - 1.0) <= NORMALISATION_TOLERANCE
-                                            and abs(check.maximum - 1.0) <= NORMALISATION_TOLERANCE)
+    normalised = check.within(NORMALISATION_TOLERANCE, SHORTCUT_TOLERANCE)
+    sums = {"min": check.sum_min, "max": check.sum_max, "positions": check.positions} if check.positions else \
+        {"min": None, "max": None, "positions": 0}
     scored_once = ledger.scored_once()
     score_before_update = ledger.trace.score_before_update(last_chunk_index)
     size = submission.verdict() if submission is not None else None
@@ -245,8 +304,11 @@ def compliance_summary(ledger: ScoreLedger, options: EvalOptions, check: Probabi
         "positions_not_scored_once": ledger.positions_not_scored_once,
         "score_before_update": score_before_update,
         "ttt": updater.summary() if updater is not None else None,
+        # C2 over every scored position: each score is −ln p(x_t) of a full vector that sums to 1 and whose
+        # x_t entry equals the mixer's closed-form shortcut.
         "ngram": {"mode": options.ngram, "mixer_compliant": mixer_compliant, "normalised": normalised,
-                  "probability_sum": sums, "tolerance": NORMALISATION_TOLERANCE},
+                  "probability_sum": sums, "tolerance": NORMALISATION_TOLERANCE, **check.as_dict(),
+                  "shortcut_tolerance": SHORTCUT_TOLERANCE, "stats": ngram_stats or None},
         "trace_digest": ledger.trace.digest(),
         "within_time_budget": elapsed_s <= options.max_seconds,
         "within_time_limit": within_time_limit,
@@ -275,13 +337,14 @@ def evaluate_model(model: ScoringModel, tokens: np.ndarray, tables: ByteTables, 
     started = clock() if started is None else started
     budget = _Budget(options.max_seconds, started, clock)
     ledger = ScoreLedger(tokens, tables)
-    check = ProbabilityCheck()
+    check = DistributionCheck()
+    ngram_stats: dict[str, float] = {}
     last_chunk_index: int | None = None
     mixer: NgramMixer | None = None
     updater: TTTUpdater | None = None
 
     def summary() -> dict[str, Any]:
-        return compliance_summary(ledger, options, _reduced_check(check, dist, device), updater=updater,
+        return compliance_summary(ledger, options, check, updater=updater, ngram_stats=ngram_stats,
                                   last_chunk_index=last_chunk_index, elapsed_s=budget.elapsed(), submission=submission,
                                   mixer_compliant=mixer is None or bool(mixer.compliant))
 
@@ -321,7 +384,7 @@ def evaluate_model(model: ScoringModel, tokens: np.ndarray, tables: ByteTables, 
                 return
             chunk_started = clock()
             scores = score_chunk(model, tokens, windows, chunk, rank=dist.rank, world_size=dist.world_size,
-                                 batch_windows=options.batch_windows, device=device, mixer=mixer, check=check)
+                                 batch_windows=options.batch_windows, device=device, mixer=mixer)
             dist.all_reduce_sum(scores.sums)
             non_finite = int((~torch.isfinite(scores.sums[0])).sum())
             if non_finite:  # a score of NaN/inf is no score: stop before it enters the committed totals
@@ -330,6 +393,11 @@ def evaluate_model(model: ScoringModel, tokens: np.ndarray, tables: ByteTables, 
                                          f"{chunk.index}; nothing of that chunk was committed",
                                   totals=ledger.totals, elapsed_s=budget.elapsed())
                 return
+            chunk_check, chunk_stats = _reduced(scores.check, mixer.take_stats() if mixer is not None else {},
+                                                dist, device)
+            check.merge(chunk_check)
+            for name, value in chunk_stats.items():
+                ngram_stats[name] = ngram_stats.get(name, 0) + value
             chunk_totals = ledger.commit(scores)
             if observer is not None:
                 observer(chunk, scores.sums[0].cpu().numpy())
@@ -353,7 +421,8 @@ def evaluate_model(model: ScoringModel, tokens: np.ndarray, tables: ByteTables, 
                               running=ledger.totals, trained_range=trained_range, elapsed_s=budget.elapsed(),
                               phase_seconds={"score": scores.score_seconds,
                                              "ngram": scores.mix_seconds + mix_commit_seconds,
-                                             "train": train_seconds})
+                                             "train": train_seconds},
+                              distribution=chunk_check.as_dict(), ngram_stats=chunk_stats or None)
     except ScoreOrderError as exc:
         log.exception("score-before-update violation")
         yield error_event(code="order_violation", reason=str(exc), totals=ledger.totals, elapsed_s=budget.elapsed())

@@ -25,7 +25,13 @@ _MULTIPART_BODY = {
                     "required": ["artifact"],
                     "properties": {
                         "artifact": {"type": "string", "format": "binary",
-                                     "description": "the .pgolf artifact (at most the cap in /limits)"},
+                                     "description": "a .pgolf artifact, or an upstream .ptz with its 'code' "
+                                                    "(at most the cap in /limits)"},
+                        "code": {"type": "string", "format": "binary",
+                                 "description": "upstream .ptz only: the submission's train_gpt.py (read "
+                                                "statically, never run; at most 1,000,000 bytes)"},
+                        "env": {"type": "string",
+                                "description": "upstream .ptz only: the run command's KEY=VALUE settings"},
                         "ttt": {"type": "boolean", "default": False},
                         "ngram": {"type": "string", "enum": ["off", "exact", "hashed-940"], "default": "off"},
                         "max_seconds": {"type": "number", "description": "at most the service limit"},
