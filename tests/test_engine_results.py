@@ -97,3 +97,20 @@ def test_an_artifact_declaring_too_much_code_is_not_compliant(eval_data: EvalDat
     assert compliance["size"]["artifact_bytes"] == heavy.stat().st_size
     assert compliance["size"]["code_bytes"] == 15_999_000 and compliance["size"]["within_limit"] is False
     assert compliance["compliant"] is False and compliance["within_time_limit"] is True
+
+
+def test_an_upstream_artifact_is_sized_with_its_script(tmp_path: Path, embedded_data: Path) -> None:
+    """For a .ptz the rule counts bytes(train_gpt.py) + bytes(compressed model), the script given with --code."""
+    from service.engine import evaluate
+    from tests.test_upstream_artifact import PR940_CODE, PR940_ENV, upstream_file
+
+    path, _, _ = upstream_file(tmp_path, "int6", "zstd", seed=3)
+    options = EvalOptions(artifact=path, data_dir=embedded_data, code=PR940_CODE, device="cpu", max_tokens=300,
+                          env=tuple(f"{k}={v}" for k, v in PR940_ENV.items()), seq_len=128, stride=128,
+                          chunk_tokens=1024, batch_windows=4)
+    end = list(evaluate(options))[-1]
+    assert end["type"] == "end", end
+    size = end["compliance"]["size"]
+    assert size["artifact_bytes"] == path.stat().st_size
+    assert size["code_bytes"] == Path(PR940_CODE).stat().st_size and size["code_source"].endswith("(--code)")
+    assert size["within_limit"] is True
