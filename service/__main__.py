@@ -102,11 +102,12 @@ def _leave_process_group(wait_for_peers: bool) -> None:
         torch_dist.destroy_process_group()
 
 
+from service.api.auth import add_token_parser  # noqa: E402
 from service.api.cli import add_serve_parser  # noqa: E402  (registered beside evaluate; light import)
 from service.demo import add_demo_parser  # noqa: E402
 
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    add_evaluate_parser, add_serve_parser, add_demo_parser)
+    add_evaluate_parser, add_serve_parser, add_demo_parser, add_token_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 from api_harness import (  # noqa: F401  (service_data and tiny_artifact are fixtures)
+    AUTH,
     REPO_ROOT,
     ServiceData,
     ServiceProcess,
@@ -112,7 +113,7 @@ def reader_footprint(tiny_artifact: Path) -> int:  # noqa: F811
 class LimitedService:
     def __init__(self, process: ServiceProcess, script: Path) -> None:
         self.process, self.script = process, script
-        self.client = httpx.Client(base_url=process.url, timeout=60)
+        self.client = httpx.Client(base_url=process.url, timeout=60, headers=AUTH)
 
     def validator_pid(self) -> int:
         for pid in self.process.child_pids():
@@ -234,7 +235,7 @@ def test_a_non_finite_result_fails_the_job_and_every_stream_stays_strict_json(
     assert response.status_code == 202, response.text
     job = wait_for_status(limited.client, response.json()["id"], {"completed", "failed", "timeout"})
     assert job["status"] == "failed" and "non-finite" in job["reason"], job
-    assert job["result"]["code"] == "non_finite_value"
+    assert job["result"]["code"] == "non_finite"
     assert job["result"]["targets_scored"] == 2000  # the figures of the two chunks before it
     body = limited.client.get(f"/evaluations/{job['id']}/events").text
     events = [json.loads(line, parse_constant=_refuse) for line in body.splitlines() if line]

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 from api_harness import (  # noqa: F401  (service_data and tiny_artifact are fixtures)
+    AUTH,
     TEST_ARTIFACTS_DIR,
     ServiceData,
     ServiceProcess,
@@ -48,7 +49,7 @@ def finished_job(service_data: ServiceData, tiny_artifact: Path, tmp_path_factor
     script = root / "behaviour.json"
     set_fake_behaviour(script, chunks=CHUNKS, chunk_seconds=0.05)
     with ServiceProcess(root / "storage", service_data, **fake_evaluator_env(script)) as process, \
-            httpx.Client(base_url=process.url, timeout=60) as client:
+            httpx.Client(base_url=process.url, timeout=60, headers=AUTH) as client:
         job_id = upload(client, tiny_artifact, params={"wait": "false"}).json()["id"]
         yield process, wait_for_status(client, job_id, {"completed"})
 

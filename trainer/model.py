@@ -368,7 +368,14 @@ class GPT(nn.Module):
     def _init_weights(self) -> None:
         """Reference init: tok_emb N(0, std); zero-init layers stay zero; every other linear with both dims
         >= 64 is orthogonal, and the remaining "*.proj" (only bigram.proj) is scaled by 1/sqrt(2L) as in the
-        non-banked code. Smaller linears keep PyTorch's default init, as upstream."""
+        non-banked code. Smaller linears keep PyTorch's default init, as upstream.
+
+        One deliberate difference, for BigramHash's projection: upstream zero-initialises both BigramHash factors
+        (table and projection) in the module, then its ``_init_weights`` orthogonalises and scales the projection
+        whenever both its dims are >= 64 (128→512 in PR #940, so there the two inits are the same, which the
+        tests check). Below 64 (the demo's 32→128) upstream's projection stays zero, and with both factors zero
+        neither ever gets a gradient: the feature would be dead for the whole run. pgolf zero-initialises only
+        the table, so the projection keeps PyTorch's default there and the path can learn."""
         nn.init.normal_(self.tok_emb.weight, mean=0.0, std=self.config.tied_embed_init_std)
         if self.bigram is not None:
             nn.init.zeros_(self.bigram.embed.weight)

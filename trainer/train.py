@@ -36,6 +36,7 @@ from trainer.evaluate import ValResult, evaluate_non_overlapping
 from trainer.export import export_to_budget
 from trainer.model import GPT, autocast_for
 from trainer.muon import Muon
+from trainer.threads import apply_thread_policy
 
 TRAIN_TIME_LIMIT_MS = 600_000  # the challenge's limit, whatever cap a run was configured with
 
@@ -180,6 +181,7 @@ def _agree_max(flag: bool, runtime: Runtime) -> bool:
 def train(config: TrainConfig, data_dir: Path, tokenizer: Path, out_dir: Path,
           runtime: Runtime | None = None) -> dict:
     """Train, export and round-trip one model. Returns the summary (also written to summary.json on rank 0)."""
+    threads = apply_thread_policy()  # before any torch work; under torchrun, LOCAL_WORLD_SIZE shares the cores
     runtime = runtime or init_runtime()
     if config.grad_accum_base % runtime.world_size:
         raise ValueError(f"world size {runtime.world_size} must divide grad_accum_base {config.grad_accum_base}")
@@ -198,6 +200,7 @@ def train(config: TrainConfig, data_dir: Path, tokenizer: Path, out_dir: Path,
                          f"{config.model.vocab_size}")
     val_tokens = load_validation_tokens(data_dir, config.train_seq_len, config.model.vocab_size)
     log(f"pgolf {__version__} python {platform.python_version()} torch {torch.__version__} device {device}")
+    log(threads.describe())
     log(f"config {json.dumps(to_dict(config), sort_keys=True)}")
     log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={tokenizer}")
     log(f"val_loader:shards pattern={data_dir}/*_val_*.bin tokens:{len(val_tokens)}")

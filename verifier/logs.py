@@ -155,6 +155,8 @@ class TimedStep:
     line: int  # 1-based line number in the file
     text: str
     stop: bool = False  # the early-stop line rather than a step line
+    # Half a unit of the last printed digit: "8.9m" is 534,000 ms give or take 3,000 ms; "599544ms" 0.5 ms.
+    precision_ms: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -185,12 +187,17 @@ class LogRun:
 
     @property
     def final(self) -> TimedStep | None:
-        """The largest training time the run states (the forced last step of upstream counts: it trained)."""
-        return max(self.steps, key=lambda s: (s.time_ms, s.stop)) if self.steps else None
+        """The time after the run's last step (the forced last step of upstream counts: it trained); of the lines
+        at that step, the most precise, then the largest."""
+        return final_step(self.steps) if self.steps else None
 
     @property
     def score(self) -> Figure | None:
         return self.bpb[-1] if self.bpb else None
+
+
+def final_step(steps: list[TimedStep]) -> TimedStep:
+    return max(steps, key=lambda s: (s.step, -s.precision_ms, s.time_ms, s.stop))
 
 
 @dataclass(frozen=True)
@@ -212,18 +219,33 @@ def _pairs(content: str) -> list[_Pair]:
 
 
 def _script_source_lines(lines: list[str]) -> set[int]:
-    """Indexes of script-source blocks: from an `import`/docstring line up to the next `=====` separator."""
+    """Indexes of script-source blocks: from an `import`/docstring line up to the next `=====` separator.
+
+    A candidate block that holds a timed step or stop line is not source (a log captured twice, or a source echo
+    cut short at its head): the search resumes after that line, so no run is ever skipped."""
     skipped: set[int] = set()
     index = 0
     while index < len(lines):
         if _SOURCE_START.match(lines[index]):
             end = next((j for j in range(index + 1, len(lines)) if _SEPARATOR.match(lines[j])), None)
-            if end is not None:
-                skipped.update(range(index, end))
-                index = end + 1
+            if end is None:
+                break
+            timed = [j for j in range(index, end) if _is_timed_line(lines[j])]
+            if timed:
+                index = timed[-1] + 1
                 continue
+            skipped.update(range(index, end))
+            index = end + 1
+            continue
         index += 1
     return skipped
+
+
+def _is_timed_line(raw: str) -> bool:
+    content = _PREFIX.sub("", raw, count=1)
+    if not (_STEP_AT_START.match(content) or _STOP_AT_START.match(content)):
+        return False
+    return any(p.word in _TIME_KEYS and p.unit for p in _pairs(content))
 
 
 def parse_training_log(text: str) -> list[LogRun]:
@@ -270,8 +292,10 @@ def parse_training_log(text: str) -> list[LogRun]:
             if step_start and not is_stop:
                 (runs[-1] if runs else orphans).step_lines += 1
             if time is not None and step_match is not None:
-                timed = TimedStep(int(step_match.group(1)), float(time.value) * _TIME_UNITS_MS[time.unit],
-                                  number, raw.strip(), stop=is_stop)
+                scale = _TIME_UNITS_MS[time.unit]
+                decimals = len(time.value.split(".")[1]) if "." in time.value else 0
+                timed = TimedStep(int(step_match.group(1)), float(time.value) * scale, number, raw.strip(),
+                                  stop=is_stop, precision_ms=0.5 * scale * 10.0 ** -decimals)
                 current = runs[-1] if runs else None
                 last = current.steps[-1] if current and current.steps else None
                 # The step counter going back starts another run (a file log can hold several).

@@ -102,8 +102,16 @@ class ArtifactValidator:
             await self._running_process()
 
     async def close(self) -> None:
+        self.kill_now()
         async with self._lock:
             await self._stop()
+
+    def kill_now(self) -> None:
+        """At shutdown, from any state: the helper dies now; a validation waiting on it sees it gone."""
+        process = self._process
+        if process is not None and process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
 
     async def validate(self, path: Path, *, code: bytes | None = None, env: list[str] | None = None
                        ) -> ValidationResult:
@@ -135,7 +143,10 @@ class ArtifactValidator:
                 return ValidationResult(None, "validator_crashed",
                                         f"the artifact reader died while reading this file (exit status "
                                         f"{process.returncode}); the file was refused")
-        reply = json.loads(line)
+        try:
+            reply = json.loads(line)
+        except ValueError:
+            return ValidationResult(None, "validator_crashed", "the artifact reader answered garbage; refused")
         if reply["ok"]:
             return ValidationResult(reply["manifest"])
         return ValidationResult(None, str(reply["code"]), str(reply["message"]))

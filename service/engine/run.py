@@ -51,6 +51,7 @@ from service.engine.ttt import RECIPES, TTTRecipe, TTTUpdater
 from service.engine.windows import Chunk, plan_chunks, plan_windows
 from trainer.artifact import SUBMISSION_LIMIT_BYTES
 from trainer.data.byte_accounting import ByteTables
+from trainer.threads import apply_thread_policy
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,7 @@ def evaluate(options: EvalOptions) -> Iterator[Event]:
     started = time.perf_counter()
     try:
         options.validate()
+        threads = apply_thread_policy()  # CPU scoring and the n-gram mixer share the cores with local peers
         device = resolve_device(options.device, local_rank_from_env())
         dist = init_from_env(device)
         inputs = load_inputs(options, device)
@@ -122,6 +124,7 @@ def evaluate(options: EvalOptions) -> Iterator[Event]:
     yield from evaluate_model(inputs.model, inputs.tokens, inputs.tables, options, dist=dist, device=device,
                               artifact_sha256=inputs.artifact_sha256, submission=inputs.size,
                               extra_config={"model_config": inputs.model_config,
+                                            "cpu_threads": {"intra_op": threads.threads, "reason": threads.reason},
                                             **({"notes": list(inputs.notes)} if inputs.notes else {})},
                               started=started)
 
