@@ -179,3 +179,21 @@ def test_the_cli_prints_the_table_and_writes_json_and_junit(tmp_path: Path) -> N
     both = subprocess.run([sys.executable, "-m", "verifier", "check", str(folder / "x.ptz"), "--record", str(folder)],
                           capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
     assert both.returncode == 2 and "either ARTIFACT or --record DIR" in both.stderr
+
+
+def test_links_fifos_and_huge_lines_are_refused_or_bounded(tmp_path: Path) -> None:
+    import os
+
+    folder = make_record(tmp_path, {"train_seed1.log": march_log(1, 599_500, "1.11000000")}, {"val_bpb": 1.11})
+    (folder / "zero.log").symlink_to("/dev/zero")  # would never end if read
+    os.mkfifo(folder / "pipe.txt")  # would block forever if opened
+    # A line that costs quadratic time in a naive nvidia-smi pattern (hours at this length), and a very long line
+    # of pairs: lines are read up to MAX_LINE_CHARS, with patterns that stay linear.
+    (folder / "long.txt").write_text("|  0  NVIDIA" + " " * 2_000_000 + "x\n" + "bpb:1 " * 500_000 + "\n")
+    record = check_record(folder, scan=False)
+    logs = {log.path: log for log in record.logs}
+    assert logs["zero.log"].kind == logs["pipe.txt"].kind == "unreadable"
+    assert "not a regular file" in logs["zero.log"].error
+    assert logs["long.txt"].kind == "evaluation log" and len(logs["long.txt"].figures()) < 1000
+    rows = {r.name: r for r in record.results}
+    assert rows["record_logs"].status == "FAIL" and "zero.log: not a regular file" in rows["record_logs"].reason

@@ -7,7 +7,10 @@ which run, and the rule that decides PASS / WARN / FAIL from a run's own step ti
 
 from __future__ import annotations
 
-from verifier.logs import TimedStep, parse_training_log
+import pytest
+
+import verifier.logs as logs
+from verifier.logs import LogError, TimedStep, parse_training_log
 from verifier.wallclock import STEP_ALLOWANCE, judge_steps, judge_total
 
 
@@ -162,3 +165,12 @@ def test_no_step_timings_cannot_show_a_final_step_overshoot() -> None:
     assert judge_total(600_001.0).status == "FAIL"
     assert judge_steps(run_steps(stop=(10, 600_050.0))).status == "FAIL"
     assert judge_steps([]).reason == "no line states the training time"
+
+
+def test_a_file_with_more_lines_than_any_log_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(logs, "MAX_TIMED_LINES", 10)
+    monkeypatch.setattr(logs, "MAX_FIGURES", 10)
+    with pytest.raises(LogError, match="more than 10 timed step lines"):
+        parse_training_log("".join(f"step:{i}/99 train_time:{i}ms\n" for i in range(11)))
+    with pytest.raises(LogError, match="more than 10 bits-per-byte figures"):
+        parse_training_log("val_bpb:1.0\n" * 11)

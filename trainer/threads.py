@@ -1,15 +1,10 @@
-"""CPU intra-op threads for training and evaluation: the idle cores this process may use, shared by its peers.
+"""CPU intra-op threads for training and evaluation: the idle usable cores, shared by the local processes.
 
-torch's own default is one thread per core of the machine, whatever else runs on it. Each parallel region then
-waits for threads the OS has descheduled: on a 2-core machine already running other jobs, bench/train_step.py
-measured a demo step at 2 threads 7.6x slower than at 1 (README, "CPU threads"). So a process takes
-
-    max(1, (usable cores − cores kept busy by others) // local processes)
-
-where usable cores are os.sched_getaffinity, the busy ones the rounded 1-minute load average (read at start, so it
-counts other work, not this run) and the local processes torchrun's LOCAL_WORLD_SIZE. Under-subscribing costs at
-most the parallel speed-up; over-subscribing cost 7x. An explicit OMP_NUM_THREADS or MKL_NUM_THREADS (which torch
-reads at import) is honoured as it is. The choice and its reason go to the training log and the start event.
+torch's default (one thread per core, whatever else runs) made a demo step 7.6x slower at 2 threads than at 1
+on a busy 2-core machine (bench/train_step.py; README "CPU threads"): each parallel region waits for threads the
+OS has descheduled. So a process takes max(1, (usable cores − busy cores) // local processes): cores from
+os.sched_getaffinity, busy ones the rounded 1-minute load average read at start (other work, not this run),
+local processes torchrun's LOCAL_WORLD_SIZE. An explicit OMP_NUM_THREADS or MKL_NUM_THREADS is honoured.
 """
 
 from __future__ import annotations

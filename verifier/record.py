@@ -27,20 +27,23 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import stat
 import statistics
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from verifier.logs import Figure, LogError, LogRun, parse_training_log, read_bounded_text
+from verifier.check import SIZE_LIMIT_BYTES
+from verifier.logs import MAX_LOG_BYTES, Figure, LogError, LogRun, parse_training_log, read_bounded_text
 from verifier.report import FAIL, PASS, SKIP, CheckResult
 from verifier.wallclock import TimeVerdict, judge_steps, worst
 
-SIZE_LIMIT_BYTES = 16_000_000
 LOG_SUFFIXES = (".log", ".txt")
 MAX_LOG_DEPTH = 3  # folder levels under the record searched for logs (logs/, ttt_*/ …)
+MAX_LOG_FILES = 1000  # a record has a handful; the rest of a larger folder is not read
 ENTRY_POINT = "train_gpt.py"
 _SEED_IN_NAME = re.compile(r"seed[_-]?(\d+)", re.I)
 _SEED_KEY = re.compile(r"^(?:seed[_-]?)?(\d+)$", re.I)
@@ -146,16 +149,29 @@ class RecordCheck:
 
 
 def find_logs(folder: Path) -> list[Path]:
+    """Every ``*.log``/``*.txt`` up to ``MAX_LOG_DEPTH`` folders deep, in name order; links are not followed."""
     found = []
-    for path in sorted(folder.rglob("*")):
-        depth = len(path.relative_to(folder).parts)
-        if path.is_file() and path.suffix.lower() in LOG_SUFFIXES and depth <= MAX_LOG_DEPTH:
-            found.append(path)
-    return found
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        depth = len(Path(root).relative_to(folder).parts)
+        if depth >= MAX_LOG_DEPTH:
+            dirs[:] = []
+        found += [Path(root) / name for name in files if Path(name).suffix.lower() in LOG_SUFFIXES]
+    found.sort()
+    return found[:MAX_LOG_FILES]
+
+
+def _regular_file(path: Path) -> bool:
+    """A plain file, not a link, FIFO or device (reading /dev/zero through a link would never end)."""
+    try:
+        return stat.S_ISREG(path.lstat().st_mode)
+    except OSError:
+        return False
 
 
 def read_record_log(path: Path, folder: Path) -> RecordLog:
     relative = str(path.relative_to(folder))
+    if not _regular_file(path):
+        return RecordLog(relative, "unreadable", error="not a regular file (a link, FIFO or device): not read")
     try:
         runs = parse_training_log(read_bounded_text(path))
     except (OSError, LogError) as exc:
@@ -296,11 +312,13 @@ def check_record(folder: Path, *, strict: bool = False, scan: bool = True) -> Re
 
 def _read_submission(folder: Path) -> tuple[Any, str]:
     path = folder / "submission.json"
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         return None, "no submission.json in the folder"
+    if not _regular_file(path):
+        return None, "submission.json is not a regular file (a link, FIFO or device): not read"
     try:
         return json.loads(read_bounded_text(path), parse_float=Decimal), ""
-    except (OSError, LogError, ValueError) as exc:
+    except (OSError, LogError, ValueError, RecursionError) as exc:
         return None, f"submission.json does not parse: {exc}"
 
 
@@ -495,13 +513,13 @@ def _check_mean(logs: list[RecordLog], claims: SubmissionClaims | None) -> Check
         if headline.agrees(mean):
             return CheckResult("val_bpb_mean", PASS, f"{figure} = mean of {len(seed_claims)} per-seed claims "
                                                      f"{mean:.8f}")
-    by_seed: dict[int | None, float] = {}
+    by_seed: dict[int | str, float] = {}  # one score per seed (a log without a seed counts on its own)
     for log in logs:
         if log.score is None or log.kind == "not a log":
             continue
         claim = claims.per_seed.get(log.seed, SeedClaims()).val_bpb if log.seed is not None else None
         found = _printed(claim, [log]) if claim else None
-        by_seed[log.seed if log.seed is not None else id(log)] = found[1].value if found else log.score.value
+        by_seed[log.seed if log.seed is not None else log.path] = found[1].value if found else log.score.value
     if by_seed:
         mean = statistics.fmean(by_seed.values())
         if headline.agrees(mean):
@@ -530,9 +548,12 @@ def _check_code_bytes(folder: Path, logs: list[RecordLog], claims: SubmissionCla
     from trainer.source_unwrap import UnwrapError, unwrap
 
     entry = folder / ENTRY_POINT
-    if not entry.is_file():
-        return CheckResult("code_bytes", FAIL, "", f"no {ENTRY_POINT} in the folder")
+    if not _regular_file(entry):
+        return CheckResult("code_bytes", FAIL, "", f"no {ENTRY_POINT} in the folder (or not a regular file)")
     on_disk = entry.stat().st_size
+    if on_disk > MAX_LOG_BYTES:
+        return CheckResult("code_bytes", FAIL, f"{ENTRY_POINT} {on_disk:,} bytes",
+                           f"over {MAX_LOG_BYTES:,} bytes: not a training script")
     readable_bytes: int | None = None
     notes: list[str] = []
     try:

@@ -30,7 +30,7 @@ COMPLETED, FAILED, TIMEOUT, CANCELLED = "completed", "failed", "timeout", "cance
 ACTIVE_STATUSES = (QUEUED, RUNNING)
 TERMINAL_STATUSES = (COMPLETED, FAILED, TIMEOUT, CANCELLED)
 INTERRUPTED_REASON = "interrupted"
-BUSY_TIMEOUT_SECONDS = 0.25
+BUSY_TIMEOUT_SECONDS = 0.1
 log = logging.getLogger("pgolf.service")
 T = TypeVar("T")
 
