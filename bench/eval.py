@@ -11,8 +11,10 @@ sequence length and each TTT recipe uses its reference chunk unless --seq-len / 
     ttt-legal-sgd      + score-first TTT, the legal SGD recipe (32,768-token chunks)
     ngram-exact        + exact normalised n-gram mixing
     ngram-smoothed     + the smoothed (interpolated) exact n-gram variant
+    ngram-tilt         + the token-only causal tilt of the softmax (hint from exact prefix counts)
     ttt+ngram-exact    TTT (--ttt-recipe) + exact n-gram
     ttt+ngram-smoothed TTT (--ttt-recipe) + smoothed n-gram
+    ttt+ngram-tilt     TTT (--ttt-recipe) + tilt
     default            what `python -m service evaluate` runs without options (EvalOptions' defaults)
     hashed-940         the upstream hashed cache: NOT a valid score (unnormalised), shown for comparison only
 
@@ -45,8 +47,10 @@ MODES: dict[str, dict[str, object]] = {
     "ttt-legal-sgd": {"ttt": True, "ttt_recipe": "legal-sgd"},
     "ngram-exact": {"ngram": "exact"},
     "ngram-smoothed": {"ngram": "smoothed"},
+    "ngram-tilt": {"ngram": "tilt"},
     "ttt+ngram-exact": {"ttt": True, "ngram": "exact"},
     "ttt+ngram-smoothed": {"ttt": True, "ngram": "smoothed"},
+    "ttt+ngram-tilt": {"ttt": True, "ngram": "tilt"},
     "default": {"ttt": EvalOptions.ttt, "ttt_recipe": EvalOptions.ttt_recipe, "ngram": EvalOptions.ngram},
     "hashed-940": {"ngram": "hashed-940"},
 }
@@ -58,14 +62,18 @@ def sample_dir() -> Path:
 
 
 def run_mode(base: EvalOptions, overrides: dict[str, object], speaks: bool) -> dict:
+    """The terminal event, with ``ngram_seconds``: the n-gram phase summed over the chunk events."""
     options = EvalOptions(**{**base.__dict__, **overrides})
     last: dict = {}
+    ngram_seconds = 0.0
     for event in evaluate(options):
         last = event
+        if event["type"] == "chunk":
+            ngram_seconds += event["phase_seconds"].get("ngram", 0.0)
         if speaks and event["type"] == "chunk" and event["index"] % 10 == 0:
             print(f"  chunk {event['index']}: running_bpb={event['running_bpb']:.6f} "
                   f"elapsed={event['elapsed_s']:.1f}s", file=sys.stderr, flush=True)
-    return last
+    return {**last, "ngram_seconds": ngram_seconds}
 
 
 def main() -> int:
@@ -111,22 +119,29 @@ def main() -> int:
             "mode": mode, "status": "end", "val_bpb": result["val_bpb"], "val_loss": result["val_loss"],
             "targets": result["targets_scored"], "elapsed_s": result["elapsed_s"],
             "tokens_per_s": result["targets_scored"] / max(result["elapsed_s"], 1e-9),
-            "compliant": compliance["compliant"], "probability_sum_max": compliance["ngram"]["probability_sum"]["max"],
+            "compliant": compliance["compliant"], "sum_error_max": compliance["ngram"]["sum_error_max"],
+            "scored_gap_max": compliance["ngram"]["scored_gap_max"], "vectors": compliance["ngram"]["positions"],
+            "ngram_seconds": result["ngram_seconds"], "ngram_tokens_per_s":
+                result["targets_scored"] / result["ngram_seconds"] if result["ngram_seconds"] else None,
         })
     if not speaks:
         return 0
     print(f"\nartifact {args.artifact}, {rows[0].get('targets', '?')} targets, seq {args.seq_len or 'from artifact'} "
           f"/ stride {args.stride}, chunk {args.chunk_tokens or 'per recipe'}, TTT recipe {args.ttt_recipe}, "
           f"device {args.device}, torch threads {torch.get_num_threads()}\n")
-    print("| mode | val_bpb | eval tokens/s | elapsed s | compliant | max Σp sampled |")
-    print("|---|---|---|---|---|---|")
+    # Σp and the vector/shortcut gap are taken over every scored position (vectors = positions summed).
+    print("| mode | val_bpb | eval tokens/s | elapsed s | n-gram s (tokens/s) | compliant | max abs(Σp−1) | "
+          "max abs(p_vec−p_scored) | vectors |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         if row["status"] != "end":
-            print(f"| {row['mode']} | {row['status']}: {row['reason']} | | | | |")
+            print(f"| {row['mode']} | {row['status']}: {row['reason']} | | | | | | | |")
             continue
         label = "yes" if row["compliant"] else "**NO (not a valid score)**"
+        ngram = f"{row['ngram_seconds']:.1f} ({row['ngram_tokens_per_s']:,.0f})" if row["ngram_seconds"] else "-"
+        gap = "-" if row["scored_gap_max"] is None else f"{row['scored_gap_max']:.1e}"
         print(f"| {row['mode']} | {row['val_bpb']:.6f} | {row['tokens_per_s']:,.0f} | {row['elapsed_s']:.1f} | "
-              f"{label} | {row['probability_sum_max']:.6f} |")
+              f"{ngram} | {label} | {row['sum_error_max']:.1e} | {gap} | {row['vectors']:,} |")
     print("\n" + json.dumps(rows))
     return 0
 

@@ -1,21 +1,29 @@
-"""N-gram mixing benchmarks: speed of exact vs `hashed-940`, and quality of the mixing modes.
+"""N-gram benchmarks: counting speed and memory at the full validation size, full-vocabulary mixing speed, and the
+mixed bpb of every mode.
 
-Speed (default): causal n-gram statistics for orders 2–7 over a 10M-token stream, scored and committed in
-engine-sized chunks (131,072 tokens) as the evaluation engine drives a mixer (prepare the chunk, score it
-in batches, commit it), exact mode and hashed-940 (PR-head per-segment updates, and the fork's lock-step
-variant) side by side in one run. Prints tokens/s by wall clock and by CPU time (user + system) — the
-latter is steadier on a shared machine. The stream is, in order of preference, the FineWeb sample val
-shard, the embedded corpus val shard (`make demo`), or Zipf-distributed synthetic ids; the line "stream:"
-says which.
+Speed (default): each mode in turn, in one process, driven the way the evaluation engine drives a mixer over a
+stream of `--tokens` tokens in chunks of `--chunk` (131,072) tokens: `prepare` the chunk (one pass), read the
+statistics of every target, mix the full-vocabulary distribution of a sample batch of each chunk (`--mix-batch`
+targets, stand-in logits), mark the chunk scored and `commit` it. Printed per mode: counting tokens/s (prepare +
+statistics + commit, over every target; wall clock and CPU time), mixing tokens/s (vectors built per second),
+the peak RSS of the mode (the process high-water mark is reset between modes) and the size of the count tables.
+`hashed-940` runs beside them (its counting is its target-only scoring). Each mode's tables are freed before the
+next starts.
 
-Quality (`--quality`): mixed NLL and bpb on the FineWeb sample val shard for every mode, with a stand-in
-model: a bigram model estimated on the sample *train* shard (interpolated with its unigram), or the real
-model's per-position statistics from `--model-stats FILE.npz` (arrays `target_logprob` and `entropy`, nats,
-for target positions 1..N−1 of the val shard). `--swap-roles` streams the train shard instead (stand-in
-from val): settings such as the smoothing concentration are chosen there, not on validation text.
+The stream: the FineWeb sample val shard (628k tokens; else the embedded val shard, else Zipf ids) tiled to
+`--tokens`, every copy after the first relabelled by a fixed random permutation of the vocabulary: each copy
+keeps real text's n-gram statistics, but copies share no n-grams, so the tables grow as with fresh text (a
+pessimistic stand-in for the 62,021,632-token val set, which repeats more).
 
-    .venv/bin/python bench/ngram.py [--tokens N] [--chunk C]
-    .venv/bin/python bench/ngram.py --quality [--model-stats FILE.npz]
+Ranks: under torchrun every rank of the engine keeps its own tables (each commits every chunk), so the per-rank
+cost is the peak RSS printed here; the line "ranks:" multiplies it out for 8 ranks on one machine.
+
+Quality (`--quality`): mixed NLL and bpb on the sample val shard for every mode with a stand-in model (a bigram
+model from the sample *train* shard, interpolated with its unigram). `--swap-roles` streams the train shard with
+a stand-in from val: settings such as the smoothing concentration are chosen there, not on validation text.
+
+    .venv/bin/python bench/ngram.py --tokens 62000000
+    .venv/bin/python bench/ngram.py --quality [--swap-roles]
 """
 
 from __future__ import annotations
@@ -29,15 +37,17 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from service.engine.ngram import NGRAM_MODES, NgramMixer, SmoothedNgramMixer, make_mixer  # noqa: E402
-from service.engine.ngram_hashed import Hashed940Mixer  # noqa: E402
+from service.engine.ngram import NgramMixer, SmoothedNgramMixer, make_mixer  # noqa: E402
+from service.engine.ngram_tilt import TiltMixer  # noqa: E402
 from trainer.data.shards import read_shard  # noqa: E402
 
 VOCAB = 1024
+MODES = ("exact", "smoothed", "tilt", "hashed-940")
 
 
 def sample_dir() -> Path:
@@ -48,21 +58,17 @@ def sample_dir() -> Path:
 def speed_stream(n_tokens: int, seed: int = 0) -> tuple[np.ndarray, str]:
     """n_tokens of text-like ids and a description of where they come from."""
     rng = np.random.default_rng(seed)
-    candidates = [
-        (sample_dir() / "datasets" / "fineweb10B_sp1024" / "fineweb_val_000000.bin", "FineWeb sample val shard"),
-        (REPO / "data" / "embedded" / "embedded_val_000000.bin", "embedded corpus val shard"),
-    ]
-    for path, name in candidates:
+    for path, name in ((sample_dir() / "datasets" / "fineweb10B_sp1024" / "fineweb_val_000000.bin",
+                        "FineWeb sample val shard"),
+                       (REPO / "data" / "embedded" / "embedded_val_000000.bin", "embedded corpus val shard")):
         if path.exists():
             base = read_shard(path)
-            # Copies after the first are relabelled by a fixed random permutation of the vocabulary: each copy
-            # keeps real text's n-gram statistics, but copies share no n-grams, so the stream does not turn
-            # into one long repeat (which would flatter every cache).
-            copies = [base] + [rng.permutation(VOCAB).astype(np.uint16)[base]
-                               for _ in range(n_tokens // len(base))]
-            return (np.concatenate(copies)[:n_tokens],
-                    f"{name} ({len(base):,} tokens) tiled to {n_tokens:,}, each further copy relabelled by a "
-                    "random vocabulary permutation")
+            out = np.empty(n_tokens, np.uint16)
+            for copy, lo in enumerate(range(0, n_tokens, len(base))):
+                hi = min(lo + len(base), n_tokens)
+                out[lo:hi] = base[: hi - lo] if copy == 0 else rng.permutation(VOCAB).astype(np.uint16)[base[: hi - lo]]
+            return out, (f"{name} ({len(base):,} tokens) tiled to {n_tokens:,}, each further copy relabelled by a "
+                         "random vocabulary permutation")
     ids = np.minimum(rng.zipf(1.2, n_tokens) - 1, VOCAB - 1).astype(np.uint16)
     return ids, f"Zipf(1.2) synthetic ids, {n_tokens:,} tokens (no FineWeb sample or embedded corpus found)"
 
@@ -72,64 +78,89 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-LOCK_STEP = "hashed-940/lock-step"  # the fork's variant: tables change at commit only; no per-segment work
+def reset_peak_rss() -> bool:
+    """Restart the kernel's RSS high-water mark (Linux: write 5 to clear_refs)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
 
-def new_mixer(mode: str) -> NgramMixer:
-    if mode == LOCK_STEP:
-        return Hashed940Mixer(VOCAB, update_every=None)
+def peak_rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_mode(mode: str, tokens: np.ndarray, chunk: int, mix_batch: int) -> dict[str, float]:
+    """Drive one mixer over the stream; counting and mixing timed apart."""
     mixer = make_mixer(mode, VOCAB)
-    assert mixer is not None, "mode 'off' has nothing to measure"
-    return mixer
-
-
-def run_mode(mode: str, tokens: np.ndarray, chunk: int, batch: int, target_lp: np.ndarray, entropy: np.ndarray
-             ) -> tuple[float, float, float]:
-    """(wall s, CPU s, mean NLL) of scoring every chunk (prepared, then in batches) and committing it."""
-    mixer = new_mixer(mode)
-    gc.collect()
-    wall0, cpu0 = time.perf_counter(), cpu_seconds()
-    total = 0.0
+    logits = torch.from_numpy(np.random.default_rng(1).normal(0.0, 2.0, (mix_batch, VOCAB))).float()
+    count_wall = count_cpu = mix_wall = 0.0
+    mixed = 0
     for start in range(1, len(tokens), chunk):
         end = min(start + chunk, len(tokens))
+        wall, cpu = time.perf_counter(), cpu_seconds()
         mixer.prepare(tokens, end)
-        for first in range(start, end, batch):
-            positions = np.arange(first, min(first + batch, end))
-            total += float(mixer.score(positions, tokens, target_lp[positions], entropy[positions]).sum())
+        if mode == "hashed-940":  # its statistics are its target-only scores
+            positions = np.arange(start, end)
+            mixer.score(positions, tokens, np.full(positions.size, -np.log(VOCAB)), np.full(positions.size, 6.9))
+        else:
+            mixer.statistics(np.arange(start, end), tokens[:end])
+        count_wall, count_cpu = count_wall + time.perf_counter() - wall, count_cpu + cpu_seconds() - cpu
+        if mode != "hashed-940":
+            sample = np.arange(end - min(mix_batch, end - start), end)  # the chunk's last targets: most context
+            wall = time.perf_counter()
+            mixer.mix(sample, tokens, logits[: sample.size])
+            mix_wall += time.perf_counter() - wall
+            mixed += sample.size
+        wall, cpu = time.perf_counter(), cpu_seconds()
+        mixer.mark_scored(start, end)
         mixer.commit(tokens, end)
-    return time.perf_counter() - wall0, cpu_seconds() - cpu0, total / (len(tokens) - 1)
+        count_wall, count_cpu = count_wall + time.perf_counter() - wall, count_cpu + cpu_seconds() - cpu
+    tables = getattr(getattr(mixer, "counts", None), "nbytes", None)
+    if tables is None:
+        tables = mixer.ctx_counts.nbytes + mixer.full_counts.nbytes
+    return {"count_wall": count_wall, "count_cpu": count_cpu, "mix_wall": mix_wall, "mixed": mixed,
+            "tables": tables}
 
 
 def speed(args: argparse.Namespace) -> None:
     tokens, description = speed_stream(args.tokens)
     print(f"stream: {description}")
-    print(f"chunk: {args.chunk:,} tokens, prepared then scored in batches of {args.batch:,}; orders 2-7; "
-          f"stand-in model: uniform over {VOCAB} ids (the n-gram work does not depend on the model's numbers)")
-    target_lp = np.full(len(tokens), -np.log(VOCAB))
-    entropy = np.full(len(tokens), np.log(VOCAB))
-    results = {}
+    print(f"chunk: {args.chunk:,} tokens, prepared once, statistics of every target, full-vocabulary vectors for "
+          f"the last {args.mix_batch:,} targets of each chunk (stand-in logits), then committed; orders 2-7")
+    resettable = reset_peak_rss()
+    base_rss = peak_rss_bytes()
+    print(f"process before the modes (stream loaded): peak RSS {base_rss / 1e9:.2f} GB"
+          + ("" if resettable else " (cannot reset the high-water mark here: peaks are cumulative)"))
+    print("| mode | counting M tok/s (wall) | counting M tok/s (CPU) | mixing tok/s (full vectors) | peak RSS GB "
+          "| tables GB | compliant |")
+    print("|---|---|---|---|---|---|---|")
+    peaks = {}
     for mode in args.modes:
-        wall, cpu, nll = run_mode(mode, tokens, args.chunk, args.batch, target_lp, entropy)
-        results[mode] = (wall, cpu)
-        compliant = new_mixer(mode).compliant
-        print(f"{mode:>20}: {len(tokens) / wall / 1e6:6.2f} M tokens/s wall ({wall:6.1f} s), "
-              f"{len(tokens) / cpu / 1e6:6.2f} M tokens/s CPU ({cpu:6.1f} s user+sys), "
-              f"mean NLL {nll:.4f} nats, compliant={compliant}")
-    for other in ("hashed-940", LOCK_STEP):
-        if "exact" in results and other in results:
-            wall_ratio = results[other][0] / results["exact"][0]
-            cpu_ratio = results[other][1] / results["exact"][1]
-            print(f"exact vs {other} speed: {wall_ratio:.2f}x by wall clock, {cpu_ratio:.2f}x by CPU time")
+        gc.collect()
+        reset_peak_rss()
+        r = run_mode(mode, tokens, args.chunk, args.mix_batch)
+        peaks[mode] = peak_rss_bytes()
+        n = len(tokens)
+        mixing = f"{r['mixed'] / r['mix_wall']:,.0f}" if r["mixed"] else "- (target only)"
+        print(f"| {mode} | {n / r['count_wall'] / 1e6:.2f} | {n / r['count_cpu'] / 1e6:.2f} | {mixing} | "
+              f"{peaks[mode] / 1e9:.2f} | {r['tables'] / 1e9:.2f} | {make_mixer(mode, 4).compliant} |", flush=True)
+        gc.collect()
+    worst = max(peaks.values())
+    print(f"ranks: each rank keeps its own tables; 8 ranks on one machine need about 8 x {worst / 1e9:.2f} GB = "
+          f"{8 * worst / 1e9:.1f} GB of host memory (peak RSS of the largest mode, stream included)")
 
 
-def bigram_stand_in(train: np.ndarray, mass: float = 10.0) -> tuple[np.ndarray, np.ndarray]:
-    """(V, V) log p(v | u) of a bigram model interpolated with the add-one unigram, and the (V,) row entropies."""
+def bigram_stand_in(train: np.ndarray, mass: float = 10.0) -> np.ndarray:
+    """(V, V) log p(v | u) of a bigram model interpolated with the add-one unigram."""
     unigram = (np.bincount(train, minlength=VOCAB) + 1.0) / (len(train) + VOCAB)
     pairs = np.zeros((VOCAB, VOCAB))
     np.add.at(pairs, (train[:-1].astype(np.intp), train[1:].astype(np.intp)), 1.0)
-    probs = (pairs + mass * unigram[None, :]) / (pairs.sum(axis=1, keepdims=True) + mass)
-    logp = np.log(probs)
-    return logp, -(probs * logp).sum(axis=1)
+    return np.log((pairs + mass * unigram[None, :]) / (pairs.sum(axis=1, keepdims=True) + mass))
 
 
 def quality(args: argparse.Namespace) -> None:
@@ -144,62 +175,62 @@ def quality(args: argparse.Namespace) -> None:
     train = read_shard(data / "fineweb_train_000000.bin", vocab_size=VOCAB)
     if args.swap_roles:  # choose settings here: the train shard is the stream, the stand-in comes from val
         val, train = train, val
+    val = val[: args.quality_tokens]
     tables = ByteTables.from_model_file(root / "tokenizers" / "fineweb_1024_bpe.model", VOCAB)
-    targets = np.arange(1, len(val))
     n_bytes = int(tables.target_bytes(val[:-1], val[1:]).sum())
-    if args.model_stats:
-        stats = np.load(args.model_stats)
-        target_lp, entropy = np.asarray(stats["target_logprob"], np.float64), np.asarray(stats["entropy"], np.float64)
-        if target_lp.shape != (len(targets),) or entropy.shape != (len(targets),):
-            raise SystemExit(f"--model-stats needs arrays of {len(targets)} entries (positions 1..N-1)")
-        model = f"model statistics from {args.model_stats}"
-    else:
-        logp, row_entropy = bigram_stand_in(train)
-        target_lp = logp[val[:-1].astype(np.intp), val[1:].astype(np.intp)]
-        entropy = row_entropy[val[:-1].astype(np.intp)]
-        model = (f"stand-in bigram model from the sample {'val' if args.swap_roles else 'train'} shard "
-                 "(interpolated with its unigram, mass 10)")
-    full_lp = np.zeros(len(val))
-    full_lp[1:], full_entropy = target_lp, np.concatenate([[0.0], entropy])
+    logp = torch.from_numpy(bigram_stand_in(train)).float()
     stream = "train shard (roles swapped)" if args.swap_roles else "val"
-    print(f"{stream}: {len(val):,} tokens, {len(targets):,} targets, {n_bytes:,} bytes; {model}")
-    print(f"chunk: {args.chunk:,} tokens (score a chunk, then commit it)")
+    print(f"{stream}: {len(val):,} tokens, {n_bytes:,} bytes; stand-in bigram model from the sample "
+          f"{'val' if args.swap_roles else 'train'} shard; chunk {args.chunk:,} tokens")
 
-    def report(name: str, mixer: object | None) -> None:
-        if mixer is None:
-            nll = -target_lp
-        else:
-            parts = []
-            for start in range(1, len(val), args.chunk):
-                end = min(start + args.chunk, len(val))
-                positions = np.arange(start, end)
-                parts.append(mixer.score(positions, val, full_lp[positions], full_entropy[positions]))
+    def report(name: str, mixer: NgramMixer | None) -> None:
+        total = 0.0
+        for start in range(1, len(val), args.chunk):
+            end = min(start + args.chunk, len(val))
+            if mixer is not None:
+                mixer.prepare(val, end)
+            for first in range(start, end, 4096):
+                positions = np.arange(first, min(first + 4096, end))
+                rows = logp[val[positions - 1].astype(np.int64)]
+                targets = torch.from_numpy(val[positions].astype(np.int64))
+                if mixer is None:
+                    p = torch.softmax(rows.double(), -1).gather(1, targets[:, None])
+                else:
+                    mixed = mixer.mix(positions, val, rows)
+                    p = (mixed.probs.gather(1, targets[:, None]) if mixer.scores_from_vector
+                         else mixed.shortcut.clamp_min(1e-12))
+                total -= float(p.log().sum())
+            if mixer is not None:
                 mixer.commit(val, end)
-            nll = np.concatenate(parts)
-        total = float(nll.sum())
         label = "" if mixer is None or mixer.compliant else "  (NOT a valid score: non-compliant)"
-        print(f"{name:>24}: {total / len(targets):.4f} nats/token, bpb {bits_per_byte(total, n_bytes):.4f}{label}")
+        print(f"{name:>28}: {total / (len(val) - 1):.4f} nats/token, bpb {bits_per_byte(total, n_bytes):.4f}{label}",
+              flush=True)
 
     report("model only", None)
-    for mode in NGRAM_MODES[1:]:
+    for mode in MODES:
         report(mode, make_mixer(mode, VOCAB))
-    for concentration in (0.5, 1.0, 4.0, 8.0):  # the default is 2
-        report(f"smoothed beta={concentration}", SmoothedNgramMixer(VOCAB, concentration=concentration))
+    if args.sweep:
+        for concentration in (0.5, 1.0, 4.0, 8.0):  # the default is 2
+            report(f"smoothed beta={concentration}", SmoothedNgramMixer(VOCAB, concentration=concentration))
+        for threshold, base_beta in ((0.3, 2.0), (0.7, 2.0), (0.5, 1.0), (0.5, 3.0)):  # the default is 0.5, 2.0
+            report(f"tilt conf>={threshold} beta={base_beta}",
+                   TiltMixer(VOCAB, threshold=threshold, base_beta=base_beta))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=10_000_000, help="stream length for the speed run")
     parser.add_argument("--chunk", type=int, default=131_072, help="tokens scored before each commit")
-    parser.add_argument("--batch", type=int, default=131_072,
-                        help="targets per score call (the engine scores batch by batch after prepare)")
-    parser.add_argument("--modes", type=lambda s: s.split(","), default=["exact", "hashed-940", LOCK_STEP],
-                        help=f"comma-separated modes for the speed run ({', '.join(NGRAM_MODES[1:])}, {LOCK_STEP})")
+    parser.add_argument("--mix-batch", type=int, default=1024, help="targets per chunk given full vectors")
+    parser.add_argument("--modes", type=lambda s: s.split(","), default=list(MODES),
+                        help=f"comma-separated modes for the speed run ({', '.join(MODES)})")
     parser.add_argument("--quality", action="store_true", help="measure mixed bpb on the sample val shard")
-    parser.add_argument("--model-stats", help="npz with target_logprob and entropy for the val targets")
+    parser.add_argument("--quality-tokens", type=int, default=None, help="only this prefix of the shard")
     parser.add_argument("--swap-roles", action="store_true",
                         help="quality on the train shard with a stand-in from val (for choosing settings)")
+    parser.add_argument("--sweep", action="store_true", help="quality: also the smoothing and tilt settings")
     args = parser.parse_args()
+    torch.set_num_threads(1)
     quality(args) if args.quality else speed(args)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -52,10 +53,10 @@ def _wait_healthy(base: str, server: subprocess.Popen, timeout: float = 60.0) ->
     raise RuntimeError(f"the service did not answer {base}/healthz within {timeout:.0f} s")
 
 
-def upload_and_stream(base: str, artifact: Path, *, force: bool = False,
+def upload_and_stream(base: str, artifact: Path, *, token: str, force: bool = False,
                       fields: dict[str, object] | None = None) -> Iterator[dict]:
-    """POST the artifact (and the option ``fields``) as multipart/form-data and yield the NDJSON events as they
-    arrive.
+    """POST the artifact (and the option ``fields``) as multipart/form-data with the bearer `token` and yield the
+    NDJSON events as they arrive.
 
     Standard library only, so the same client serves `make demo` and the compose demo (whose images carry no curl).
     """
@@ -68,7 +69,8 @@ def upload_and_stream(base: str, artifact: Path, *, force: bool = False,
     body = head + artifact.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
     query = "?force=true" if force else ""
     request = urllib.request.Request(f"{base.rstrip('/')}/evaluate{query}", data=body, method="POST",
-                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}",
+                                              "Authorization": f"Bearer {token}"})
     with urllib.request.urlopen(request, timeout=900) as response:
         for line in response:
             if line.strip():
@@ -122,9 +124,12 @@ def run_demo(args: argparse.Namespace) -> int:
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     # No engine arguments: the engine evaluates at the artifact's training sequence length (seq 256 for the demo
-    # preset), stride 64, in the default TTT recipe's reference chunks, exactly as for any upload.
+    # preset), stride 64, in the default TTT recipe's reference chunks, exactly as for any upload. Auth is on, as
+    # everywhere: the demo gives its service a fresh admin token and uploads with it.
+    token = "pgolf_demo_" + secrets.token_urlsafe(24)
     env = dict(os.environ, PGOLF_DATA_DIR=str(data), PGOLF_TOKENIZER=str(data / "tokenizer.model"),
-               PGOLF_STORAGE_DIR=str(workdir / "service"), PGOLF_HOST="127.0.0.1", PGOLF_PORT=str(port))
+               PGOLF_STORAGE_DIR=str(workdir / "service"), PGOLF_HOST="127.0.0.1", PGOLF_PORT=str(port),
+               PGOLF_API_TOKEN=token)
     server_log = (workdir / "service.log").open("w")
     server = subprocess.Popen([sys.executable, "-m", "service", "serve"], env=env, stdout=server_log,
                               stderr=subprocess.STDOUT)
@@ -133,9 +138,10 @@ def run_demo(args: argparse.Namespace) -> int:
     try:
         _wait_healthy(base, server)
         phase(f"uploading {artifact} to {base}/evaluate with the default options (streamed report)")
-        final = stream_to(report, upload_and_stream(base, artifact, force=True))
+        final = stream_to(report, upload_and_stream(base, artifact, token=token, force=True))
         phase(f"uploading it again as the seed's method claims ({CLAIMED_OPTIONS}), for the comparison")
-        claimed = stream_to(claimed_report, upload_and_stream(base, artifact, force=True, fields=CLAIMED_OPTIONS))
+        claimed = stream_to(claimed_report, upload_and_stream(base, artifact, token=token, force=True,
+                                                              fields=CLAIMED_OPTIONS))
         jobs = [next((e.get("job_id") for e in events if e.get("type") == "queued"), None)
                 for events in (final, claimed)]
         print(f"the page shows this pair at {base}/?compare={jobs[0]},{jobs[1]} while the service runs", flush=True)
@@ -171,7 +177,7 @@ def stream_to(report: Path, events: Iterator[dict]) -> list[dict]:
     seen = []
     with report.open("w") as out:
         for event in events:
-            out.write(json.dumps(event) + "\n")
+            out.write(json.dumps(event, allow_nan=False) + "\n")
             out.flush()
             print(describe(event), flush=True)
             seen.append(event)

@@ -1,11 +1,15 @@
-"""Exact n-gram mixing (modes "exact", "smoothed") and the non-compliant `hashed-940` reproduction.
+"""N-gram mixing over the whole vocabulary (exact, smoothed, tilt) and the non-compliant hashed-940 reproduction.
 
-The reference for every count is a plain-Python dictionary walk over the stream, which reads as the
-definition: at target t, count(ctx) and count(ctx, x_t) over the positions s < t.
+The reference for every count is a plain-Python dictionary walk over the stream, which reads as the definition
+(at target t, the continuations of each context among the positions s < t), and the reference for every mixed
+vector is the mode's formula written out per position from those dictionaries.
 """
 
 from __future__ import annotations
 
+import math
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -16,39 +20,29 @@ import torch
 from service.engine.ngram import (
     BackoffNgramMixer,
     EntropyAlpha,
+    Mixed,
     ScoreOrderError,
     SmoothedNgramMixer,
     make_mixer,
-    model_statistics,
+    model_distribution,
 )
+from service.engine.ngram_counts import PrefixCounts
 from service.engine.ngram_hashed import HASH_PRIMES, Hashed940Mixer
+from service.engine.ngram_tilt import TiltMixer, log_line
 
 WIDTHS = 6  # orders 2..7
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def reference_counts(tokens: list[int], widths: int = WIDTHS) -> tuple[np.ndarray, np.ndarray]:
-    """(N, W) count(ctx_w) and count(ctx_w, x_t) at every position t, from positions strictly before t."""
-    context = [defaultdict(int) for _ in range(widths + 1)]
-    pair = [defaultdict(int) for _ in range(widths + 1)]
-    out_context = np.zeros((len(tokens), widths), np.int64)
-    out_pair = np.zeros((len(tokens), widths), np.int64)
+def continuations(tokens: list[int], widths: int = WIDTHS) -> list[dict[int, dict[int, int]]]:
+    """Per target t: {w: {v: occurrences of ctx_w(t)·v ending before t}} from a dictionary walk."""
+    table: list[dict[tuple, dict[int, int]]] = [defaultdict(lambda: defaultdict(int)) for _ in range(widths + 1)]
+    out = []
     for t, token in enumerate(tokens):
-        for w in range(1, widths + 1):
-            if t >= w:
-                ctx = tuple(tokens[t - w:t])
-                out_context[t, w - 1] = context[w][ctx]
-                out_pair[t, w - 1] = pair[w][ctx + (token,)]
-        for w in range(1, widths + 1):  # only now does x_t join the counts
-            if t >= w:
-                ctx = tuple(tokens[t - w:t])
-                context[w][ctx] += 1
-                pair[w][ctx + (token,)] += 1
-    return out_context, out_pair
-
-
-def reference_width(context_row: np.ndarray, min_count: int = 2) -> int:
-    eligible = [w for w in range(1, len(context_row) + 1) if context_row[w - 1] >= min_count]
-    return max(eligible, default=0)
+        out.append({w: dict(table[w][tuple(tokens[t - w:t])]) for w in range(1, widths + 1) if t >= w})
+        for w in range(1, min(t, widths) + 1):  # only now does x_t join the counts
+            table[w][tuple(tokens[t - w:t])][token] += 1
+    return out
 
 
 def repetitive_tokens(rng: np.random.Generator, n: int, vocab: int, alphabet: np.ndarray | None = None) -> np.ndarray:
@@ -62,193 +56,281 @@ def repetitive_tokens(rng: np.random.Generator, n: int, vocab: int, alphabet: np
     return np.array(out[:n], np.uint16)
 
 
-def stream_counts(mixer: BackoffNgramMixer, tokens: np.ndarray, boundaries: list[int],
-                  calls_per_chunk: int = 1, shuffle: np.random.Generator | None = None
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Counts at every target position, scoring chunk by chunk (several calls per chunk if asked)."""
-    n = len(tokens)
-    context = np.zeros((n, WIDTHS), np.int64)
-    pair = np.zeros((n, WIDTHS), np.int64)
-    start = 1
-    for end in boundaries:
-        positions = np.arange(start, end)
-        for part in np.array_split(positions, calls_per_chunk):
-            if part.size == 0:
-                continue
-            if shuffle is not None:
-                part = shuffle.permutation(part)
-            counts = mixer.gram_counts(part, tokens)
-            context[part], pair[part] = counts.context, counts.pair
-            mixer.score(part, tokens, np.full(part.size, -3.0), np.full(part.size, 4.0))
-        mixer.commit(tokens, end)
-        start = end
-    return context, pair
+def dense(row: dict[int, int], vocab: int) -> np.ndarray:
+    out = np.zeros(vocab)
+    for v, c in row.items():
+        out[v] = c
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Counts
 
 
 SEQUENCES = [
-    # (vocab, alphabet): small vocabularies, sp1024 (one- and two-word keys, extreme ids), a 13-bit vocabulary
-    # whose 5-grams straddle the word boundary, and 16-bit ids (the widest rows)
-    (3, None),
-    (7, None),
-    (1024, np.array([0, 1, 2, 511, 939, 1022, 1023])),
-    (5000, np.array([0, 4095, 4096, 4999, 17, 2048])),
-    (65536, np.array([0, 65535, 65534, 1, 32768])),
+    # small vocabularies (3-grams direct-addressed), sp1024 with extreme ids (1- and 2-grams direct-addressed),
+    # a 13-bit vocabulary and 16-bit ids (only unigrams direct-addressed)
+    (3, None), (7, None), (1024, np.array([0, 1, 2, 511, 939, 1022, 1023])),
+    (5000, np.array([0, 4095, 4096, 4999, 17, 2048])), (65536, np.array([0, 65535, 65534, 1, 32768])),
 ]
+CHUNKINGS = [[700], [2, 3, 9, 64, 65, 300, 700], [5, 257, 700]]  # boundaries inside every context width
 
 
 @pytest.mark.parametrize("vocab,alphabet", SEQUENCES)
-def test_counts_order_and_ngram_probability_match_the_reference(vocab: int, alphabet: np.ndarray | None) -> None:
+def test_counts_and_continuation_rows_match_the_reference(vocab: int, alphabet: np.ndarray | None) -> None:
     rng = np.random.default_rng(vocab)
     tokens = repetitive_tokens(rng, 700, vocab, alphabet)
-    want_context, want_pair = reference_counts(tokens.tolist())
-    chunkings = [
-        ([700], 1, None),
-        ([2, 3, 9, 64, 65, 300, 700], 1, None),  # boundaries inside every context width
-        ([5, 257, 700], 3, rng),  # several score calls per chunk, positions out of order
-    ]
-    for boundaries, calls, shuffle in chunkings:
-        mixer = BackoffNgramMixer(vocab)
-        context, pair = stream_counts(mixer, tokens, boundaries, calls, shuffle)
-        np.testing.assert_array_equal(context[1:], want_context[1:], err_msg=f"context counts, {boundaries}")
-        np.testing.assert_array_equal(pair[1:], want_pair[1:], err_msg=f"pair counts, {boundaries}")
-        widths = mixer.chosen_width(context[1:].T)
-        assert widths.tolist() == [reference_width(row) for row in want_context[1:]]
+    want = continuations(tokens.tolist())
+    for boundaries in CHUNKINGS:
+        counts = PrefixCounts(vocab, WIDTHS + 1)
+        start = 1
+        for end in boundaries:
+            counts.prepare(tokens, end)
+            positions = np.arange(start, end)
+            context, pair = counts.context_counts(positions), counts.pair_counts(positions)
+            for i, t in enumerate(positions):
+                for w in range(1, WIDTHS + 1):
+                    row = want[t].get(w, {})
+                    assert context[w - 1, i] == sum(row.values()), (boundaries, t, w)
+                    assert pair[w - 1, i] == row.get(int(tokens[t]), 0), (boundaries, t, w)
+            for w in range(1, WIDTHS + 1):
+                seen = positions[context[w - 1] > 0]
+                block, query, token, count = counts.rows(w, seen)
+                rows = np.zeros((seen.size, vocab)) if block is None else block.astype(np.float64)
+                np.add.at(rows, (query, token), count)
+                for i, t in enumerate(seen):
+                    np.testing.assert_array_equal(rows[i], dense(want[t][w], vocab), err_msg=f"{boundaries} {t} {w}")
+            counts.commit(tokens, end)
+            start = end
 
 
-def test_ngram_probability_is_count_ratio_at_the_chosen_order() -> None:
-    rng = np.random.default_rng(5)
-    tokens = repetitive_tokens(rng, 400, 5)
-    want_context, want_pair = reference_counts(tokens.tolist())
-    alpha = EntropyAlpha()
-    mixer = BackoffNgramMixer(5, alpha=alpha)
-    positions = np.arange(1, 400)
-    target_lp, entropy = np.log(np.full(399, 0.2)), rng.uniform(0.0, 7.0, 399)
-    nll = mixer.score(positions, tokens, target_lp, entropy)
-    for t, value in zip(positions, nll, strict=True):
-        w = reference_width(want_context[t])
-        if w == 0:
-            expected = 0.2
-        else:
-            a = float(alpha(np.array(entropy[t - 1])))
-            expected = (1 - a) * 0.2 + a * want_pair[t, w - 1] / want_context[t, w - 1]
-        assert value == pytest.approx(-np.log(expected), rel=1e-12)
+# ---------------------------------------------------------------------------------------------------------------
+# Mixed vectors against the formulas, position by position
 
 
-def test_entropy_alpha_follows_the_reference_formula() -> None:
-    alpha = EntropyAlpha()
-    assert float(alpha(np.array(4.0))) == pytest.approx(0.05 + 0.55 / 2)
-    assert float(alpha(np.array(0.0))) == pytest.approx(0.05 + 0.55 / (1 + np.exp(8.0)))
-    assert float(alpha(np.array(50.0))) == pytest.approx(0.60)
+def reference_vector(mode: str, rows: dict[int, dict[int, int]], logits: np.ndarray, vocab: int) -> np.ndarray:
+    p = np.exp(logits - logits.max())
+    p /= p.sum()
+    entropy = -(p * np.log(p)).sum()
+    alpha = 0.05 + 0.55 / (1 + math.exp(-2.0 * (entropy - 4.0)))
+    counts = {w: dense(row, vocab) for w, row in rows.items()}
+    if mode == "exact":
+        eligible = [w for w, c in counts.items() if c.sum() >= 2]
+        if not eligible:
+            return p
+        c = counts[max(eligible)]
+        return (1 - alpha) * p + alpha * c / c.sum()
+    if mode == "smoothed":
+        level = p
+        for w in range(1, WIDTHS + 1):
+            c = counts.get(w, np.zeros(vocab))
+            level = (c + 2.0 * level) / (c.sum() + 2.0)
+        return (1 - alpha) * p + alpha * level
+    assert mode == "tilt"
+    for w in range(WIDTHS, 0, -1):
+        c = counts.get(w, np.zeros(vocab))
+        if c.sum() >= 2 and c.max() / c.sum() >= 0.5:
+            hint, beta = int(np.argmax(c)), 2.0 * c.max() / c.sum()
+            tilted = p.copy()
+            tilted[hint] *= math.exp(beta)
+            return tilted / tilted.sum()
+    return p
 
 
-@pytest.mark.parametrize("mode_class", [BackoffNgramMixer, SmoothedNgramMixer])
-def test_full_distribution_is_normalised_and_matches_the_score(mode_class: type) -> None:
-    rng = np.random.default_rng(11)
-    vocab = 40
-    tokens = repetitive_tokens(rng, 3000, vocab)
-    logits = torch.from_numpy(rng.normal(0, 2.5, (3000, vocab)))
-    mixer = mode_class(vocab)
-    want_context, want_pair = reference_counts(tokens.tolist())
-    start = 1
-    for end in (1000, 1800, 3000):
-        positions = np.arange(start, end)
-        probes = rng.choice(positions, 6, replace=False)
-        # probes first (the distribution is fixed before x_t is scored), then the score
-        dists = {int(t): mixer.full_distribution(int(t), tokens, logits[t]) for t in probes}
-        nll = mixer.mixed_nll(positions, tokens, logits[positions])
-        for t, dist in dists.items():
-            assert abs(float(dist.sum()) - 1.0) < 1e-6
-            assert float(dist.min()) >= 0.0
-            assert float(-torch.log(dist[int(tokens[t])])) == pytest.approx(float(nll[t - start]), abs=1e-9)
-            counts = mixer.candidate_counts(t, tokens)
-            np.testing.assert_array_equal(counts.sum(axis=1), want_context[t])
-            np.testing.assert_array_equal(counts[np.arange(WIDTHS), tokens[t]], want_pair[t])
+def mix_stream(mixer, tokens: np.ndarray, logits: torch.Tensor, boundaries: list[int], batch: int) -> list[Mixed]:
+    """Mix every target chunk by chunk, the engine's way (prepare, batches, commit); one Mixed per batch."""
+    out, start = [], 1
+    for end in boundaries:
+        mixer.prepare(tokens, end)
+        for first in range(start, end, batch):
+            positions = np.arange(first, min(first + batch, end))
+            out.append((positions, mixer.mix(positions, tokens, torch.log_softmax(logits[positions], -1))))
         mixer.commit(tokens, end)
         start = end
+    return out
 
 
-def test_full_distribution_ignores_the_target_and_every_later_token() -> None:
-    rng = np.random.default_rng(3)
-    tokens = repetitive_tokens(rng, 1200, 30)
-    logits = torch.from_numpy(rng.normal(0, 2.0, 30))
-    mixer = BackoffNgramMixer(30)
-    positions = np.arange(1, 600)
-    mixer.score(positions, tokens, np.full(599, -3.0), np.full(599, 4.0))
-    mixer.commit(tokens, 600)
-    for t in (600, 777, 1100):
-        before = mixer.full_distribution(t, tokens, logits)
-        changed = tokens.copy()
-        changed[t:] = rng.integers(0, 30, 1200 - t)
-        changed[t] = (tokens[t] + 1) % 30
-        assert torch.equal(before, mixer.full_distribution(t, changed, logits))
+def check_vectors(mode: str, tokens: np.ndarray, logits: torch.Tensor, boundaries: list[int], vocab: int,
+                  reference_every: int = 1) -> None:
+    """Every vector sums to 1 within 1e-6, its target entry equals the scored shortcut, and it equals the
+    formula's vector (at every `reference_every`-th position)."""
+    mixer = make_mixer(mode, vocab)
+    want = continuations(tokens.tolist())
+    for positions, mixed in mix_stream(mixer, tokens, logits, boundaries, batch=37):
+        probs = mixed.probs.numpy()
+        assert probs.shape == (positions.size, vocab) and probs.min() >= 0
+        np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-6, rtol=0)
+        np.testing.assert_allclose(probs[np.arange(positions.size), tokens[positions]], mixed.shortcut.numpy(),
+                                   rtol=1e-10, atol=0)
+        for i, t in enumerate(positions):
+            if t % reference_every == 0:
+                ref = reference_vector(mode, want[t], torch.log_softmax(logits[t], -1).double().numpy(), vocab)
+                np.testing.assert_allclose(probs[i], ref, rtol=1e-9, atol=1e-15, err_msg=f"{mode} t={t}")
 
 
-@pytest.mark.parametrize("mode", ["exact", "smoothed", "hashed-940"])
-def test_scores_up_to_t_do_not_depend_on_later_tokens(mode: str) -> None:
+@pytest.mark.parametrize("mode", ["exact", "smoothed", "tilt"])
+def test_vectors_are_normalised_scored_and_equal_the_formula_on_random_tokens(mode: str) -> None:
+    rng = np.random.default_rng(11)
+    vocab = 40
+    tokens = repetitive_tokens(rng, 900, vocab)
+    logits = torch.from_numpy(rng.normal(0, 2.5, (900, vocab))).float()
+    check_vectors(mode, tokens, logits, [64, 65, 500, 900], vocab)
+    uniform = np.random.default_rng(1).integers(0, vocab, 400).astype(np.uint16)  # few repeats: mostly the model
+    check_vectors(mode, uniform, logits[:400], [200, 400], vocab)
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize("mode", ["exact", "smoothed", "tilt"])
+def test_vectors_on_real_tokens(mode: str, fineweb_data: Path) -> None:
+    """FineWeb sample tokens (the 1024-token vocabulary, 2-grams direct-addressed), two chunks."""
+    from trainer.data.shards import read_shard
+
+    tokens = read_shard(fineweb_data / "fineweb_val_000000.bin", vocab_size=1024)[:1500]
+    logits = torch.from_numpy(np.random.default_rng(0).normal(0, 2.0, (1500, 1024))).float()
+    check_vectors(mode, tokens, logits, [700, 1500], 1024, reference_every=7)
+
+
+def test_tilt_hints_and_stats() -> None:
+    rng = np.random.default_rng(5)
+    tokens = repetitive_tokens(rng, 600, 30)
+    logits = torch.from_numpy(rng.normal(0, 1.0, (600, 30))).float()
+    mixer = TiltMixer(30)
+    want = continuations(tokens.tolist())
+    hinted = hits = 0
+    for positions, _mixed in mix_stream(mixer, tokens, logits, [300, 600], batch=64):
+        for t in positions:
+            logp = torch.log_softmax(logits[t], -1).double().numpy()
+            ref, plain = reference_vector("tilt", want[t], logp, 30), reference_vector("tilt", {}, logp, 30)
+            moved = not np.array_equal(ref, plain)
+            hinted += moved
+            hits += moved and ref[tokens[t]] > plain[tokens[t]]
+    stats = mixer.take_stats()
+    assert stats["total"] == 599 and stats["gated"] == stats["token_gate"] == hinted > 100
+    assert stats["hint_hits"] == hits and stats["within_gate"] == stats["word_gate"] == stats["agree2plus"] == 0
+    assert mixer.take_stats()["total"] == 0  # counters restart after each take
+    assert log_line(stats) == (f"ngram_tilt:hints total=599 gated={hinted} token_gate={hinted} within_gate=0 "
+                               "word_gate=0 agree2plus=0")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Causality, chunking, score before update
+
+
+@pytest.mark.parametrize("mode", ["exact", "smoothed", "tilt", "hashed-940"])
+def test_distributions_up_to_t_do_not_depend_on_later_tokens(mode: str) -> None:
     rng = np.random.default_rng(8)
-    tokens = repetitive_tokens(rng, 2000, 50)
+    tokens = repetitive_tokens(rng, 1200, 50)
     changed = tokens.copy()
-    cut = 1234
-    changed[cut + 1:] = rng.integers(0, 50, 2000 - cut - 1)
-    target_lp, entropy = np.full(2000, -3.5), rng.uniform(2.0, 6.0, 2000)
-    results = []
+    cut = 777
+    changed[cut + 1:] = rng.integers(0, 50, 1200 - cut - 1)
+    logits = torch.from_numpy(rng.normal(0, 2.0, (1200, 50))).float()
+    runs = []
     for stream in (tokens, changed):
-        mixer = make_mixer(mode, 50)
-        nll = []
-        for start, end in ((1, 700), (700, 2000)):
-            positions = np.arange(start, end)
-            nll.append(mixer.score(positions, stream, target_lp[positions], entropy[positions]))
-            mixer.commit(stream, end)
-        results.append(np.concatenate(nll))
-    np.testing.assert_array_equal(results[0][:cut], results[1][:cut])  # positions 1..cut
-    assert not np.array_equal(results[0][cut:], results[1][cut:])
+        batches = mix_stream(make_mixer(mode, 50), stream, logits, [500, 1200], batch=100)
+        runs.append((torch.cat([m.probs for _, m in batches]), torch.cat([m.shortcut for _, m in batches])))
+    rows = cut if mode != "hashed-940" else None  # hashed-940 checks a few vectors per batch only
+    if rows is not None:
+        assert torch.equal(runs[0][0][:rows], runs[1][0][:rows])
+    assert torch.equal(runs[0][1][:cut], runs[1][1][:cut])  # positions 1..cut
+    assert not torch.equal(runs[0][1][cut:], runs[1][1][cut:])
 
 
-@pytest.mark.parametrize("mode", ["exact", "smoothed"])
-def test_streaming_equals_one_shot_whatever_the_chunking(mode: str) -> None:
+@pytest.mark.parametrize("mode", ["exact", "smoothed", "tilt"])
+def test_vectors_do_not_depend_on_chunking_or_batching(mode: str) -> None:
     rng = np.random.default_rng(21)
-    tokens = repetitive_tokens(rng, 5000, 200)
-    target_lp, entropy = rng.uniform(-8, -0.1, 5000), rng.uniform(0.5, 7.0, 5000)
+    tokens = repetitive_tokens(rng, 3000, 200)
+    logits = torch.from_numpy(rng.normal(0, 2.0, (3000, 200))).float()
 
-    def run(boundaries: list[int], calls: int) -> np.ndarray:
-        mixer = make_mixer(mode, 200)
-        out, start = [], 1
-        for end in boundaries:
-            for part in np.array_split(np.arange(start, end), calls):
-                out.append(mixer.score(part, tokens, target_lp[part], entropy[part]))
-            mixer.commit(tokens, end)
-            start = end
-        return np.concatenate(out)
+    def vectors(boundaries: list[int], batch: int) -> torch.Tensor:
+        return torch.cat([m.probs for _, m in mix_stream(make_mixer(mode, 200), tokens, logits, boundaries, batch)])
 
-    one_shot = run([5000], 1)
-    for boundaries, calls in (([64, 65, 1000, 4097, 5000], 1), ([777, 5000], 4), ([2, 3, 4, 5, 6, 7, 8, 5000], 2)):
-        np.testing.assert_array_equal(run(boundaries, calls), one_shot)
-    prepared = make_mixer(mode, 200)  # prepare() batches the work and changes no score
-    prepared.prepare(tokens, 3000)
-    head = prepared.score(np.arange(1, 3000), tokens, target_lp[1:3000], entropy[1:3000])
-    np.testing.assert_array_equal(head, one_shot[:2999])
+    one_shot = vectors([3000], 3000)
+    for boundaries, batch in (([64, 65, 1000, 2049, 3000], 500), ([777, 3000], 97), ([2, 3, 4, 5, 6, 7, 3000], 1000)):
+        torch.testing.assert_close(vectors(boundaries, batch), one_shot, rtol=1e-13, atol=1e-15)
 
 
 def test_state_refuses_tokens_whose_score_is_not_committed() -> None:
     tokens = np.arange(100, dtype=np.uint16) % 7
     mixer = BackoffNgramMixer(7)
+    logits = torch.zeros(100, 7)
     with pytest.raises(ScoreOrderError, match="position 1 has no committed score"):
         mixer.commit(tokens, 10)
-    mixer.score(np.arange(1, 10), tokens, np.full(9, -2.0), np.full(9, 3.0))
+    mixer.mix(np.arange(1, 10), tokens, logits[1:10])
     with pytest.raises(ScoreOrderError, match="position 10 has no committed score"):
         mixer.commit(tokens, 11)
-    mixer.score(np.array([12, 13]), tokens, np.full(2, -2.0), np.full(2, 3.0))
+    mixer.mix(np.array([12, 13]), tokens, logits[:2])
     with pytest.raises(ScoreOrderError, match="position 10"):
         mixer.commit(tokens, 14)
     mixer.commit(tokens, 10)
     assert mixer.committed_upto == 10
     with pytest.raises(ScoreOrderError, match="already committed"):
-        mixer.score(np.array([9]), tokens, np.array([-2.0]), np.array([3.0]))
+        mixer.mix(np.array([9]), tokens, logits[:1])
     with pytest.raises(ScoreOrderError, match="already committed"):
         mixer.full_distribution(5, tokens, torch.zeros(7))
     mixer.mark_scored(10, 12)  # scored by a peer rank
     mixer.commit(tokens, 14)
     assert mixer.committed_upto == 14
+
+
+def test_full_distribution_is_the_scored_vector_and_ignores_the_target() -> None:
+    rng = np.random.default_rng(3)
+    tokens = repetitive_tokens(rng, 800, 30)
+    logits = torch.from_numpy(rng.normal(0, 2.0, (800, 30))).float()
+    for mode in ("exact", "smoothed", "tilt"):
+        mixer = make_mixer(mode, 30)
+        mix_stream(mixer, tokens, logits, [400], batch=400)
+        for t in (400, 555, 799):
+            before = mixer.full_distribution(t, tokens, logits[t])
+            changed = tokens.copy()
+            changed[t:] = rng.integers(0, 30, 800 - t)
+            changed[t] = (tokens[t] + 1) % 30
+            assert torch.equal(before, mixer.full_distribution(t, changed, logits[t]))
+        scored = mixer.mix(np.arange(400, 800), tokens, logits[400:800]).probs
+        assert torch.equal(scored[399], before)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The engine's own check catches a gold-only mixer
+
+
+class GoldOnlyMixer(BackoffNgramMixer):
+    """Mixes the n-gram term into the target's entry only, keeping the model's probability everywhere else (the
+    2026-04-02 refusal): a vector that does not sum to 1."""
+
+    def _mix(self, pos: np.ndarray, head: np.ndarray, logprobs: torch.Tensor) -> Mixed:
+        honest = super()._mix(pos, head, logprobs)
+        probs, _ = model_distribution(logprobs)
+        probs[torch.arange(pos.size), self.targets(pos, head, probs.device)] = honest.shortcut
+        return Mixed(probs, honest.shortcut)
+
+
+class ModelVectorMixer(BackoffNgramMixer):
+    """Reports the model's softmax as its vector while its shortcut mixes: the score is not from the vector."""
+
+    def _mix(self, pos: np.ndarray, head: np.ndarray, logprobs: torch.Tensor) -> Mixed:
+        return Mixed(model_distribution(logprobs)[0], super()._mix(pos, head, logprobs).shortcut)
+
+
+@pytest.mark.parametrize("broken,figure", [(GoldOnlyMixer, "sum_error_max"), (ModelVectorMixer, "scored_gap_max")])
+def test_engine_check_catches_a_gold_only_mixer(broken: type, figure: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_engine_scoring import options, run, terminal, tiny_model
+    from test_engine_scoring import repetitive_tokens as documents
+
+    from service.engine import run as engine_run
+
+    tokens = documents(500, seed=2)
+    honest = terminal(run(tiny_model(), tokens, options(ngram="exact"))[0])
+    assert honest["compliance"]["compliant"] and honest["compliance"]["ngram"]["normalised"]
+    monkeypatch.setattr(engine_run, "make_mixer", lambda mode, vocab: broken(vocab))
+    events, _ = run(tiny_model(), tokens, options(ngram="exact"))
+    end = terminal(events)
+    assert end["compliance"]["ngram"][figure] > 1e-3 and not end["compliance"]["ngram"]["normalised"]
+    assert end["compliance"]["compliant"] is False
+    assert max(e["distribution"][figure] for e in events[1:-1]) > 1e-3  # and each chunk event shows it
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# hashed-940, the non-compliant reproduction
 
 
 def test_hashed_940_reproduces_the_upstream_formula() -> None:
@@ -261,12 +343,9 @@ def test_hashed_940_reproduces_the_upstream_formula() -> None:
     mixer = Hashed940Mixer(vocab, buckets=buckets)
     got = []
     for start, end in ((1, 513), (513, 1500)):  # engine chunks hold whole segments
-        positions = np.arange(start, end)
-        for part in np.array_split(positions, 3):  # the engine's batching does not matter
+        for part in np.array_split(np.arange(start, end), 3):  # the engine's batching does not matter
             got.append(mixer.score(part, tokens, target_lp[part], entropy[part]))
         mixer.commit(tokens, end)
-    got_nll = np.concatenate(got)
-
     mask, wrap = buckets - 1, (1 << 64) - 1
 
     def keys(j: int, w: int) -> tuple[int, int]:
@@ -296,7 +375,7 @@ def test_hashed_940_reproduces_the_upstream_formula() -> None:
                 ctx_key, full_key = keys(j, w)
                 ctx_counts[w][ctx_key] += 1
                 full_counts[w][full_key] += 1
-    np.testing.assert_allclose(got_nll, want, rtol=1e-12)
+    np.testing.assert_allclose(np.concatenate(got), want, rtol=1e-12)
 
 
 @pytest.mark.parametrize("update_every", [64, None])
@@ -327,84 +406,43 @@ def test_hashed_940_is_marked_non_compliant_and_its_probabilities_sum_above_one(
     tokens = repetitive_tokens(rng, 60_000, 1024, rng.choice(1024, 300, replace=False))
     logits = torch.from_numpy(rng.normal(0, 1.0, 1024))
     hashed = Hashed940Mixer(1024)  # the upstream 2^22 buckets
-    exact = BackoffNgramMixer(1024)
-    assert hashed.compliant is False and exact.compliant is True
-    for mixer in (hashed, exact):
-        positions = np.arange(1, 50_000)
-        mixer.score(positions, tokens, np.full(positions.size, -6.0), np.full(positions.size, 5.0))
-        mixer.commit(tokens, 50_000)
-    probes = range(50_000, 50_200)
-    sums = [hashed.measured_probability_sum(t, tokens, logits) for t in probes]
-    assert max(sums) > 1.5
-    assert all(s >= 1.0 - 1e-9 for s in sums)
-    # the probe evaluates the very formula that scores the target (segments of the chunk included)
-    values = [float(hashed.full_distribution(t, tokens, logits)[int(tokens[t])]) for t in probes]
-    targets = torch.from_numpy(tokens[probes].astype(np.int64))
-    target_lp, entropy = model_statistics(logits.expand(len(probes), -1), targets)
-    nll = hashed.score(np.array(probes), tokens, target_lp, entropy)
-    np.testing.assert_allclose(np.exp(-nll), values, rtol=1e-9)
-    for t in range(50_000, 50_010):
-        assert abs(float(exact.full_distribution(t, tokens, logits).sum()) - 1.0) < 1e-6
+    assert hashed.compliant is False and hashed.scores_from_vector is False
+    positions = np.arange(1, 50_000)
+    hashed.score(positions, tokens, np.full(positions.size, -6.0), np.full(positions.size, 5.0))
+    hashed.commit(tokens, 50_000)
+    probes = np.arange(50_000, 50_200)
+    sums = [hashed.measured_probability_sum(int(t), tokens, logits) for t in probes]
+    assert max(sums) > 1.5 and all(s >= 1.0 - 1e-9 for s in sums)
+    # the vector evaluates the very formula that scores the target
+    mixed = hashed.mix(probes, tokens, logits.expand(probes.size, -1))
+    assert mixed.rows is not None and mixed.probs.shape[0] == hashed.vectors_per_batch
+    at = mixed.rows.numpy()
+    np.testing.assert_allclose(mixed.probs.numpy()[np.arange(at.size), tokens[probes[at]]],
+                               mixed.shortcut.numpy()[at], rtol=1e-9)
 
 
-def test_model_statistics_gives_target_log_probability_and_entropy() -> None:
-    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [5.0, 0.0, 0.0, -1.0]], dtype=torch.float64)
-    target_lp, entropy = model_statistics(logits, torch.tensor([2, 0]))
-    assert target_lp[0].item() == pytest.approx(np.log(0.25))
-    assert entropy[0].item() == pytest.approx(np.log(4.0))
-    p = torch.softmax(logits[1], -1)
-    assert target_lp[1].item() == pytest.approx(float(torch.log(p[0])))
-    assert entropy[1].item() == pytest.approx(float(-(p * p.log()).sum()))
-    # log-probabilities in, same answer out
-    again = model_statistics(torch.log_softmax(logits, -1), torch.tensor([2, 0]))
-    torch.testing.assert_close(again[0], target_lp)
-
-
-def test_tokens_may_be_a_torch_tensor_and_mixed_nll_takes_logits() -> None:
-    rng = np.random.default_rng(6)
-    tokens = repetitive_tokens(rng, 800, 16)
-    logits = torch.from_numpy(rng.normal(0, 1.0, (800, 16)))
-    positions = np.arange(1, 800)
-    a = BackoffNgramMixer(16).mixed_nll(positions, torch.from_numpy(tokens.astype(np.int64)), logits[positions])
-    target_lp, entropy = model_statistics(logits[positions], torch.from_numpy(tokens[positions].astype(np.int64)))
-    b = BackoffNgramMixer(16).score(positions, tokens, target_lp, entropy)
-    np.testing.assert_array_equal(a.numpy(), b)
-
-
-def test_make_mixer_modes() -> None:
+def test_make_mixer_modes_and_no_hashed_import_for_compliant_modes() -> None:
     assert make_mixer("off", 1024) is None
-    assert make_mixer("exact", 1024).mode == "exact"
-    assert make_mixer("smoothed", 1024).mode == "smoothed"
-    assert make_mixer("hashed-940", 1024).mode == "hashed-940"
+    for mode in ("exact", "smoothed", "tilt", "hashed-940"):
+        assert make_mixer(mode, 1024).mode == mode
     with pytest.raises(ValueError, match="unknown n-gram mode"):
         make_mixer("hashed", 1024)
+    probe = ("import sys; from service.engine.run import make_mixer; "
+             "[make_mixer(m, 64) for m in ('exact', 'smoothed', 'tilt')]; "
+             "print('service.engine.ngram_hashed' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
-@pytest.mark.shared_data
-def test_counts_on_real_text_match_direct_comparison(fineweb_data: Path) -> None:
-    """Half the sample val shard in engine-sized chunks (tables grow and rebuild, 7-grams take two words):
-    counts at sampled positions against a direct scan of the prefix."""
-    from trainer.data.shards import read_shard
+def test_entropy_alpha_follows_the_reference_formula() -> None:
+    alpha = EntropyAlpha()
+    assert float(alpha(torch.tensor(4.0))) == pytest.approx(0.05 + 0.55 / 2)
+    assert float(alpha(torch.tensor(0.0, dtype=torch.float64))) == pytest.approx(0.05 + 0.55 / (1 + np.exp(8.0)))
+    assert float(alpha(torch.tensor(50.0))) == pytest.approx(0.60)
 
-    tokens = read_shard(fineweb_data / "fineweb_val_000000.bin", vocab_size=1024)[:300_000]
-    mixer = BackoffNgramMixer(1024)
-    rng = np.random.default_rng(0)
-    checked = 0
-    start = 1
-    for end in range(65_536, 300_001, 65_536):
-        positions = np.arange(start, end)
-        probes = np.sort(rng.choice(positions, 8, replace=False))
-        counts = mixer.gram_counts(probes, tokens)
-        mixer.score(positions, tokens, np.full(positions.size, -5.0), np.full(positions.size, 5.0))
-        mixer.commit(tokens, end)
-        for row, t in enumerate(probes):
-            for w in range(1, WIDTHS + 1):
-                ends = np.arange(w, t)
-                match = np.ones(ends.size, bool)
-                for i in range(1, w + 1):
-                    match &= tokens[ends - i] == tokens[t - i]
-                assert counts.context[row, w - 1] == match.sum()
-                assert counts.pair[row, w - 1] == (match & (tokens[ends] == tokens[t])).sum()
-                checked += 1
-        start = end
-    assert checked == 4 * 8 * WIDTHS
+
+def test_smoothed_concentration_and_exact_min_count_are_validated() -> None:
+    with pytest.raises(ValueError, match="concentration"):
+        SmoothedNgramMixer(10, concentration=0)
+    with pytest.raises(ValueError, match="min_count"):
+        BackoffNgramMixer(10, min_count=0)

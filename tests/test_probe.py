@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from service.engine.ngram import StreamingMixerBase, as_token_array
+from service.engine.ngram import Mixed, NgramMixer, as_token_array, model_distribution
 from service.engine.options import PLAIN, EvalOptions
 from trainer.data.byte_accounting import ByteTables
 from verifier.probe import Stream, probe_subject, scaled_hashed_buckets
@@ -65,7 +65,7 @@ STREAMS = [Stream("random", np.random.default_rng(3).integers(0, VOCAB, NUM_TOKE
            Stream("real", repetitive_tokens(NUM_TOKENS), VOCAB)]
 
 
-def engine(mixer: type[StreamingMixerBase] | None = None, **options: object) -> EngineSubject:
+def engine(mixer: type[NgramMixer] | None = None, **options: object) -> EngineSubject:
     factory = None if mixer is None else (lambda _mode, vocab: mixer(vocab))
     return EngineSubject(random_model(VOCAB), tiny_tables(), EvalOptions(**{**OPTIONS, **options}),
                          mixer_factory=factory)
@@ -88,8 +88,8 @@ ALL_PASS = {"C1": "PASS", "C2": "PASS", "C3": "PASS", "C4": "PASS"}
 # The engine
 
 
-@pytest.mark.parametrize("options", [{}, {"ngram": "smoothed"}, {"ttt": True, "ngram": "exact"}],
-                         ids=["plain", "ngram-smoothed", "ttt+ngram-exact"])
+@pytest.mark.parametrize("options", [{}, {"ngram": "smoothed"}, {"ngram": "tilt"}, {"ttt": True, "ngram": "exact"}],
+                         ids=["plain", "ngram-smoothed", "ngram-tilt", "ttt+ngram-exact"])
 def test_engine_passes_every_probe_in_compliant_modes(options: dict) -> None:
     subject = engine(**options)
     rows = probe_subject(subject, STREAMS)
@@ -121,48 +121,42 @@ def test_hashed_940_fails_c2_with_its_measured_sum() -> None:
 # Broken mixers that the real engine runs
 
 
-class WholeStreamCacheMixer(StreamingMixerBase):
+class WholeStreamCacheMixer(NgramMixer):
     """Mixes a unigram cache of the *whole* validation stream, which the engine's mixer interface hands over."""
 
     mode = "whole-stream-cache"
     compliant = True  # it claims to be
     alpha = 0.3
 
-    def mixed_nll(self, positions: np.ndarray, tokens: np.ndarray, model_logprobs: torch.Tensor) -> torch.Tensor:
+    def mix(self, positions: np.ndarray, tokens: np.ndarray, logprobs: torch.Tensor) -> Mixed:
         self.stream = as_token_array(tokens, len(tokens))
-        return super().mixed_nll(positions, tokens, model_logprobs)
+        return super().mix(positions, tokens, logprobs)
 
-    def cache(self, tokens: np.ndarray) -> np.ndarray:
+    def cache(self, tokens: np.ndarray, t: int) -> torch.Tensor:
         counts = np.bincount(as_token_array(tokens, len(tokens)), minlength=self.vocab_size) + 1.0
-        return counts / counts.sum()
+        return torch.from_numpy(counts / counts.sum())
 
-    def _score(self, pos: np.ndarray, head: np.ndarray, target_lp: np.ndarray, entropy: np.ndarray) -> np.ndarray:
-        return -np.log((1 - self.alpha) * np.exp(target_lp) + self.alpha * self.cache(self.stream)[head[pos]])
+    def _mix(self, pos: np.ndarray, head: np.ndarray, logprobs: torch.Tensor) -> Mixed:
+        p, _ = model_distribution(logprobs)
+        stream = getattr(self, "stream", head)
+        probs = torch.stack([(1 - self.alpha) * p[i] + self.alpha * self.cache(stream, int(t))
+                             for i, t in enumerate(pos)])
+        return Mixed(probs, probs.gather(1, torch.from_numpy(head[pos].astype(np.int64))[:, None]).squeeze(1))
 
     def _commit(self, head: np.ndarray, upto: int) -> None:
         pass
-
-    def full_distribution(self, position: int, tokens: np.ndarray, model_logprobs: torch.Tensor) -> torch.Tensor:
-        p_model = torch.softmax(model_logprobs.double(), dim=-1).numpy()
-        return torch.from_numpy((1 - self.alpha) * p_model + self.alpha * self.cache(tokens))
 
 
 class PrefixCacheMixer(WholeStreamCacheMixer):
     """The honest counterpart: the same cache over the tokens before the position only."""
 
-    def _score(self, pos: np.ndarray, head: np.ndarray, target_lp: np.ndarray, entropy: np.ndarray) -> np.ndarray:
-        p_cache = np.array([self.cache(head[:t])[head[t]] for t in pos])
-        return -np.log((1 - self.alpha) * np.exp(target_lp) + self.alpha * p_cache)
-
-    def full_distribution(self, position: int, tokens: np.ndarray, model_logprobs: torch.Tensor) -> torch.Tensor:
-        p_model = torch.softmax(model_logprobs.double(), dim=-1).numpy()
-        return torch.from_numpy((1 - self.alpha) * p_model + self.alpha * self.cache(tokens[:position]))
+    def cache(self, tokens: np.ndarray, t: int) -> torch.Tensor:
+        return super().cache(tokens[:t], t)
 
 
-class GoldOnlyBigramMixer(StreamingMixerBase):
-    """Mixes a bigram cache (of committed tokens only) into the gold token's probability, and only on a hit.
-
-    Evaluated for every candidate the same formula gives Σ_v p(v) = 1 + α·(1 − Σ_{seen v} p_model(v)) > 1.
+class GoldOnlyBigramMixer(NgramMixer):
+    """Mixes a bigram cache (of committed tokens only) into the gold token's probability, and only on a hit;
+    the stated vector is that formula evaluated for every candidate, Σ_v p(v) = 1 + α·(1 − Σ_{seen v} p(v)) > 1.
     """
 
     mode = "gold-only"
@@ -173,30 +167,26 @@ class GoldOnlyBigramMixer(StreamingMixerBase):
         super().__init__(vocab_size)
         self.pairs = np.zeros((vocab_size, vocab_size))
 
-    def mix(self, p_model: np.ndarray, previous: np.ndarray, candidate: np.ndarray) -> np.ndarray:
-        rows = self.pairs[previous]
-        hits = rows[np.arange(len(candidate)), candidate] if rows.ndim == 2 else rows[candidate]
-        p_cache = hits / np.maximum(rows.sum(axis=-1), 1)
-        return np.where(hits > 0, (1 - self.alpha) * p_model + self.alpha * p_cache, p_model)
+    def formula(self, p_model: torch.Tensor, previous: np.ndarray) -> torch.Tensor:
+        rows = torch.from_numpy(self.pairs[previous])
+        p_cache = rows / rows.sum(dim=-1, keepdim=True).clamp_min(1)
+        return torch.where(rows > 0, (1 - self.alpha) * p_model + self.alpha * p_cache, p_model)
 
-    def _score(self, pos: np.ndarray, head: np.ndarray, target_lp: np.ndarray, entropy: np.ndarray) -> np.ndarray:
-        return -np.log(self.mix(np.exp(target_lp), head[pos - 1], head[pos]))
+    def _mix(self, pos: np.ndarray, head: np.ndarray, logprobs: torch.Tensor) -> Mixed:
+        p, _ = model_distribution(logprobs)
+        probs = self.formula(p, head[pos - 1])
+        return Mixed(probs, probs.gather(1, torch.from_numpy(head[pos].astype(np.int64))[:, None]).squeeze(1))
 
     def _commit(self, head: np.ndarray, upto: int) -> None:
         for t in range(max(self.committed_upto, 1), upto):
             self.pairs[head[t - 1], head[t]] += 1
 
-    def full_distribution(self, position: int, tokens: np.ndarray, model_logprobs: torch.Tensor) -> torch.Tensor:
-        p_model = torch.softmax(model_logprobs.double(), dim=-1).numpy()
-        previous = int(as_token_array(tokens, position)[position - 1])
-        return torch.from_numpy(self.mix(p_model, np.int64(previous), np.arange(self.vocab_size)))
-
 
 class UnderstatingGoldOnlyMixer(GoldOnlyBigramMixer):
-    """The same scoring, but it reports the model's softmax as its distribution (which it never scores from)."""
+    """The same scoring, but it reports the model's softmax as its distribution to the probes."""
 
-    def full_distribution(self, position: int, tokens: np.ndarray, model_logprobs: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(model_logprobs.double(), dim=-1)
+    def full_distribution(self, position: int, tokens: np.ndarray, logprobs: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logprobs.double(), dim=-1)
 
 
 def test_probe_harness_accepts_an_honest_plug_in_mixer() -> None:

@@ -33,6 +33,7 @@ from service.engine.options import COMPLIANT_NGRAM_MODES, EvalOptions
 from verifier.report import FAIL, PASS, CheckResult, render_table
 
 if TYPE_CHECKING:  # the subjects import torch and the engine: only the probe command itself needs them
+    from service.engine.ngram import NgramMixer
     from trainer.data.byte_accounting import ByteTables
     from trainer.model import GPT
     from verifier.probe_subjects import ProbeRun, ProbeSubject
@@ -215,6 +216,7 @@ MODES: dict[str, tuple[bool, str]] = {
     "ttt": (True, "off"),
     "ngram-exact": (False, "exact"),
     "ngram-smoothed": (False, "smoothed"),
+    "ngram-tilt": (False, "tilt"),
     "ttt+ngram-exact": (True, "exact"),
     "default": (EvalOptions.ttt, EvalOptions.ngram),
     "hashed-940": (False, "hashed-940"),
@@ -239,7 +241,6 @@ def scaled_hashed_buckets(num_tokens: int) -> int:
 
 def engine_subject(mode: str, model: GPT, tables: ByteTables, num_tokens: int) -> tuple[ProbeSubject, str]:
     """The engine in one mode, on a geometry small enough to run dozens of times: 4 chunks of 96 targets."""
-    from service.engine.ngram_hashed import Hashed940Mixer
     from verifier.probe_subjects import EngineSubject
 
     ttt, ngram = MODES[mode]
@@ -248,11 +249,13 @@ def engine_subject(mode: str, model: GPT, tables: ByteTables, num_tokens: int) -
     note = f"ttt {options.ttt_recipe}" if ttt else "no ttt"
     factory = None
     if ngram == "hashed-940":
+        from service.engine.ngram_hashed import Hashed940Mixer
+
         buckets = scaled_hashed_buckets(num_tokens)
         note += (f"; {buckets} hash buckets, the load of 2^22 buckets on the {FULL_VAL_TOKENS:,}-token val set "
                  f"(the upstream setting on {num_tokens} tokens would not collide)")
 
-        def factory(_mode: str, vocab_size: int) -> Hashed940Mixer:
+        def factory(_mode: str, vocab_size: int) -> NgramMixer:
             return Hashed940Mixer(vocab_size, buckets=buckets)
 
     subject = EngineSubject(model, tables, options, mixer_factory=factory)

@@ -34,8 +34,11 @@ from service.engine.ngram import (
     DEFAULT_MAX_ORDER,
     DEFAULT_MIN_COUNT,
     EntropyAlpha,
-    StreamingMixerBase,
+    Mixed,
+    NgramMixer,
+    ScoreOrderError,
     as_token_array,
+    model_distribution,
 )
 
 HASH_PRIMES = (36313, 27191, 51647, 81929, 131071, 175447, 209591)
@@ -44,11 +47,13 @@ DEFAULT_UPDATE_EVERY = 64  # the sliding-window stride: one window's scored segm
 PROBABILITY_FLOOR = 1e-12
 
 
-class Hashed940Mixer(StreamingMixerBase):
+class Hashed940Mixer(NgramMixer):
     """Target-keyed hashed backoff cache with gold-only mixing. Not a distribution; never a valid score."""
 
     mode = "hashed-940"
     compliant = False
+    scores_from_vector = False  # the claimed number scores the target's formula value, not a distribution
+    vectors_per_batch = 4  # Σ_v of the formula is measured at this many positions of each batch (it is slow)
 
     def __init__(self, vocab_size: int, *, buckets: int = DEFAULT_BUCKETS, max_order: int = DEFAULT_MAX_ORDER,
                  min_count: int = DEFAULT_MIN_COUNT, alpha: EntropyAlpha = EntropyAlpha(),
@@ -164,10 +169,11 @@ class Hashed940Mixer(StreamingMixerBase):
         row, cols = np.maximum(width - 1, 0), np.arange(pos.size)
         return width, ctx[row, cols], full[row, cols]
 
-    def _mix(self, width: np.ndarray, ctx: np.ndarray, full: np.ndarray, p_model: np.ndarray,
+    def _formula(self, width: np.ndarray, ctx: np.ndarray, full: np.ndarray, p_model: np.ndarray,
              entropy: np.ndarray) -> np.ndarray:
         p_ngram = np.clip(np.minimum(full, ctx) / np.maximum(ctx, 1), 0.0, 1.0)
-        alpha = self.alpha(entropy)
+        a = self.alpha  # in numpy, element by element: the value does not depend on the batching
+        alpha = a.base + a.span / (1.0 + np.exp(-a.slope * (np.asarray(entropy, np.float64) - a.center)))
         return np.where(width > 0, (1.0 - alpha) * p_model + alpha * p_ngram, p_model)
 
     # -- streaming interface -----------------------------------------------------------------------------------
@@ -175,11 +181,32 @@ class Hashed940Mixer(StreamingMixerBase):
     def _prepare(self, head: np.ndarray, end: int) -> None:
         self._seen_counts(head, end)
 
+    def score(self, positions: np.ndarray, tokens: np.ndarray | torch.Tensor, target_lp: np.ndarray,
+              entropy: np.ndarray) -> np.ndarray:
+        """The upstream gold-only NLL (float64 nats) at `positions` from the model's log p(x_t) and entropy."""
+        pos = np.asarray(positions, np.int64).reshape(-1)
+        if pos.size and pos.min() < max(self.committed_upto, 1):
+            raise ScoreOrderError(f"position {int(pos.min())} is already committed: it cannot be scored again")
+        nll = self._score(pos, as_token_array(tokens, int(pos.max()) + 1), np.asarray(target_lp, np.float64),
+                          np.asarray(entropy, np.float64)) if pos.size else np.zeros(0)
+        self.ledger.mark(pos)
+        return nll
+
+    def _mix(self, pos: np.ndarray, head: np.ndarray, logprobs: torch.Tensor) -> Mixed:
+        p, entropy = model_distribution(logprobs)
+        targets = torch.from_numpy(head[pos].astype(np.int64)).to(p.device)
+        target_lp = p.gather(1, targets[:, None]).squeeze(1).log()
+        nll = self._score(pos, head, target_lp.cpu().numpy(), entropy.cpu().numpy())
+        checked = range(min(self.vectors_per_batch, pos.size))
+        probs = torch.stack([self.full_distribution(int(pos[i]), head, logprobs[i]) for i in checked])
+        return Mixed(probs.to(p.device), torch.from_numpy(np.exp(-nll)).to(p.device),
+                     torch.arange(len(checked), device=p.device))
+
     def _score(self, pos: np.ndarray, head: np.ndarray, target_lp: np.ndarray, entropy: np.ndarray) -> np.ndarray:
         seen = self._seen_counts(head, int(pos.max()) + 1)
         column = pos - max(self.committed_upto, 1)
         width, ctx, full = self._choose(pos, seen[0][:, column], seen[1][:, column])
-        p_mix = self._mix(width, ctx, full, np.exp(target_lp), entropy)
+        p_mix = self._formula(width, ctx, full, np.exp(target_lp), entropy)
         return -np.log(np.maximum(p_mix, PROBABILITY_FLOOR))
 
     def _commit(self, head: np.ndarray, upto: int) -> None:
@@ -207,7 +234,8 @@ class Hashed940Mixer(StreamingMixerBase):
         The chosen order and α do not depend on v; only the full-table lookup does, exactly as it would had v
         been the target. Built from tokens[:position], the tables, and the chunk's earlier segments.
         """
-        self._check_probe_position(position)
+        if position < max(self.committed_upto, 1):
+            raise ScoreOrderError(f"position {position} is already committed: its distribution is gone")
         head = as_token_array(tokens, position)
         candidates = np.arange(self.vocab_size)
         pos = np.full(self.vocab_size, position, np.int64)
@@ -227,7 +255,7 @@ class Hashed940Mixer(StreamingMixerBase):
         logp = torch.log_softmax(model_logprobs.detach().to("cpu", torch.float64).reshape(-1), dim=-1)
         entropy = float(-(logp.exp() * logp).sum())
         p_model = logp.exp().numpy()
-        return torch.from_numpy(self._mix(width, ctx_at, full_at, p_model, np.full(self.vocab_size, entropy)))
+        return torch.from_numpy(self._formula(width, ctx_at, full_at, p_model, np.full(self.vocab_size, entropy)))
 
     def measured_probability_sum(self, position: int, tokens: np.ndarray | torch.Tensor,
                                  model_logprobs: torch.Tensor) -> float:

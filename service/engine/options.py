@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 # Kept here, free of torch, so the CLI and the HTTP service can name the modes without loading the engine.
-NGRAM_MODES = ("off", "exact", "smoothed", "hashed-940")
+NGRAM_MODES = ("off", "exact", "smoothed", "tilt", "hashed-940")
 COMPLIANT_NGRAM_MODES = tuple(mode for mode in NGRAM_MODES if mode != "hashed-940")
 # Each TTT recipe's reference chunk: pr940's README trains on 131,072-token chunks, the legal SGD recipe of
 # PR #461/#549 on 32,768-token chunks (reference-stack.md §7.3/§7.4). The recipe decides, unless told otherwise.

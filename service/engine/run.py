@@ -35,12 +35,13 @@ from service.engine.events import (
     end_event,
     error_event,
     start_event,
+    strict_event_stream,
     timeout_event,
 )
 from service.engine.ngram import NgramMixer, make_mixer
 from service.engine.options import FALLBACK_SEQ_LEN, EvalOptions, is_upstream_artifact
 from service.engine.scoring import (
-    ProbabilityCheck,
+    DistributionCheck,
     ScoreLedger,
     ScoreOrderError,
     ScoringModel,
@@ -48,14 +49,21 @@ from service.engine.scoring import (
 )
 from service.engine.ttt import RECIPES, TTTRecipe, TTTUpdater
 from service.engine.windows import Chunk, plan_chunks, plan_windows
+from trainer.artifact import SUBMISSION_LIMIT_BYTES
 from trainer.data.byte_accounting import ByteTables
 from trainer.data.val_manifest import recorded_val_sha256, tokens_sha256
+from trainer.threads import apply_thread_policy
 
 log = logging.getLogger(__name__)
 
-# A distribution counts as normalised when every sampled Σ_v p(v) is within this of 1. Sums are taken in float64
-# over fp32 log-probabilities, whose rounding alone stays around 1e-7 for a 1024-token vocabulary.
+# A distribution counts as normalised when every Σ_v p(v) is within this of 1. Sums are taken in float64; without a
+# mixer over fp32 log-probabilities, whose rounding alone stays around 1e-7 for a 1024-token vocabulary (mixers
+# work in float64 and stay near 1e-15).
 NORMALISATION_TOLERANCE = 1e-5
+# |p_vector(x_t) − p_shortcut(x_t)|: both in float64 from the same counts, so they differ by rounding only.
+SHORTCUT_TOLERANCE = 1e-9
+# The challenge's evaluation limit (compliance-rules §7: "Evaluation ≤ 600 s"), in the verdict whatever the budget.
+EVAL_TIME_LIMIT_SECONDS = 600.0
 
 ChunkObserver = Callable[[Chunk, np.ndarray], None]
 
@@ -69,12 +77,29 @@ class EvalInputError(ValueError):
 
 
 @dataclass(frozen=True)
+class SubmissionSize:
+    """What the size rule counts: the artifact file's bytes plus the submission's code bytes, and where the
+    latter come from (a .pgolf manifest's ``code_bytes.total``; for an upstream artifact, its script)."""
+
+    artifact_bytes: int
+    code_bytes: int
+    code_source: str
+
+    def verdict(self) -> dict[str, Any]:
+        total = self.artifact_bytes + self.code_bytes
+        return {"artifact_bytes": self.artifact_bytes, "code_bytes": self.code_bytes, "code_source": self.code_source,
+                "total_bytes": total, "limit_bytes": SUBMISSION_LIMIT_BYTES,
+                "within_limit": total <= SUBMISSION_LIMIT_BYTES}
+
+
+@dataclass(frozen=True)
 class LoadedInputs:
     model: ScoringModel
     tokens: np.ndarray
     tables: ByteTables
     artifact_sha256: str
     model_config: dict[str, Any]
+    size: SubmissionSize
     train_seq_len: int | None  # the sequence length the model was trained at, when the artifact says
     validation_manifest_sha256: str | None  # the val digest the data directory's manifest records
     notes: tuple[str, ...] = ()
@@ -89,6 +114,7 @@ def evaluate(options: EvalOptions, *, started: float | None = None) -> Iterator[
     started = time.perf_counter() if started is None else started
     try:
         options.validate()
+        threads = apply_thread_policy()  # CPU scoring and the n-gram mixer share the cores with local peers
         device = resolve_device(options.device, local_rank_from_env())
         dist = init_from_env(device)
         inputs = load_inputs(options, device)
@@ -106,7 +132,9 @@ def evaluate(options: EvalOptions, *, started: float | None = None) -> Iterator[
         "artifact training.train_seq_len" if inputs.train_seq_len else f"default {FALLBACK_SEQ_LEN}")
     yield from evaluate_model(inputs.model, inputs.tokens, inputs.tables, options.resolved(inputs.train_seq_len),
                               dist=dist, device=device, artifact_sha256=inputs.artifact_sha256,
+                              submission=inputs.size,
                               extra_config={"model_config": inputs.model_config, "seq_len_source": seq_len_source,
+                                            "cpu_threads": {"intra_op": threads.threads, "reason": threads.reason},
                                             **({"notes": list(inputs.notes)} if inputs.notes else {})},
                               started=started, validation_manifest_sha256=inputs.validation_manifest_sha256)
 
@@ -134,7 +162,7 @@ def load_inputs(options: EvalOptions, device: torch.device) -> LoadedInputs:
         raise EvalInputError("bad_tokenizer", f"cannot read tokenizer {tokenizer_path}: {exc}") from exc
     artifact_path = Path(options.artifact)
     if is_upstream_artifact(artifact_path):
-        model, model_config, artifact_sha256, notes = _load_upstream(options, artifact_path, device)
+        model, model_config, artifact_sha256, notes, size = _load_upstream(options, artifact_path, device)
         train_seq_len = _upstream_train_seq_len(options.env)
         if model_config["vocab_size"] != tables.vocab_size:
             raise EvalInputError(
@@ -142,8 +170,8 @@ def load_inputs(options: EvalOptions, device: torch.device) -> LoadedInputs:
                 f"the upstream model has a vocabulary of {model_config['vocab_size']} tokens, but the data's "
                 f"tokenizer {tokenizer_path} has {tables.vocab_size}; refusing to score it on this data")
     else:
-        model, model_config, artifact_sha256, train_seq_len = _load_pgolf(artifact_path, device, tables,
-                                                                          tokenizer_path)
+        model, model_config, artifact_sha256, size, train_seq_len = _load_pgolf(artifact_path, device, tables,
+                                                                                tokenizer_path)
         ignored = [flag for flag, given in (("--code", options.code is not None), ("--env", bool(options.env)))
                    if given]
         notes = [f"{' and '.join(ignored)} ignored: a .pgolf artifact carries its own model config"] if ignored else []
@@ -160,13 +188,14 @@ def load_inputs(options: EvalOptions, device: torch.device) -> LoadedInputs:
         tokens = tokens[: options.max_tokens]
     if len(tokens) < 2:
         raise EvalInputError("bad_data", f"the validation stream has {len(tokens)} tokens; nothing to score")
-    return LoadedInputs(model, np.ascontiguousarray(tokens), tables, artifact_sha256, model_config, train_seq_len,
-                        recorded_val_sha256(options.data_dir), tuple(notes))
+    return LoadedInputs(model, np.ascontiguousarray(tokens), tables, artifact_sha256, model_config, size,
+                        train_seq_len, recorded_val_sha256(options.data_dir), tuple(notes))
 
 
-def _load_pgolf(artifact_path: Path, device: torch.device, tables: ByteTables,
-                tokenizer_path: Path) -> tuple[torch.nn.Module, dict[str, Any], str, int | None]:
-    """A .pgolf artifact, its model config, sha256 and the training sequence length its manifest records."""
+def _load_pgolf(artifact_path: Path, device: torch.device, tables: ByteTables, tokenizer_path: Path
+                ) -> tuple[torch.nn.Module, dict[str, Any], str, SubmissionSize, int | None]:
+    """A .pgolf artifact: model, model config, sha256, size with code, and the training sequence length its
+    manifest records (None when it records none)."""
     from trainer.artifact import ArtifactError, load_model
 
     try:
@@ -186,9 +215,11 @@ def _load_pgolf(artifact_path: Path, device: torch.device, tables: ByteTables,
             "tokenizer_mismatch",
             f"the artifact declares a vocabulary of {manifest_tokenizer.get('vocab_size')} tokens, but the data's "
             f"tokenizer {tokenizer_path} has {tables.vocab_size}; refusing to score it on this data")
+    size = SubmissionSize(artifact.file_nbytes, int(artifact.manifest["code_bytes"]["total"]),
+                          "manifest code_bytes.total")
     recorded = artifact.manifest.get("training", {}).get("train_seq_len")
     train_seq_len = recorded if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded > 0 else None
-    return model, dict(artifact.manifest.get("model_config", {})), artifact.file_sha256, train_seq_len
+    return model, dict(artifact.manifest.get("model_config", {})), artifact.file_sha256, size, train_seq_len
 
 
 def _upstream_train_seq_len(env: tuple[str, ...]) -> int | None:
@@ -200,7 +231,7 @@ def _upstream_train_seq_len(env: tuple[str, ...]) -> int | None:
 
 
 def _load_upstream(options: EvalOptions, artifact_path: Path,
-                   device: torch.device) -> tuple[torch.nn.Module, dict[str, Any], str, list[str]]:
+                   device: torch.device) -> tuple[torch.nn.Module, dict[str, Any], str, list[str], SubmissionSize]:
     """An upstream .ptz: the config from the submission's code and run env, the weights through the safe reader.
 
     Upstream artifacts carry no tokenizer identity; the vocabulary size is the only check possible (upstream's
@@ -222,7 +253,9 @@ def _load_upstream(options: EvalOptions, artifact_path: Path,
     except ArtifactError as exc:
         raise EvalInputError(exc.code, f"upstream artifact refused: {exc}") from exc
     notes = [f"upstream artifact: {artifact.quant_format} + {artifact.compression}", *config.notes]
-    return model, artifact.model_config.to_dict(), artifact.file_sha256, notes
+    # The rule counts bytes(train_gpt.py) + bytes(compressed model) (compliance-rules §7.1).
+    size = SubmissionSize(artifact.file_nbytes, len(code), f"{Path(options.code).name} (--code)")
+    return model, artifact.model_config.to_dict(), artifact.file_sha256, notes, size
 
 
 def total_target_bytes(tables: ByteTables, tokens: np.ndarray, block: int = 1 << 22) -> int:
@@ -253,41 +286,62 @@ class _Budget:
         return bool(flag.item() > 0)
 
 
-def _reduced_check(check: ProbabilityCheck, dist: DistContext, device: torch.device) -> ProbabilityCheck:
+def _reduced(check: DistributionCheck, stats: dict[str, float], dist: DistContext, device: torch.device
+             ) -> tuple[DistributionCheck, dict[str, float]]:
+    """A chunk's check and mixer counters over all ranks."""
     if dist.world_size == 1:
-        return check
-    low = torch.tensor([check.minimum], dtype=torch.float64, device=device)
-    high = torch.tensor([check.maximum], dtype=torch.float64, device=device)
-    count = torch.tensor([float(check.positions)], dtype=torch.float64, device=device)
-    dist.all_reduce_min(low)
-    dist.all_reduce_max(high)
-    dist.all_reduce_sum(count)
-    return ProbabilityCheck(float(low.item()), float(high.item()), int(count.item()))
+        return check, stats
+    # One MIN gives the smallest sum, the largest sum and gap (negated) and whether every rank scored from vectors.
+    gap = check.gap_max if check.gap_max is not None else -1.0
+    extremes = torch.tensor([check.sum_min, -check.sum_max, -gap, float(check.from_vector)], dtype=torch.float64,
+                            device=device)
+    dist.all_reduce_min(extremes)
+    counts = torch.tensor([check.positions, check.targets, *stats.values()], dtype=torch.float64, device=device)
+    dist.all_reduce_sum(counts)
+    low, high, gap, from_vector = extremes.tolist()
+    merged = DistributionCheck(int(counts[0]), int(counts[1]), low, -high, -gap if gap <= 0 else None,
+                               from_vector == 1.0)
+    return merged, dict(zip(stats, counts[2:].tolist(), strict=True))
 
 
-def compliance_summary(ledger: ScoreLedger, options: EvalOptions, check: ProbabilityCheck, *,
+def compliance_summary(ledger: ScoreLedger, options: EvalOptions, check: DistributionCheck, *,
                        updater: TTTUpdater | None, last_chunk_index: int | None, mixer_compliant: bool,
-                       elapsed_s: float, val_tokens_sha256: str, validation_manifest_sha256: str | None
+                       elapsed_s: float, val_tokens_sha256: str, validation_manifest_sha256: str | None,
+                       ngram_stats: dict[str, float] | None = None, submission: SubmissionSize | None = None
                        ) -> dict[str, Any]:
-    sums = check.as_dict()
-    normalised = bool(check.positions) and (abs(check.minimum - 1.0) <= NORMALISATION_TOLERANCE
-                                            and abs(check.maximum - 1.0) <= NORMALISATION_TOLERANCE)
+    """The verdict: C1–C4 as far as the engine can check them, the size rule and the evaluation time limit.
+
+    The time limit is the challenge's 600 s, not the run's own budget (``--max-seconds`` may be larger). The size
+    rule needs an artifact: for an in-memory model (``submission`` None) ``size`` is null and not part of it.
+    """
+    normalised = check.within(NORMALISATION_TOLERANCE, SHORTCUT_TOLERANCE)
+    sums = {"min": check.sum_min, "max": check.sum_max, "positions": check.positions} if check.positions else \
+        {"min": None, "max": None, "positions": 0}
     scored_once = ledger.scored_once()
     score_before_update = ledger.trace.score_before_update(last_chunk_index)
+    size = submission.verdict() if submission is not None else None
+    within_time_limit = elapsed_s <= EVAL_TIME_LIMIT_SECONDS
     return {
         # C1–C4 as far as they can be checked; a mixer that declares itself non-compliant (hashed-940, which
         # only ever evaluates the realised token) never is, whatever its sampled sums show.
-        "compliant": scored_once and score_before_update and normalised and mixer_compliant,
+        "compliant": (scored_once and score_before_update and normalised and mixer_compliant and within_time_limit
+                      and (size is None or size["within_limit"])),
         "scored_once": scored_once,
         "targets_expected": ledger.num_targets,
         "targets_scored": ledger.totals.targets,
         "positions_not_scored_once": ledger.positions_not_scored_once,
         "score_before_update": score_before_update,
         "ttt": updater.summary() if updater is not None else None,
+        # C2 over every scored position: each score is −ln p(x_t) of a full vector that sums to 1 and whose
+        # x_t entry equals the mixer's closed-form shortcut.
         "ngram": {"mode": options.ngram, "mixer_compliant": mixer_compliant, "normalised": normalised,
-                  "probability_sum": sums, "tolerance": NORMALISATION_TOLERANCE},
+                  "probability_sum": sums, "tolerance": NORMALISATION_TOLERANCE, **check.as_dict(),
+                  "shortcut_tolerance": SHORTCUT_TOLERANCE, "stats": ngram_stats or None},
         "trace_digest": ledger.trace.digest(),
         "within_time_budget": elapsed_s <= options.max_seconds,
+        "within_time_limit": within_time_limit,
+        "time_limit_seconds": EVAL_TIME_LIMIT_SECONDS,
+        "size": size,
         # The stream scored is the data's whole val set only if its digest is the one the data's manifest records
         # (a max_tokens prefix, a truncated shard or data without a manifest all fail this).
         "full_validation_set": val_tokens_sha256 == validation_manifest_sha256,
@@ -298,9 +352,11 @@ def compliance_summary(ledger: ScoreLedger, options: EvalOptions, check: Probabi
     }
 
 
+@strict_event_stream
 def evaluate_model(model: ScoringModel, tokens: np.ndarray, tables: ByteTables, options: EvalOptions, *,
                    dist: DistContext | None = None, device: torch.device | str = "cpu",
-                   artifact_sha256: str | None = None, extra_config: dict[str, Any] | None = None,
+                   artifact_sha256: str | None = None, submission: SubmissionSize | None = None,
+                   extra_config: dict[str, Any] | None = None,
                    started: float | None = None, clock: Callable[[], float] = time.perf_counter,
                    observer: ChunkObserver | None = None, ttt_recipe: TTTRecipe | None = None,
                    validation_manifest_sha256: str | None = None) -> Iterator[Event]:
@@ -321,14 +377,15 @@ def evaluate_model(model: ScoringModel, tokens: np.ndarray, tables: ByteTables, 
     val_tokens_sha256 = tokens_sha256(tokens)
     budget = _Budget(options.max_seconds, started, clock)
     ledger = ScoreLedger(tokens, tables)
-    check = ProbabilityCheck()
+    check = DistributionCheck()
+    ngram_stats: dict[str, float] = {}
     last_chunk_index: int | None = None
     mixer: NgramMixer | None = None
     updater: TTTUpdater | None = None
 
     def summary() -> dict[str, Any]:
-        return compliance_summary(ledger, options, _reduced_check(check, dist, device), updater=updater,
-                                  last_chunk_index=last_chunk_index, elapsed_s=budget.elapsed(),
+        return compliance_summary(ledger, options, check, updater=updater, ngram_stats=ngram_stats,
+                                  last_chunk_index=last_chunk_index, elapsed_s=budget.elapsed(), submission=submission,
                                   mixer_compliant=mixer is None or bool(mixer.compliant),
                                   val_tokens_sha256=val_tokens_sha256,
                                   validation_manifest_sha256=validation_manifest_sha256)
@@ -370,8 +427,20 @@ def evaluate_model(model: ScoringModel, tokens: np.ndarray, tables: ByteTables, 
                 return
             chunk_started = clock()
             scores = score_chunk(model, tokens, windows, chunk, rank=dist.rank, world_size=dist.world_size,
-                                 batch_windows=options.batch_windows, device=device, mixer=mixer, check=check)
+                                 batch_windows=options.batch_windows, device=device, mixer=mixer)
             dist.all_reduce_sum(scores.sums)
+            non_finite = int((~torch.isfinite(scores.sums[0])).sum())
+            if non_finite:  # a score of NaN/inf is no score: stop before it enters the committed totals
+                yield error_event(code="non_finite_score",
+                                  reason=f"the model produced {non_finite} non-finite NLL value(s) in chunk "
+                                         f"{chunk.index}; nothing of that chunk was committed",
+                                  totals=ledger.totals, elapsed_s=budget.elapsed())
+                return
+            chunk_check, chunk_stats = _reduced(scores.check, mixer.take_stats() if mixer is not None else {},
+                                                dist, device)
+            check.merge(chunk_check)
+            for name, value in chunk_stats.items():
+                ngram_stats[name] = ngram_stats.get(name, 0) + value
             chunk_totals = ledger.commit(scores)
             if observer is not None:
                 observer(chunk, scores.sums[0].cpu().numpy())
@@ -396,7 +465,8 @@ def evaluate_model(model: ScoringModel, tokens: np.ndarray, tables: ByteTables, 
                               phase_seconds={"score": scores.score_seconds,
                                              "ngram": scores.mix_seconds + mix_commit_seconds,
                                              "train": train_seconds},
-                              order_trace=dict(ledger.trace.chunks[-1]))
+                              order_trace=dict(ledger.trace.chunks[-1]),
+                              distribution=chunk_check.as_dict(), ngram_stats=chunk_stats or None)
     except ScoreOrderError as exc:
         log.exception("score-before-update violation")
         yield error_event(code="order_violation", reason=str(exc), totals=ledger.totals, elapsed_s=budget.elapsed())

@@ -42,23 +42,53 @@ def synchronize(device: torch.device) -> None:
 
 
 @dataclass
-class ProbabilityCheck:
-    """Σ_v p(v) of the scored distribution at sampled positions (condition C2)."""
+class DistributionCheck:
+    """C2, measured on the distributions the scores came from, at every scored position.
 
-    minimum: float = float("inf")
-    maximum: float = float("-inf")
+    ``sum_min``/``sum_max``: Σ_v p(v) of each full vector; ``gap_max``: max |p_vector(x_t) − p_shortcut(x_t)|, the
+    vector's target entry against the mixer's closed form from the gold token's counts (None without a mixer).
+    ``positions`` counts the vectors summed, ``targets`` the positions scored; ``from_vector`` is False once a
+    score did not come from its vector (the hashed-940 reproduction scores the target's formula value).
+    """
+
     positions: int = 0
+    targets: int = 0
+    sum_min: float = float("inf")
+    sum_max: float = float("-inf")
+    gap_max: float | None = None
+    from_vector: bool = True
 
-    def add(self, sums: torch.Tensor) -> None:
+    def add(self, sums: torch.Tensor, targets: int, gaps: torch.Tensor | None = None,
+            from_vector: bool = True) -> None:
+        self.targets += targets
+        self.from_vector &= from_vector
         if sums.numel():
-            self.minimum = min(self.minimum, float(sums.min()))
-            self.maximum = max(self.maximum, float(sums.max()))
             self.positions += int(sums.numel())
+            self.sum_min = min(self.sum_min, float(sums.min()))
+            self.sum_max = max(self.sum_max, float(sums.max()))
+        if gaps is not None and gaps.numel():
+            self.gap_max = max(self.gap_max or 0.0, float(gaps.max()))
+
+    def merge(self, other: DistributionCheck) -> None:
+        self.positions += other.positions
+        self.targets += other.targets
+        self.sum_min, self.sum_max = min(self.sum_min, other.sum_min), max(self.sum_max, other.sum_max)
+        if other.gap_max is not None:
+            self.gap_max = max(self.gap_max or 0.0, other.gap_max)
+        self.from_vector &= other.from_vector
+
+    @property
+    def sum_error_max(self) -> float | None:
+        return max(abs(self.sum_min - 1.0), abs(self.sum_max - 1.0)) if self.positions else None
+
+    def within(self, sum_tolerance: float, gap_tolerance: float) -> bool:
+        """Every scored position was scored from a vector that sums to 1 and agrees with the shortcut."""
+        return (self.from_vector and self.positions > 0 and self.positions == self.targets
+                and self.sum_error_max <= sum_tolerance and (self.gap_max or 0.0) <= gap_tolerance)
 
     def as_dict(self) -> dict[str, Any]:
-        if not self.positions:
-            return {"min": None, "max": None, "positions": 0}
-        return {"min": self.minimum, "max": self.maximum, "positions": self.positions}
+        return {"positions": self.positions, "targets": self.targets, "sum_error_max": self.sum_error_max,
+                "scored_gap_max": self.gap_max, "scored_from_vector": self.from_vector}
 
 
 @dataclass
@@ -67,23 +97,25 @@ class ChunkScores:
 
     chunk: Chunk
     sums: torch.Tensor  # (2, num_targets) float64: row 0 NLL, row 1 times scored
+    check: DistributionCheck = field(default_factory=DistributionCheck)
     score_seconds: float = 0.0
     mix_seconds: float = 0.0
 
 
 def score_chunk(model: ScoringModel, tokens: np.ndarray, windows: WindowPlan, chunk: Chunk, *, rank: int,
-                world_size: int, batch_windows: int, device: torch.device, mixer: NgramMixer | None,
-                check: ProbabilityCheck, check_per_chunk: int = 8) -> ChunkScores:
+                world_size: int, batch_windows: int, device: torch.device, mixer: NgramMixer | None) -> ChunkScores:
     """Score this rank's contiguous share of the chunk's windows, ``batch_windows`` at a time.
 
-    The first ``check_per_chunk`` scored positions of the share also get their full-vocabulary probability sum
-    measured, which verifies C2 for the distribution actually used (the model softmax, or the mixture).
+    Every scored position's full distribution is summed over the vocabulary (the model softmax, or the mixer's
+    vector, whose target entry is the score), which measures C2 on the distributions actually used.
     """
     sums = torch.zeros(2, chunk.num_targets, dtype=torch.float64, device=device)
     scores = ChunkScores(chunk, sums)
     lo, hi = rank_share(chunk.window_lo, chunk.window_hi, rank, world_size)
-    to_check = check_per_chunk
     started = time.perf_counter()
+    if mixer is not None and hi > lo:
+        mixer.prepare(tokens, chunk.target_hi)  # the chunk's counts in one pass; each batch is then a gather
+        scores.mix_seconds += time.perf_counter() - started
     with torch.inference_mode():
         for first in range(lo, hi, batch_windows):
             batch = build_batch(tokens, windows, first, min(first + batch_windows, hi))
@@ -97,18 +129,20 @@ def score_chunk(model: ScoringModel, tokens: np.ndarray, windows: WindowPlan, ch
             logprobs = torch.log_softmax(logits[rows, cols].float(), dim=-1)
             if mixer is None:
                 nll = -logprobs.gather(1, targets[:, None]).squeeze(1)
-                if to_check > 0:
-                    check.add(logprobs[:to_check].double().exp().sum(dim=-1))
+                scores.check.add(logprobs.double().exp().sum(dim=-1), len(batch.positions))
             else:
-                # The mixer works on the CPU: wait for the forward so its time is not billed to the mixer.
+                # The mixer reads counts on the CPU: wait for the forward so its time is not billed to the mixer.
                 synchronize(device)
                 mixing = time.perf_counter()
-                nll = mixer.mixed_nll(batch.positions, tokens, logprobs).to(device)
-                if to_check > 0:
-                    check.add(torch.stack([mixer.full_distribution(int(position), tokens, logprobs[row]).sum()
-                                           for row, position in enumerate(batch.positions[:to_check])]))
+                mixed = mixer.mix(batch.positions, tokens, logprobs)
+                covered = targets if mixed.rows is None else targets[mixed.rows]
+                p_vector = mixed.probs.gather(1, covered[:, None]).squeeze(1)
+                shortcut = mixed.shortcut if mixed.rows is None else mixed.shortcut[mixed.rows]
+                nll = -torch.log(p_vector) if mixer.scores_from_vector and mixed.rows is None else \
+                    -torch.log(mixed.shortcut.clamp_min(1e-12))
+                scores.check.add(mixed.probs.sum(dim=-1), len(batch.positions), (p_vector - shortcut).abs(),
+                                 mixer.scores_from_vector and mixed.rows is None)
                 scores.mix_seconds += time.perf_counter() - mixing
-            to_check -= min(to_check, len(batch.positions))
             index = torch.from_numpy(batch.positions - chunk.target_lo).to(device)
             sums[0].index_add_(0, index, nll.double())
             sums[1].index_add_(0, index, torch.ones_like(index, dtype=torch.float64))

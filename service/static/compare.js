@@ -15,7 +15,7 @@ window.pgolfCompare = (() => {
   async function fillJobChoices(selected) {
     let jobs = [];
     try {
-      jobs = await (await fetch("/evaluations?limit=100&status=completed")).json();
+      jobs = await (await api("/evaluations?limit=100&status=completed")).json();
     } catch (error) {
       return;
     }
@@ -37,7 +37,7 @@ window.pgolfCompare = (() => {
   async function show(a, b) {
     const message = $("compare-message");
     const query = `a=${encodeURIComponent(a)}&b=${encodeURIComponent(b)}`;
-    const response = await fetch(`/comparisons?${query}`);
+    const response = await api(`/comparisons?${query}`);
     const body = await response.json();
     if (!response.ok) {
       message.textContent = `${response.status} ${body.code || ""}: ${body.message || ""}`;
@@ -63,14 +63,24 @@ window.pgolfCompare = (() => {
     message.textContent = gap === null ? "" : `${second.label} minus ${first.label}: ${gap >= 0 ? "+" : ""}` +
       `${gap.toFixed(6)} bpb`;
     message.className = "";
+    $("compare-result").hidden = false;
+    // Fetched with the page's token (private reads need it; an <img src> could not send it), shown as a blob.
     const plot = $("compare-plot");
     plot.dataset.loaded = "false";
+    plot.dataset.source = `/comparisons/plot.svg?${query}`;
     plot.onload = () => { plot.dataset.loaded = "true"; };  // the picture arrived and decoded
     plot.onerror = () => { plot.dataset.loaded = "error"; };
-    plot.src = `/comparisons/plot.svg?${query}`;
-    $("compare-png").href = `/comparisons/plot.png?${query}`;
-    $("compare-svg").href = `/comparisons/plot.svg?${query}`;
-    $("compare-result").hidden = false;
+    for (const [kind, link] of [["svg", $("compare-svg")], ["png", $("compare-png")]]) {
+      const picture = await api(`/comparisons/plot.${kind}?${query}`);
+      if (!picture.ok) {
+        plot.dataset.loaded = "error";
+        return;
+      }
+      const url = URL.createObjectURL(await picture.blob());
+      link.href = url;
+      link.download = `comparison.${kind}`;
+      if (kind === "svg") plot.src = url;
+    }
   }
 
   async function init() {

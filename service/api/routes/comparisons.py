@@ -13,7 +13,8 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query
 from fastapi.responses import Response
 
-from service.api.deps import StateDep
+from service.api.auth import User
+from service.api.deps import ReaderDep, StateDep, may_read
 from service.api.errors import ApiError
 from service.api.state import ServiceState
 from service.compare import ComparisonError, compare_reports, render_plot, summarize, table_rows
@@ -33,10 +34,11 @@ def _job_events(state: ServiceState, job_id: str) -> list[dict[str, Any]]:
     return events
 
 
-def _comparison(state: ServiceState, a: str, b: str) -> dict[str, Any]:
+def _comparison(state: ServiceState, user: User | None, a: str, b: str) -> dict[str, Any]:
     jobs = [state.store.get_job(job_id) for job_id in (a, b)]
     for job_id, job in zip((a, b), jobs, strict=True):
-        if job is None:
+        # The read policy of /evaluations: a job the caller may not read does not exist for them.
+        if job is None or not may_read(state, user, job):
             raise ApiError(404, "not_found", f"no evaluation with id {job_id!r}")
     # The service's own record of which artifact each job evaluated (the sha256 of the stored upload).
     if jobs[0].artifact_sha256 != jobs[1].artifact_sha256:  # type: ignore[union-attr]
@@ -56,17 +58,18 @@ def _comparison(state: ServiceState, a: str, b: str) -> dict[str, Any]:
 
 @router.get("", responses={404: {"description": "unknown job"}, 409: {"description": "a job has not finished"},
                            422: {"description": "the jobs evaluated different artifacts"}})
-def read_comparison(state: StateDep, a: JobId, b: JobId) -> dict[str, Any]:
+def read_comparison(state: StateDep, user: ReaderDep, a: JobId, b: JobId) -> dict[str, Any]:
     """Side-by-side figures of jobs `a` and `b`: per side val_bpb, compliance, measured Σp, C1–C4 self-checks and
     per-chunk bpb; `rows` is the table as the page shows it."""
-    return _comparison(state, a, b)
+    return _comparison(state, user, a, b)
 
 
 @router.get("/plot.{image_format}",
             responses={200: {"content": {"image/png": {}, "image/svg+xml": {}},
                              "description": "per-chunk bpb of both jobs"}})
-def read_comparison_plot(state: StateDep, image_format: Literal["png", "svg"], a: JobId, b: JobId) -> Response:
+def read_comparison_plot(state: StateDep, user: ReaderDep, image_format: Literal["png", "svg"], a: JobId,
+                         b: JobId) -> Response:
     """The comparison picture (matplotlib): each job's per-chunk bpb against the target position."""
-    body = render_plot(_comparison(state, a, b), image_format)
+    body = render_plot(_comparison(state, user, a, b), image_format)
     media_type = "image/png" if image_format == "png" else "image/svg+xml"
     return Response(body, media_type=media_type, headers={"Cache-Control": "no-store"})
