@@ -124,6 +124,8 @@ def main() -> int:
             "ngram_seconds": result["ngram_seconds"], "ngram_tokens_per_s":
                 result["targets_scored"] / result["ngram_seconds"] if result["ngram_seconds"] else None,
         })
+        if speaks:  # each mode's figures as soon as it ends: a long bench that is stopped keeps what it measured
+            print(f"{mode}: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
     if not speaks:
         return 0
     print(f"\nartifact {args.artifact}, {rows[0].get('targets', '?')} targets, seq {args.seq_len or 'from artifact'} "

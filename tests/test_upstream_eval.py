@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from service.engine import EvalOptions, evaluate
+from service.engine.options import PLAIN
 from service.engine.run import evaluate_model
 from tests.test_upstream_artifact import BASELINE_CODE, BASELINE_ENV, PR940_CODE, PR940_ENV, upstream_file
 from trainer.data.byte_accounting import ByteTables
@@ -41,7 +42,8 @@ def test_upstream_artifact_scores_equal_its_dequantised_weights(tmp_path, embedd
     for stride in (SEQ_LEN, 64):
         options = EvalOptions(artifact=path, data_dir=embedded_data, code=code,
                               env=tuple(f"{k}={v}" for k, v in env.items()), seq_len=SEQ_LEN, stride=stride,
-                              chunk_tokens=1024, batch_windows=4, device="cpu", max_tokens=MAX_TOKENS)
+                              chunk_tokens=1024, batch_windows=4, device="cpu", max_tokens=MAX_TOKENS,
+                              **PLAIN)  # the model's own scores: no TTT or n-gram in the way
         through_file = final(evaluate(options))
         with torch.inference_mode():
             direct = final(evaluate_model(model, tokens, tables, options, device="cpu"))

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from service.engine import EvalOptions
+from service.engine.options import PLAIN
 from service.engine.run import evaluate_model
 from trainer.data.byte_accounting import ByteTables
 from trainer.data.shards import load_validation_tokens
@@ -20,7 +21,8 @@ ROPE_CONFIG = ModelConfig(vocab_size=1024, num_layers=2, model_dim=64, num_heads
 
 
 def per_position_nll(model, tokens, tables, batch_windows: int) -> dict[int, float]:
-    options = EvalOptions(seq_len=48, stride=16, chunk_tokens=256, batch_windows=batch_windows, device="cpu")
+    options = EvalOptions(seq_len=48, stride=16, chunk_tokens=256, batch_windows=batch_windows, device="cpu",
+                          **PLAIN)  # the model's own scores (TTT would change the model between the two runs)
     scores: dict[int, float] = {}
 
     def observe(chunk, nll):
