@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 from api_harness import (  # noqa: F401  (service_data and tiny_artifact are fixtures)
+    AUTH,
     ServiceData,
     ServiceProcess,
     fake_evaluator_env,
@@ -35,10 +36,11 @@ def job_pair(service_data: ServiceData, tiny_artifact: Path, tmp_path_factory: p
     script = root / "behaviour.json"
     set_fake_behaviour(script, chunks=4, chunk_seconds=0.05)
     with ServiceProcess(root / "storage", service_data, **fake_evaluator_env(script)) as process, \
-            httpx.Client(base_url=process.url, timeout=60) as client:
+            httpx.Client(base_url=process.url, timeout=240, headers=AUTH) as client:
         honest = upload(client, tiny_artifact, params={"wait": "false"}).json()["id"]
         claimed = upload(client, tiny_artifact, params={"wait": "false"}, data={"ngram": "hashed-940"}).json()["id"]
-        yield (process, wait_for_status(client, honest, {"completed"}), wait_for_status(client, claimed, {"completed"}))
+        yield (process, wait_for_status(client, honest, {"completed"}, timeout=240),
+               wait_for_status(client, claimed, {"completed"}, timeout=240))
 
 
 def test_page_shows_the_comparison_table_and_picture(job_pair: tuple[ServiceProcess, dict, dict],
@@ -54,7 +56,8 @@ def test_page_shows_the_comparison_table_and_picture(job_pair: tuple[ServiceProc
     assert re.search(r'<tr data-row="compliant \(engine\)"><th>[^<]+</th><td>yes</td><td class="bad">no</td>', dom)
     plot = re.search(r'<img id="compare-plot"[^>]*>', dom)
     assert plot is not None
-    assert f'src="/comparisons/plot.svg?a={honest["id"]}&amp;b={claimed["id"]}"' in plot.group(0)
+    assert f'data-source="/comparisons/plot.svg?a={honest["id"]}&amp;b={claimed["id"]}"' in plot.group(0)
+    assert 'src="blob:' in plot.group(0)  # fetched with the page's token, shown from memory
     assert 'data-loaded="true"' in plot.group(0)  # the browser fetched and decoded the matplotlib SVG
     # Every engine mode is offered, the measured default preselected.
     ngram_choice = re.search(r'<select id="ngram"[^>]*>(.*?)</select>', dom, re.DOTALL)
