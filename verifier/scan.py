@@ -165,6 +165,11 @@ def scan_folder_reports(folder: Path) -> list[FileReport]:
     if unreached:
         head.notes.append("not reached from the entry point, not scanned: "
                           + ", ".join(str(path.relative_to(folder)) for path in unreached))
+    for name, value in scan_folder.run_data_files(run_env):
+        head.findings.append(scan_folder.not_analysed(
+            str(folder / env_sources[0]), 0, f"{name}={value}",
+            f"the data file the run command passes in {name}={value} (supplied at run time; a file built from "
+            "validation tokens would be a paid prefix)"))
     for path in files:
         if path.suffix.lower() in scan_folder.FOREIGN_SOURCE:
             head.findings.append(scan_folder.not_analysed(

@@ -55,7 +55,7 @@ class ConfigDefaults:
                 else None
             if name is None:
                 continue
-            literal = isinstance(value, ast.Constant) or (value is not None and _reads_environment(value))
+            literal = isinstance(value, ast.Constant) or (value is not None and reads_environment(value))
             yield name, value if literal else None
 
     def evaluate(self, node: ast.expr | None) -> object:
@@ -137,7 +137,7 @@ class ConfigDefaults:
             return None
 
 
-def _reads_environment(node: ast.expr) -> bool:
+def reads_environment(node: ast.expr) -> bool:
     return any(
         isinstance(sub, ast.Call) and dotted_name(sub.func).endswith(("environ.get", "getenv"))
         for sub in ast.walk(node)

@@ -37,12 +37,13 @@ TOK = "tok"  # per-token (not yet reduced) values
 MIXED = "mixed"  # the gold probability blended with another quantity
 LOCAL = "local"  # a throwaway object made inside the function (LoRA, deep copy, fresh delta tensor)
 OPTIM = "optim"  # an optimizer
+SPREAD = "spread"  # a token's gold log-probability divided by its byte length: a per-byte share of it
 STAT = "stat"  # a per-position statistic of a full distribution (its entropy, its max): no token's probability
 PARAM = "param:"  # prefix: depends on the function parameter of that name
 
 GOLD_FAMILY = frozenset({GOLD, GOLDP, GOLDLP})
 # Labels a callee parameter inherits from its call sites (the content of a value, never its provenance).
-SEEDABLE = frozenset({TGT, HKEY, NGOLD, GOLD, GOLDP, GOLDLP, PROB, LOGP, MIXED, STAT})
+SEEDABLE = frozenset({TGT, HKEY, NGOLD, GOLD, GOLDP, GOLDLP, PROB, LOGP, MIXED, STAT, SPREAD})
 # Labels that describe a value's shape, not what it carries; a value with only these is as good as a constant.
 SHAPE_ONLY = frozenset({TOK})
 
@@ -665,7 +666,12 @@ class FunctionFlow:
                 or (TGT in left and TGT not in right and self._rolling_hash_step(node, right_node))
             ):
                 labels.add(HKEY)
-        if isinstance(op, (ast.Add, ast.Sub)) and (_mixes_gold(left, right) or _mixes_gold(right, left)):
+        if isinstance(op, ast.Div) and GOLDLP in left and GOLD in right and not right & {GOLDLP, GOLDP, LOSS}:
+            labels.add(SPREAD)  # log p(token) / bytes(token): the token's probability spread over its bytes
+        if isinstance(op, (ast.Add, ast.Sub)) and (
+            _mixes_gold(left, right) or _mixes_gold(right, left) or _mixes_spread(left, right)
+            or _mixes_spread(right, left)
+        ):
             labels.add(MIXED)
             self.mix_sites.append(node)
         return frozenset(labels)
@@ -978,6 +984,13 @@ def _mixes_gold(gold_side: Labels, other_side: Labels) -> bool:
     if NGOLD in other_side:
         return True
     return _is_other_probability(other_side)
+
+
+def _mixes_spread(spread_side: Labels, other_side: Labels) -> bool:
+    """λ·exp(log p(token) / bytes) + (1-λ)·q(byte): per-byte shares of a token's probability mixed with a byte
+    model. The shares of one token are not a distribution over the next byte, so the mixture is not normalised."""
+    return SPREAD in spread_side and GOLDP in spread_side and SPREAD not in other_side and \
+        bool(other_side - SHAPE_ONLY)
 
 
 def _exp_log(labels: Labels, is_log: bool) -> Labels:

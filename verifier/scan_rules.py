@@ -21,12 +21,13 @@ import re
 from collections.abc import Callable
 
 from trainer.source_syntax import parse_python
-from verifier.scan_context import UNKNOWN, ConfigDefaults, RunContext
+from verifier.scan_context import UNKNOWN, ConfigDefaults, RunContext, reads_environment
 from verifier.scan_findings import Finding
 from verifier.scan_flow import (
     HKEY,
     MIXED,
     NGOLD,
+    SPREAD,
     STAT,
     TGT,
     VAL,
@@ -37,10 +38,12 @@ from verifier.scan_flow import (
     call_basename,
     dotted_name,
     is_val_name,
+    is_val_string,
     keyword,
     names_in,
 )
 from verifier.scan_order import OrderAnalysis, OrderRules
+from verifier.scan_shapes import byte_table, pooled_positions
 
 MakeFinding = Callable[[str, str, ast.AST, str, str], Finding]
 
@@ -88,9 +91,11 @@ def analyse_source(
     for function_flow in flow.flows.values():
         findings += target_in_key(function_flow, make_finding)
         findings += gold_only_mixing(function_flow, make_finding)
-        findings += validation_calibration(function_flow, index, make_finding)
+        findings += validation_calibration(function_flow, index, defaults, make_finding)
         findings += bytes_per_token_constant(function_flow, defaults, make_finding)
     findings += OrderRules(OrderAnalysis(index, flow), make_finding).findings()
+    findings += byte_table(tree, make_finding)
+    findings += pooled_positions(tree, make_finding)
     return _deduplicate(findings)
 
 
@@ -207,6 +212,9 @@ def gold_only_mixing(flow: FunctionFlow, make_finding: MakeFinding) -> list[Find
         labels = flow.of(site)
         if NGOLD in labels:
             other = "an n-gram estimate read with a target-keyed hash"
+        elif SPREAD in labels:
+            other = ("a byte-level model, per byte, after spreading the token's probability evenly over its bytes "
+                     "(those per-byte shares are not a distribution over the next byte)")
         elif STAT in labels:
             other = "a statistic of the model's distribution (such as its entropy) used as an 'expert'"
         else:
@@ -225,7 +233,9 @@ def gold_only_mixing(flow: FunctionFlow, make_finding: MakeFinding) -> list[Find
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def validation_calibration(flow: FunctionFlow, index: ModuleIndex, make_finding: MakeFinding) -> list[Finding]:
+def validation_calibration(
+    flow: FunctionFlow, index: ModuleIndex, defaults: ConfigDefaults, make_finding: MakeFinding
+) -> list[Finding]:
     findings: list[Finding] = []
     params = set(flow.info.all_params) if flow.info is not None else set()
     in_calibration = flow.info is not None and bool(_CALIBRATION.search(flow.info.name))
@@ -253,6 +263,16 @@ def validation_calibration(flow: FunctionFlow, index: ModuleIndex, make_finding:
         elif isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
             names = assigned_names(node)
             value_labels = flow.of(node.value)
+            configured = defaults.evaluate(node.value) if reads_environment(node.value) else UNKNOWN
+            if isinstance(configured, str) and is_val_string(configured) and \
+                    any(_TRAIN_DATA_NAME.fullmatch(name) for name in names):
+                # TRAIN_FILES=fineweb_val_*.bin in the run command: the default says train, the run said val.
+                findings.append(make_finding(
+                    "P4", "data", node, "high",
+                    f"training data `{names[0]}` is taken from the validation split as configured for the run "
+                    f"(`{configured}`)",
+                ))
+                continue
             if VAL not in value_labels:
                 continue
             if any(_TRAIN_DATA_NAME.fullmatch(name) for name in names):
