@@ -42,7 +42,7 @@ class ConfigDefaults:
         A name counts as configuration only if *all* its bindings are literals or environment reads that agree;
         one computed assignment anywhere (``flag = measure()``, ``args.x = 65536``) makes its default unknown.
         """
-        for node in ast.walk(self.index.tree):
+        for node in self.index.nodes:
             if isinstance(node, ast.Assign) and len(node.targets) == 1:
                 target, value = node.targets[0], node.value
             elif isinstance(node, ast.AnnAssign) and node.value is not None:

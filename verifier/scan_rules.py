@@ -45,7 +45,7 @@ from verifier.scan_flow import (
 from verifier.scan_order import OrderAnalysis, OrderRules
 from verifier.scan_shapes import byte_table, pooled_positions
 
-MakeFinding = Callable[[str, str, ast.AST, str, str], Finding]
+MakeFinding = Callable[..., Finding]  # (pattern, condition, node, confidence, explanation, related=None)
 
 _CALIBRATION = re.compile(
     r"gptq|hessian|calib|awq|smoothquant|act(ivation)?_?stat|collect_(stats|acts|activations|inputs|hess)",
@@ -81,10 +81,14 @@ def analyse_source(
     defaults = ConfigDefaults(index, env_overrides or {})
     context = RunContext(index, defaults)
 
-    def make_finding(pattern: str, condition: str, node: ast.AST, confidence: str, explanation: str) -> Finding:
+    def make_finding(pattern: str, condition: str, node: ast.AST, confidence: str, explanation: str,
+                     related: ast.AST | None = None) -> Finding:
+        """A finding at ``node``; ``related`` is the other half of a two-event violation (the update of an
+        adapt-then-score pair): when either half sits in code the defaults do not run, the finding is lowered."""
         line = getattr(node, "lineno", 0)
         finding = Finding(pattern, condition, filename, line, index.line(line), confidence, explanation, origin)
-        steps, reason = context.downgrade(node)
+        steps, reason = max(context.downgrade(node), context.downgrade(related) if related is not None else (0, ""),
+                            key=lambda step: step[0])
         return finding.downgraded(steps, reason)
 
     findings: list[Finding] = []
@@ -94,8 +98,8 @@ def analyse_source(
         findings += validation_calibration(function_flow, index, defaults, make_finding)
         findings += bytes_per_token_constant(function_flow, defaults, make_finding)
     findings += OrderRules(OrderAnalysis(index, flow), make_finding).findings()
-    findings += byte_table(tree, make_finding)
-    findings += pooled_positions(tree, make_finding)
+    findings += byte_table(index.nodes, make_finding)
+    findings += pooled_positions(index.nodes, make_finding)
     return _deduplicate(findings)
 
 

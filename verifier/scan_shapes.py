@@ -23,8 +23,8 @@ MakeFinding = Callable[[str, str, ast.AST, str, str], Finding]
 _SPACE_MARKS = ("\u2581", "▁")
 
 
-def _functions(tree: ast.Module) -> Iterator[ast.FunctionDef | ast.AsyncFunctionDef]:
-    for node in ast.walk(tree):
+def _functions(nodes: list[ast.AST]) -> Iterator[ast.FunctionDef | ast.AsyncFunctionDef]:
+    for node in nodes:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             yield node
 
@@ -49,9 +49,10 @@ def _flag_tables(function: ast.AST) -> set[str]:
     }
 
 
-def byte_table(tree: ast.Module, make_finding: MakeFinding) -> list[Finding]:
+def byte_table(nodes: list[ast.AST], make_finding: MakeFinding) -> list[Finding]:
+    """``nodes``: every node of the module (``ModuleIndex.nodes``)."""
     findings: list[Finding] = []
-    for function in _functions(tree):
+    for function in _functions(nodes):
         if not _calls_method(function, "id_to_piece"):
             continue
         flags = _flag_tables(function)
@@ -62,7 +63,7 @@ def byte_table(tree: ast.Module, make_finding: MakeFinding) -> list[Finding]:
         problems = []
         where: ast.AST = function
         space_branches = [node for node in ast.walk(function) if isinstance(node, ast.If) and _is_space_test(node.test)]
-        for branch in space_branches if _adds_space_at_scoring(tree) else []:
+        for branch in space_branches if _adds_space_at_scoring(nodes) else []:
             for stmt in (node for block in branch.body for node in ast.walk(block)):
                 if isinstance(stmt, (ast.Assign, ast.AugAssign)) and any(
                     isinstance(target, ast.Subscript) and ast.unparse(target.value) not in flags
@@ -83,9 +84,9 @@ def byte_table(tree: ast.Module, make_finding: MakeFinding) -> list[Finding]:
     return findings
 
 
-def _adds_space_at_scoring(tree: ast.Module) -> bool:
+def _adds_space_at_scoring(nodes: list[ast.AST]) -> bool:
     """Does scoring add a leading-space table entry on top of the base bytes (``tb += has_space_lut[tgt] & ...``)?"""
-    for node in ast.walk(tree):
+    for node in nodes:
         operands: list[ast.expr] = []
         if isinstance(node, ast.AugAssign) and isinstance(node.op, ast.Add):
             operands = [node.value]
@@ -108,9 +109,9 @@ def _adds_one(node: ast.AST) -> bool:
     )
 
 
-def pooled_positions(tree: ast.Module, make_finding: MakeFinding) -> list[Finding]:
+def pooled_positions(nodes: list[ast.AST], make_finding: MakeFinding) -> list[Finding]:
     findings: list[Finding] = []
-    for node in ast.walk(tree):
+    for node in nodes:
         if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
                 and node.func.attr in {"reshape", "view"}):
             continue
