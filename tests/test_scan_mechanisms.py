@@ -291,3 +291,15 @@ def test_a_train_gpt_that_only_execs_a_sibling_is_followed(tmp_path: Path) -> No
     reports = scan_paths([tmp_path])
     assert reports[1].via == "imported by train_gpt.py line 1"
     assert {f.pattern for f in reports[1].findings} == {"P5", "NA"}
+
+
+def test_a_default_off_branch_whose_own_log_lines_are_in_the_records_logs_ran(tmp_path: Path) -> None:
+    branch = "        if SLOT_ENABLED:\n"
+    logged = SLOT.replace(branch, branch + '            print(f"slot_window_fit ws={ws}")\n')
+    (tmp_path / "train_gpt.py").write_text(logged)
+    # A log that holds the script source (as upstream logs/*.txt do) shows the text only inside print(...).
+    (tmp_path / "train_seed1.log").write_text(logged + "\nstep:1/10 train_loss:5.0\n")
+    assert [f.confidence for f in scan_paths([tmp_path])[0].findings] == ["medium"]
+    (tmp_path / "train_seed1.log").write_text("step:1/10 train_loss:5.0\nslot_window_fit ws=0\nslot_window_fit ws=64\n")
+    reports = scan_paths([tmp_path])
+    assert [(f.pattern, f.confidence) for f in reports[0].findings] == [("P3", "high")]

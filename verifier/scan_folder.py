@@ -32,6 +32,8 @@ FOREIGN_SOURCE = (".c", ".cc", ".cpp", ".cxx", ".cu", ".cuh", ".h", ".hpp")
 # Record folders are small; a bound keeps a hostile folder from making the scanner walk a large tree.
 MAX_FOLDER_FILES = 2000
 MAX_RUN_COMMAND_BYTES = 1_000_000
+MAX_LOG_FILE_BYTES = 4_000_000
+MAX_LOG_BYTES = 16_000_000
 
 _ENV_ASSIGNMENT = re.compile(r"(?:^|\s)(?:export\s+)?([A-Z][A-Z0-9_]*)=(\"[^\"]*\"|'[^']*'|[^\s\"';|&]+)")
 _ONLY_ASSIGNMENTS = re.compile(r"(?:export\s+)?(?:[A-Z][A-Z0-9_]*=(?:\"[^\"]*\"|'[^']*'|[^\s\"';|&]+)\s*)+")
@@ -199,6 +201,28 @@ def foreign_strings(tree: ast.Module) -> list[tuple[int, str]]:
                 _FOREIGN_TEXT.search(node.value):
             found.append((node.lineno, node.value.strip().splitlines()[0][:60]))
     return found
+
+
+def record_log_lines(files: list[Path]) -> tuple[list[Path], list[str]]:
+    """The record's training logs (``*.log``, ``*.txt`` other than requirements / notes) and their lines, bounded."""
+    logs: list[Path] = []
+    lines: list[str] = []
+    budget = MAX_LOG_BYTES
+    for path in files:
+        name = path.name.lower()
+        if path.suffix.lower() not in {".log", ".txt"} or name.startswith(("requirements", "readme", "license")):
+            continue
+        try:
+            with path.open("rb") as handle:
+                data = handle.read(min(budget, MAX_LOG_FILE_BYTES))
+        except OSError:
+            continue
+        budget -= len(data)
+        logs.append(path)
+        lines += data.decode("utf-8", errors="replace").splitlines()
+        if budget <= 0:
+            break
+    return logs, lines
 
 
 def run_data_files(run_env: dict[str, str]) -> list[tuple[str, str]]:

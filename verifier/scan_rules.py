@@ -21,7 +21,7 @@ import re
 from collections.abc import Callable
 
 from trainer.source_syntax import parse_python
-from verifier.scan_context import UNKNOWN, ConfigDefaults, RunContext, reads_environment
+from verifier.scan_context import UNKNOWN, ConfigDefaults, LogEvidence, RunContext, reads_environment
 from verifier.scan_findings import Finding
 from verifier.scan_flow import (
     HKEY,
@@ -73,13 +73,15 @@ def analyse_source(
     origin: str | None = None,
     env_overrides: dict[str, str] | None = None,
     tree: ast.Module | None = None,
+    evidence: LogEvidence | None = None,
 ) -> list[Finding]:
-    """Run every detector over one (already unwrapped) source text, parsed with the Python 3.12 grammar."""
+    """Run every detector over one (already unwrapped) source text, parsed with the Python 3.12 grammar.
+    ``evidence``: the record's training logs, which show branches that ran although the defaults switch them off."""
     tree = tree if tree is not None else parse_python(source)
     index = ModuleIndex(tree, source)
     flow = ModuleFlow(index)
     defaults = ConfigDefaults(index, env_overrides or {})
-    context = RunContext(index, defaults)
+    context = RunContext(index, defaults, evidence)
 
     def make_finding(pattern: str, condition: str, node: ast.AST, confidence: str, explanation: str,
                      related: ast.AST | None = None) -> Finding:
