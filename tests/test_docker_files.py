@@ -85,9 +85,11 @@ def test_train_reserves_all_gpus_with_shared_memory_and_mounts(compose: dict) ->
 
 
 def test_train_passes_through_every_reference_override_the_trainer_reads(compose: dict) -> None:
-    from trainer.config import ALL_FIELDS, ENV_ALIASES, UNSUPPORTED_ENV
+    from trainer.config import ALL_FIELDS, ENV_ALIASES, UPSTREAM_ENV
 
-    read_by_trainer = {name.upper() for name in ALL_FIELDS} | set(ENV_ALIASES) | set(UNSUPPORTED_ENV)
+    # Names with no effect whatever their value (UPSTREAM_ENV rules that accept anything) need not reach it.
+    can_change_or_refuse = {name for name, rule in UPSTREAM_ENV.items() if rule.accepts is not None or rule.maps}
+    read_by_trainer = {name.upper() for name in ALL_FIELDS} | set(ENV_ALIASES) | can_change_or_refuse
     environment = compose["services"]["train"]["environment"]
     missing = sorted(read_by_trainer - set(environment))
     assert not missing, f"compose.yaml does not pass through {missing}"
