@@ -81,7 +81,8 @@ class Entry:
     label: str
     in_scope: bool
     reason: str
-    seconds: float
+    seconds: float  # wall clock
+    cpu_seconds: float  # this process's CPU time: what the scan costs without other load on the machine
     exit: int
     reports: list[FileReport]
     findings: list[Finding] = field(default_factory=list)
@@ -124,11 +125,11 @@ def load_labels(corpus: Path) -> list[dict[str, object]]:
 
 def scan_entry(corpus: Path, label: dict[str, object]) -> Entry:
     folder = corpus / "submissions" / str(label["id"])
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     reports = scan_paths([folder])
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     entry = Entry(str(label["id"]), str(label["label"]), bool(label["in_scope"]), str(label["reason"]), seconds,
-                  exit_code(reports), reports)
+                  cpu_seconds, exit_code(reports), reports)
     entry.findings = [finding for report in reports for finding in report.findings]
     return entry
 
@@ -186,12 +187,21 @@ def render(entries: list[Entry]) -> str:
         shown = entry.on_target() or entry.not_analysed
         lines.append(f"  {entry.id[:60]} [{entry.verdict}] " + "; ".join(_describe(f) for f in shown[:2]))
     lines.append("")
-    times = sorted(e.seconds for e in entries)
-    slowest = max(entries, key=lambda e: e.seconds)
-    lines.append(f"scan time per folder ({len(times)} folders): min {times[0]:.2f} s, median "
-                 f"{statistics.median(times):.2f} s, p90 {times[int(0.9 * (len(times) - 1))]:.2f} s, max "
-                 f"{times[-1]:.2f} s ({slowest.id[:50]}), total {sum(times):.1f} s")
+    for name, key in (("wall", "seconds"), ("cpu", "cpu_seconds")):
+        times = sorted(getattr(e, key) for e in entries)
+        slowest = max(entries, key=lambda e: getattr(e, key))
+        lines.append(f"scan time per folder, {name} ({len(times)} folders): min {times[0]:.2f} s, median "
+                     f"{statistics.median(times):.2f} s, p90 {times[int(0.9 * (len(times) - 1))]:.2f} s, max "
+                     f"{times[-1]:.2f} s ({slowest.id[:50]}), total {sum(times):.1f} s")
+    lines.append(f"  (load average while measuring: {_load()})")
     return "\n".join(lines)
+
+
+def _load() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
 
 
 def record_checks(corpus: Path, entries: list[Entry]) -> str:
@@ -257,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps([
             {"id": e.id, "label": e.label, "in_scope": e.in_scope, "verdict": e.verdict, "seconds": e.seconds,
-             "exit": e.exit, "findings": [f.to_dict() for f in e.findings]} for e in entries
+             "cpu_seconds": e.cpu_seconds, "exit": e.exit, "findings": [f.to_dict() for f in e.findings]}
+            for e in entries
         ], indent=2))
     return 0
 

@@ -106,7 +106,11 @@ def analyse_source(
 
 
 def _nodes(flow: FunctionFlow) -> list[ast.AST]:
-    """Every node of the flow's own code: nested functions excluded, class bodies (configuration) included."""
+    """Every node of the flow's own code: nested functions excluded, class bodies (configuration) included.
+    Computed once per flow (several rules walk it)."""
+    cached = getattr(flow, "_rule_nodes", None)
+    if cached is not None:
+        return cached
     found: list[ast.AST] = []
     pending: list[ast.AST] = list(flow.body)
     while pending:
@@ -115,6 +119,7 @@ def _nodes(flow: FunctionFlow) -> list[ast.AST]:
         for child in ast.iter_child_nodes(node):
             if not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
                 pending.append(child)
+    flow._rule_nodes = found  # type: ignore[attr-defined]
     return found
 
 
@@ -305,8 +310,11 @@ def bytes_per_token_constant(flow: FunctionFlow, defaults: ConfigDefaults, make_
         if not isinstance(node, (ast.Assign, ast.AnnAssign, ast.Return)) or node.value is None:
             continue
         names = ["return"] if isinstance(node, ast.Return) else assigned_names(node)
+        operands = _scaling_operands(node.value)
+        if not operands:
+            continue
         bpb_context = any(_BPB_NAME.search(name) for name in names) or bool(_BPB_NAME.search(ast.unparse(node.value)))
-        for operand, partner, divides in _scaling_operands(node.value):
+        for operand, partner, divides in operands:
             constant = _constant_factor(operand, defaults)
             if constant is None:
                 continue
