@@ -214,6 +214,7 @@ def record_checks(corpus: Path, entries: list[Entry]) -> str:
     totals: dict[str, int] = {}
     formats: dict[str, int] = {}
     warned: list[str] = []
+    failed: list[str] = []
     failures: list[str] = []
     seconds: list[float] = []
     folders = 0
@@ -238,6 +239,8 @@ def record_checks(corpus: Path, entries: list[Entry]) -> str:
             totals[row.status] = totals.get(row.status, 0) + 1
             if row.status == "WARN":
                 warned.append(f"{entry.id[:55]} {row.name}: {row.figure} {row.reason[:80]}")
+            elif row.status == "FAIL":
+                failed.append(f"{entry.id[:55]} {row.name}: {row.figure[:60]} {row.reason[:80]}")
     lines.append(f"  folders with a training log: {folders}; log formats read: "
                  + ", ".join(f"{name} {count}" for name, count in sorted(formats.items())))
     lines.append("  rows: " + ", ".join(f"{status} {count}" for status, count in sorted(totals.items())))
@@ -245,6 +248,8 @@ def record_checks(corpus: Path, entries: list[Entry]) -> str:
     lines += [f"    {failure}" for failure in failures]
     lines.append(f"  WARN rows ({len(warned)}):")
     lines += [f"    {line}" for line in warned]
+    lines.append(f"  FAIL rows ({len(failed)}):")
+    lines += [f"    {line}" for line in failed]
     if seconds:
         lines.append(f"  check time per folder: median {statistics.median(seconds):.2f} s, max {max(seconds):.2f} s")
     return "\n".join(lines)

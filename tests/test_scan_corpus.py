@@ -8,6 +8,7 @@ there, not here.
 from __future__ import annotations
 
 import importlib.util
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -20,9 +21,12 @@ pytestmark = pytest.mark.skipif(not (CORPUS / "labels.json").is_file(), reason="
 
 
 def _bench():
+    if "scan_corpus_bench" in sys.modules:
+        return sys.modules["scan_corpus_bench"]
     spec = importlib.util.spec_from_file_location("scan_corpus_bench", REPO_ROOT / "bench" / "scan_corpus.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module through sys.modules
     spec.loader.exec_module(module)
     return module
 
