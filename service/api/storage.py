@@ -145,7 +145,7 @@ class JobRecord:
 
 def canonical_json(value: Any) -> str:
     """The one JSON spelling of a value, so equal options compare equal as text in SQL."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
 class Store:
