@@ -72,7 +72,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     try:
         for event in evaluate(options):
             if speaks:
-                sys.stdout.write(json.dumps(event) + "\n")
+                sys.stdout.write(json.dumps(event, allow_nan=False) + "\n")
                 sys.stdout.flush()
             if event["type"] == "end":
                 status = EXIT_OK

@@ -136,7 +136,7 @@ def run_demo(args: argparse.Namespace) -> int:
         phase(f"uploading {artifact} to {base}/evaluate (streamed report)")
         with report.open("w") as out:
             for event in upload_and_stream(base, artifact, token=token, force=True):
-                out.write(json.dumps(event) + "\n")
+                out.write(json.dumps(event, allow_nan=False) + "\n")
                 out.flush()
                 print(describe(event), flush=True)
                 final = event

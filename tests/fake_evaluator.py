@@ -10,6 +10,7 @@ PGOLF_EVAL_ARGS), read when it starts, so each test sets the behaviour of its ne
   raw_lines               lines printed as they are after the start event (hostile output: NaN, forged types)
   raw_end                 a line printed instead of the end event
   spin_seconds            burn CPU this long after the start event (a runaway under the service's CPU rlimit)
+  nan_result              end with val_bpb NaN, written as Python's json writes it (not valid JSON)
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def main() -> int:
         sys.stdout.flush()
         return 0
     emit({"type": "end", "val_loss": nll_total / (chunks * targets_per_chunk),
-          "val_bpb": nll_total / (math.log(2) * chunks * bytes_per_chunk),
+          "val_bpb": math.nan if script.get("nan_result") else nll_total / (math.log(2) * chunks * bytes_per_chunk),
           "targets_scored": chunks * targets_per_chunk, "bytes": chunks * bytes_per_chunk,
           "nll_sum": nll_total, "elapsed_s": time.monotonic() - started,
           "compliance": {"compliant": args.ngram != "hashed-940", "scored_once": True}})

@@ -153,3 +153,48 @@ def test_upstream_switches_map_or_refuse_by_value():
                                  ("TIE_EMBEDDINGS", "0", "untied"), ("ZSTD_LEVEL", "22", "ladder")]:
         with pytest.raises(ConfigError, match=message):
             env_overrides({name: value})
+
+
+# ---- the seed's own export ---------------------------------------------------------------------------------
+
+
+def test_seed_export_scheme_is_pr940s_quantiser_and_pgolfs_stays_default(tmp_path):
+    from tests.upstream_export import _int6_rows, _int8_tensor
+    from trainer.artifact import read_artifact
+    from trainer.config import TrainConfig
+    from trainer.encodings import INT6_ROW, INT8_ROW
+    from trainer.quant import SEED_SCHEME, quantize_tensor
+
+    assert TrainConfig().export_scheme == "pgolf"
+    torch.manual_seed(1)
+    block = torch.randn(300, 256) * 0.02
+    block[3] = 0.0  # an all-zero row takes the 1/31 floor
+    seed = quantize_tensor("blocks.0.mlp.fc.weight", block, scheme=SEED_SCHEME)
+    q, scale = _int6_rows(block, 31)
+    assert seed.encoding == INT6_ROW
+    assert np.array_equal(seed.values.reshape(300, 256), q.numpy()) and np.array_equal(seed.scales, scale.numpy())
+    assert seed.scales[3] == np.float16(1 / 31)
+    table = torch.randn(1024, 128) * 0.003  # small values: the 1/127 floor binds
+    seed_table = quantize_tensor("tok_emb.weight", table, scheme=SEED_SCHEME)
+    q8, s8 = _int8_tensor(table)
+    assert seed_table.encoding == INT8_ROW
+    assert np.array_equal(seed_table.values.reshape(1024, 128), q8.numpy())
+    assert np.array_equal(seed_table.scales, s8.numpy())
+    # pgolf's clip search reconstructs better than the seed's abs-max rows on the same matrix.
+    pgolf = quantize_tensor("blocks.0.mlp.fc.weight", block)
+    error = {name: float(((torch.from_numpy(qt.values.astype(np.float32)).reshape(300, 256)
+                           * torch.from_numpy(qt.scales.astype(np.float32))[:, None]) - block).square().sum())
+             for name, qt in (("pgolf", pgolf), ("seed", seed))}
+    assert error["pgolf"] < error["seed"]
+    # Both schemes write ordinary .pgolf artifacts the reader accepts.
+    from trainer.code_bytes import CodeBytes
+    from trainer.export import write_artifact
+
+    config = ModelConfig(num_layers=2, model_dim=128, num_heads=4, num_kv_heads=2, bigram_buckets=64, bigram_dim=32)
+    state = GPT(config).state_dict()
+    training = {"seed": 0, "steps": 0, "world_size": 1, "device": "cpu", "train_time_ms": 0.0,
+                "code_version": "test"}
+    for scheme in ("pgolf", SEED_SCHEME):
+        path = tmp_path / f"{scheme}.pgolf"
+        write_artifact(path, state, config, "0" * 64, 1024, training, code_bytes=CodeBytes(0, {}), scheme=scheme)
+        assert read_artifact(path).model_config == config

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from trainer.model import ModelConfig
+from trainer.quant import EXPORT_SCHEMES
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class TrainConfig:
     val_batch_tokens: int = 524_288
     train_log_every: int = 200
     compile: bool = True  # torch.compile on CUDA (ignored on CPU, where it only costs time)
+    export_scheme: str = "pgolf"  # "pgolf" (per-row clip search) or "seed" (PR #940's export as it ran)
 
 
 PRESETS: dict[str, TrainConfig] = {
@@ -228,6 +230,8 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"rope_dims {m.rope_dims} must be even and at most the head dim")
     if config.train_batch_tokens % config.train_seq_len:
         raise ConfigError("train_batch_tokens must be a multiple of train_seq_len")
+    if config.export_scheme not in EXPORT_SCHEMES:
+        raise ConfigError(f"export_scheme must be one of {', '.join(EXPORT_SCHEMES)}, got {config.export_scheme!r}")
     if config.max_wallclock_seconds < 0 or config.iterations <= 0:
         raise ConfigError("iterations must be positive and max_wallclock_seconds non-negative")
 

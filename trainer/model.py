@@ -42,7 +42,11 @@ class ModelConfig:
     num_heads: int = 8
     num_kv_heads: int = 4
     mlp_mult: int = 3
-    leaky_relu_slope: float = 0.5  # 0.0 gives the older relu^2
+    # 0.0 gives the older relu^2. PR #940 is ambiguous: its README (and reference §0) says LeakyReLU(0.5)^2, the
+    # #549 record it builds on hard-codes 0.5, but its script reads LEAKY_SLOPE with a default of 0.9 and its run
+    # command sets neither, so 0.9 is what ran. The preset keeps the documented 0.5; LEAKY_SLOPE=0.9 reproduces
+    # the run as executed. An upstream artifact is always evaluated with the slope its own script gives.
+    leaky_relu_slope: float = 0.5
     rope_dims: int = 16  # partial RoPE: rotate the first 16 of 64 head dims
     rope_base: float = 10000.0
     rope_train_seq_len: int = 1024  # upstream NTK quirk: Rotary is built with 1024 hard-coded

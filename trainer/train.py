@@ -395,12 +395,12 @@ def _export_and_roundtrip(config: TrainConfig, runtime: Runtime, model: GPT, tab
     training = {
         "seed": config.seed, "steps": step, "world_size": runtime.world_size, "device": _device_name(runtime),
         "train_time_ms": round(train_time_ms, 3), "code_version": __version__,
-        "stop_reason": stop_reason, "train_seq_len": config.train_seq_len,
+        "stop_reason": stop_reason, "train_seq_len": config.train_seq_len, "export_scheme": config.export_scheme,
     }
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     artifact_path = out_dir / "model.pgolf"
     result = export_to_budget(artifact_path, state, config.model, tables.sha256, tables.vocab_size, training,
-                              code_bytes=code, log=log)
+                              code_bytes=code, log=log, scheme=config.export_scheme)
     t0 = time.perf_counter()
     roundtrip_model, artifact = load_model(artifact_path, runtime.device)
     rt = evaluate_non_overlapping(roundtrip_model, val_tokens, tables, config.train_seq_len,

@@ -30,7 +30,7 @@ COMPLETED, FAILED, TIMEOUT, CANCELLED = "completed", "failed", "timeout", "cance
 ACTIVE_STATUSES = (QUEUED, RUNNING)
 TERMINAL_STATUSES = (COMPLETED, FAILED, TIMEOUT, CANCELLED)
 INTERRUPTED_REASON = "interrupted"
-BUSY_TIMEOUT_SECONDS = 0.25
+BUSY_TIMEOUT_SECONDS = 0.1
 log = logging.getLogger("pgolf.service")
 T = TypeVar("T")
 
@@ -145,7 +145,7 @@ class JobRecord:
 
 def canonical_json(value: Any) -> str:
     """The one JSON spelling of a value, so equal options compare equal as text in SQL."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
 class Store:

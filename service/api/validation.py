@@ -31,6 +31,10 @@ from service.api.settings import subprocess_env
 from service.engine.events import allocation_failure_reason
 
 MAX_REPLY_BYTES = 8 << 20  # a manifest is a few KB; a reply near this is itself a sign of a broken helper
+# The address-space limit counts reserved memory, and every OpenMP thread reserves a stack and a malloc arena (up to
+# 64 MiB): with one thread per core, a 128-core host would spend the validator's 4 GiB before reading a byte.
+# Reading one artifact gains little from threads, so the helper runs one, with at most two malloc arenas.
+VALIDATOR_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"}
 
 
 @dataclass(frozen=True)
@@ -153,7 +157,7 @@ class ArtifactValidator:
             self._process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "service.api.validation", "--cpu-seconds-per-file", str(self.limits.cpu_seconds),
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=MAX_REPLY_BYTES,
-                env=subprocess_env(), preexec_fn=child_setup(self.limits, renewable_cpu=True),
+                env={**subprocess_env(), **VALIDATOR_ENV}, preexec_fn=child_setup(self.limits, renewable_cpu=True),
             )
         return self._process
 
