@@ -30,6 +30,10 @@ def test_engine_defaults_are_the_readme_default() -> None:
     recipe, ngram = readme_default()
     options = EvalOptions()
     assert (options.ttt, options.ttt_recipe, options.ngram) == (True, recipe, ngram)
+    # The measured table marks the same mode as the default.
+    default_rows = [line for line in README.splitlines() if line.startswith("|") and "(default)" in line]
+    assert len(default_rows) == 1, default_rows
+    assert f"TTT `{recipe}`" in default_rows[0] and f"{ngram} n-gram" in default_rows[0]
 
 
 def test_command_line_defaults_and_plain() -> None:
