@@ -159,7 +159,7 @@ def hostile_payloads(canary: Path, config: ModelConfig, good: dict) -> dict[str,
         "unexpected_tensors": compress(torch_zip(extra), "zstd"),
         "shape_mismatch": compress(torch_zip(wrong_shape), "zstd"),
         "unknown_upstream_format": compress(torch_zip({"state": good["w"]}), "zstd"),
-        "unknown_compression": b"\x13\x37" + os.urandom(200),
+        "unknown_compression": b"\x13\x37" + bytes(range(200)),
     }
 
 
