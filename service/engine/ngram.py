@@ -74,9 +74,8 @@ def as_token_array(tokens: np.ndarray | torch.Tensor, end: int) -> np.ndarray:
 
 def model_distribution(logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(n, V) float64 softmax of logits or log-probabilities (re-normalised), and its entropy in nats."""
-    logp = torch.log_softmax(logprobs.detach().to(torch.float64), dim=-1)
-    p = logp.exp()
-    return p, -torch.where(p > 0, p * logp, 0.0).sum(dim=-1)
+    p = torch.softmax(logprobs.detach().to(torch.float64), dim=-1)
+    return p, torch.special.entr(p).sum(dim=-1)
 
 
 class ScoredPositions:
@@ -242,9 +241,10 @@ class BackoffNgramMixer(CountingMixer):
         for w in range(1, self.widths + 1):
             at = np.flatnonzero(width == w)
             if at.size:
-                row = self.rows(w, pos[at], device) / torch.from_numpy(context[w - 1, at]).to(device)[:, None]
                 index = torch.from_numpy(at).to(device)
-                probs[index] += alpha[index, None] * (row - p[index])
+                model = p.index_select(0, index)
+                row = self.rows(w, pos[at], device).div_(torch.from_numpy(context[w - 1, at]).to(device)[:, None])
+                probs.index_copy_(0, index, row.sub_(model).mul_(alpha[index, None]).add_(model))
         column = np.maximum(width - 1, 0), np.arange(pos.size)
         p_ngram = torch.from_numpy(pair[column] / np.maximum(context[column], 1)).to(device)
         p_target = p.gather(1, self.targets(pos, head, device)[:, None]).squeeze(1)
@@ -280,14 +280,18 @@ class SmoothedNgramMixer(CountingMixer):
         p_target = p.gather(1, self.targets(pos, head, device)[:, None]).squeeze(1)
         level_target = p_target
         for w in range(1, self.widths + 1):
-            at = np.flatnonzero(context[w - 1] > 0)
+            at = np.flatnonzero(context[w - 1] > 0)  # an unseen context leaves its level as it is
             if at.size:
-                index = torch.from_numpy(at).to(device)
-                seen = torch.from_numpy(context[w - 1, at]).to(device, torch.float64)[:, None]
-                level[index] = (self.rows(w, pos[at], device) + beta * level[index]) / (seen + beta)
+                seen = torch.from_numpy(context[w - 1, at]).to(device, torch.float64)[:, None] + beta
+                if at.size == pos.size:
+                    level = self.rows(w, pos, device).add_(level, alpha=beta).div_(seen)
+                else:
+                    index = torch.from_numpy(at).to(device)
+                    row = self.rows(w, pos[at], device).add_(level.index_select(0, index), alpha=beta)
+                    level.index_copy_(0, index, row.div_(seen))
             c, n = (torch.from_numpy(a[w - 1]).to(device, torch.float64) for a in (context, pair))
             level_target = (n + beta * level_target) / (c + beta)
-        return Mixed(p + alpha[:, None] * (level - p), p_target + alpha * (level_target - p_target))
+        return Mixed(level.sub_(p).mul_(alpha[:, None]).add_(p), p_target + alpha * (level_target - p_target))
 
 
 def make_mixer(mode: str, vocab_size: int) -> NgramMixer | None:

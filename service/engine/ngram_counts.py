@@ -77,13 +77,12 @@ class SortedRuns:
         return parts
 
     def insert(self, keys: np.ndarray, ids: np.ndarray, counts: np.ndarray) -> None:
-        """Add keys that no run holds; runs stay sorted, each under a quarter of the one before it."""
+        """Add sorted keys that no run holds; runs stay sorted, each under a quarter of the one before it."""
         if keys.size == 0:
             return
-        order = np.argsort(keys)
-        self.keys.append(keys[order])
-        self.ids.append(ids[order].astype(np.int32))
-        self.counts.append(counts[order].astype(np.int32))
+        self.keys.append(keys)
+        self.ids.append(ids.astype(np.int32))
+        self.counts.append(counts.astype(np.int32))
         while len(self.keys) > 1 and MERGE_RATIO * self.keys[-1].size > self.keys[-2].size:
             taken = np.zeros(self.keys[-1].size + self.keys[-2].size, bool)
             taken[np.searchsorted(self.keys[-2], self.keys[-1]) + np.arange(self.keys[-1].size)] = True
@@ -157,15 +156,14 @@ class PrefixCounts:
         inc[:, 0], ids[:, 0] = self.tail
         self.lengths = []
         for k in range(1, self.max_gram + 1):
-            local = np.arange(max(0, k - 1 - c0), n)
+            lo = max(0, k - 1 - c0)  # local positions u − c0 from lo on end a k-gram
             if k <= self.dense:
-                processed = local
+                processed = np.arange(lo, n)
                 keys = _dense_value(head, c0 + processed, k, V)
-            else:  # the prefix ends at u − 1, in column u − c0 = local
-                repeated = inc[k - 2, local] >= 2
-                fresh = local[~repeated]  # prefix seen for the first time: a primary first occurrence, id u
-                inc[k - 1, fresh + 1], ids[k - 1, fresh + 1] = 1, c0 + fresh
-                processed = local[repeated]
+            else:  # the prefix ends at u − 1, in column u − c0
+                # a prefix seen for the first time makes a primary first occurrence: count 1, id u
+                inc[k - 1, lo + 1:], ids[k - 1, lo + 1:] = 1, np.arange(c0 + lo, end)
+                processed = lo + np.flatnonzero(inc[k - 2, lo:n] >= 2)
                 keys = ids[k - 2, processed] * V + region[processed]
             length, group = self._group(k, keys, processed, c0, n)
             rank = np.empty(processed.size, np.int64)
@@ -215,11 +213,11 @@ class PrefixCounts:
 
     def context_counts(self, positions: np.ndarray) -> np.ndarray:
         """(W, n) count(ctx_w) at targets t (committed_upto ≤ t < end), w = 1..max_gram − 1."""
-        return np.maximum(self.inc[: self.max_gram - 1, positions - self.committed_upto] - 1, 0)
+        return np.maximum(_columns(self.inc[: self.max_gram - 1], positions - self.committed_upto) - 1, 0)
 
     def pair_counts(self, positions: np.ndarray) -> np.ndarray:
         """(W, n) count(ctx_w, x_t) at targets t."""
-        return np.maximum(self.inc[1:, positions - self.committed_upto + 1] - 1, 0)
+        return np.maximum(_columns(self.inc[1:], positions - self.committed_upto + 1) - 1, 0)
 
     def rows(self, width: int, positions: np.ndarray
              ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray, np.ndarray]:
@@ -276,6 +274,13 @@ class PrefixCounts:
         self.tail = np.stack([self.inc[:, upto - c0], self.ids[:, upto - c0]])
         self.committed_upto = self.end = upto
         self.lengths = []
+
+
+def _columns(array: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """array[:, columns], as a slice when the columns are consecutive (the engine's batches are)."""
+    if columns.size and columns[-1] - columns[0] == columns.size - 1:
+        return array[:, columns[0]: columns[-1] + 1]
+    return array[:, columns]
 
 
 def _bits(n: int) -> int:
