@@ -1,24 +1,19 @@
 """Causal n-gram mixing over the whole vocabulary: at every scored position the mixer builds the complete mixed
-distribution (batched, as torch ops on the scoring device) and the target is scored from that vector.
+distribution (batched torch ops on the scoring device), and the engine scores the target from that vector.
 
-Legality by construction (compliance-rules.md §1 and the 2026-04-02 ruling of §3.1):
+Legal by construction (compliance-rules.md §1, and the 2026-04-02 ruling of §3.1 that a blend must be computed
+and renormalised over the whole vocabulary):
 
-* C1: every count used at target t comes from tokens before t (`service.engine.ngram_counts`, exact prefix
-  counts; a mixer reads tokens[:max position + 1] and x_t only to read its own entry of the vector).
-* C2: the vector is built for every candidate v from exact continuation counts, p_ng(v) = count(ctx, v) /
-  count(ctx), so it is a distribution over the real vocabulary, and the mixture with the model softmax is one
-  too. The engine sums every vector and also compares its x_t entry with the mixer's closed-form shortcut
-  (`Mixed.shortcut`, computed from the gold token's counts alone): a mixer that scores only the target, or
-  whose vector is not the one it scores from, shows up in these two figures.
+* C1: every count used at target t comes from tokens before t (exact prefix counts, `ngram_counts`).
+* C2: p_ng(v) = count(ctx, v)/count(ctx) for every candidate v is a distribution over the real vocabulary, and
+  so is its mixture with the model softmax. The engine sums every vector and compares its x_t entry with the
+  mixer's closed form from the gold token's counts (`Mixed.shortcut`): a mixer that mixes the target only, or
+  scores from another distribution than the one it states, shows in these two figures.
 * C3: the persistent counts hold only tokens folded in by `commit`, which refuses targets without a score.
 
-Modes (reference-stack.md §8): `exact` (backoff to the widest context seen `min_count` times, entropy-adaptive
-α of the upstream cache, exact counts), `smoothed` (every order interpolated with the one below, ending in the
-model), `tilt` (`service.engine.ngram_tilt`, the accepted token-only tilt) and `hashed-940` (the upstream
-hashed cache, `service.engine.ngram_hashed`, non-compliant: loaded only when chosen).
-
-Engine use, per chunk: `prepare(tokens, chunk_end)` (one pass over the chunk's counts), `mix(positions,
-tokens, logprobs)` per batch, then after the chunk's scores are committed `mark_scored` / `commit`.
+Modes: `exact` and `smoothed` here, `tilt` in `ngram_tilt`, and the non-compliant upstream `hashed-940` in
+`ngram_hashed`, imported only when chosen. Per chunk the engine calls `prepare(tokens, chunk_end)` (one pass),
+`mix(positions, tokens, logprobs)` per batch, and once the chunk's scores are committed `mark_scored`/`commit`.
 """
 
 from __future__ import annotations
@@ -98,11 +93,10 @@ class ScoredPositions:
 
     def require(self, upto: int) -> None:
         first = max(self.start, 1)
-        have = np.zeros(max(upto - first, 0), bool)
-        known = self._scored[first - self.start: upto - self.start]
-        have[: known.size] = known
-        if not have.all():
-            raise ScoreOrderError(f"refusing to commit tokens up to {upto}: position {first + int(np.argmin(have))} "
+        have = np.append(self._scored, np.zeros(max(upto - self.start - self._scored.size, 0), bool))
+        missing = np.flatnonzero(~have[first - self.start: upto - self.start])
+        if missing.size:
+            raise ScoreOrderError(f"refusing to commit tokens up to {upto}: position {first + int(missing[0])} "
                                   "has no committed score yet (score before update)")
 
     def advance(self, upto: int) -> None:
@@ -135,12 +129,8 @@ class NgramMixer:
         """The mixed distributions at target positions (all ≥ committed_upto) from the model's (n, V) logits or
         log-probabilities there; marks the positions as scored by this process."""
         pos = np.asarray(positions, np.int64).reshape(-1)
-        if pos.size and pos.min() < max(self.committed_upto, 1):
-            raise ScoreOrderError(f"position {int(pos.min())} is already committed (or is not a target): "
-                                  "a committed position cannot be scored again")
-        mixed = self._mix(pos, as_token_array(tokens, int(pos.max()) + 1 if pos.size else 0), logprobs)
-        self.ledger.mark(pos)
-        return mixed
+        self.ledger.mark(pos)  # refuses committed positions before anything is mixed
+        return self._mix(pos, as_token_array(tokens, int(pos.max()) + 1 if pos.size else 0), logprobs)
 
     def full_distribution(self, position: int, tokens: np.ndarray | torch.Tensor,
                           logprobs: torch.Tensor) -> torch.Tensor:
