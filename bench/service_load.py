@@ -36,6 +36,8 @@ ENGINE_ARGS = "--device cpu --seq-len 256 --stride 128 --chunk-tokens 2048 --max
 TINY_MODEL = {"num_layers": 2, "model_dim": 64, "num_heads": 2, "num_kv_heads": 1, "mlp_mult": 2,
               "bigram_buckets": 64, "bigram_dim": 16, "xsa_last_n": 2}
 CAP = 16_000_000
+BENCH_TOKEN = "pgolf-bench-token-0123456789"  # the service's admin token for this run
+AUTH = {"Authorization": f"Bearer {BENCH_TOKEN}"}
 
 
 def locate_data(scratch: Path) -> tuple[Path, Path]:
@@ -77,7 +79,9 @@ def start_service(data_dir: Path, tokenizer: Path, storage: Path, max_uploads: i
     port = free_port()
     env = {**os.environ, "PGOLF_DATA_DIR": str(data_dir), "PGOLF_TOKENIZER": str(tokenizer),
            "PGOLF_STORAGE_DIR": str(storage), "PGOLF_PORT": str(port), "PGOLF_EVAL_ARGS": ENGINE_ARGS,
-           "PGOLF_QUEUE_BOUND": str(2 * max_uploads + 2)}  # room for every concurrent upload: measure, not refuse
+           "PGOLF_QUEUE_BOUND": str(2 * max_uploads + 2),  # room for every concurrent upload: measure, not refuse
+           "PGOLF_UPLOADS_PER_CLIENT": str(2 * max_uploads + 2), "PGOLF_UPLOADS_IN_FLIGHT": str(2 * max_uploads + 2),
+           "PGOLF_API_TOKEN": BENCH_TOKEN}
     log = (storage.parent / "server.log").open("wb")
     process = subprocess.Popen([sys.executable, "-m", "service", "serve"], cwd=REPO_ROOT, env=env, stdout=log,
                                stderr=subprocess.STDOUT)
@@ -190,7 +194,7 @@ def main() -> int:
         artifact = write_tiny_artifact(scratch / "tiny.pgolf", tokenizer)
         process, url = start_service(data_dir, tokenizer, scratch / "storage", max(upload_counts))
         try:
-            with httpx.Client(base_url=url, timeout=60) as client:
+            with httpx.Client(base_url=url, timeout=60, headers=AUTH) as client:
                 with artifact.open("rb") as handle:
                     job_id = client.post("/evaluate", params={"wait": "false"},
                                          files={"artifact": ("tiny.pgolf", handle)}).json()["id"]
@@ -223,7 +227,7 @@ def main() -> int:
                 for count in upload_counts:
                     baseline = rss_kib(process.pid)
                     with PeakRss(process.pid) as peak:
-                        statuses = upload_phase(url, [at_cap] * count + [over_cap] * count, {})
+                        statuses = upload_phase(url, [at_cap] * count + [over_cap] * count, AUTH)
                     summary = ", ".join(f"{s}x{statuses.count(s)}" for s in sorted(set(statuses)))
                     print(f"  {count:>4}{peak.peak_kib / 1024:>10.1f}{(peak.peak_kib - baseline) / 1024:>12.1f} MiB"
                           f"{2 * count * CAP / 1e6:>13.0f}   {summary}")

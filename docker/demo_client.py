@@ -1,7 +1,8 @@
 """Demo client of the compose `demo` profile: upload an artifact to the service and keep its evaluation report.
 
-Does what `curl -N -F artifact=@model.pgolf http://127.0.0.1:8000/evaluate > report.ndjson` does (the images
-carry no curl) with the project's own client, `service.demo.upload_and_stream`: the NDJSON event stream is
+Does what `curl -N -H "Authorization: Bearer $PGOLF_API_TOKEN" -F artifact=@model.pgolf
+http://127.0.0.1:8000/evaluate > report.ndjson` does (the images carry no curl) with the project's own client,
+`service.demo.upload_and_stream`: the NDJSON event stream is
 copied line by line to the report file while a short summary of each event goes to stdout. Exits 0 only when
 the stream ends with an `end` event, so the verifier that runs next always gets a finished evaluation.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import urllib.error
 from pathlib import Path
@@ -22,13 +24,13 @@ def summary(event: dict) -> str:
     return json.dumps(fields)[:300]
 
 
-def upload(url: str, artifact: Path, report: Path) -> int:
+def upload(url: str, artifact: Path, report: Path, token: str) -> int:
     last_type = None
     report.parent.mkdir(parents=True, exist_ok=True)
     print(f"demo-client: uploading {artifact} to {url}/evaluate, streaming to {report}", flush=True)
     try:
         with report.open("w") as out:
-            for event in upload_and_stream(url, artifact):
+            for event in upload_and_stream(url, artifact, token=token):
                 out.write(json.dumps(event) + "\n")
                 out.flush()
                 last_type = event.get("type")
@@ -51,7 +53,11 @@ def main() -> int:
     parser.add_argument("--artifact", type=Path, required=True)
     parser.add_argument("--report", type=Path, required=True, help="where the NDJSON events are written")
     args = parser.parse_args()
-    return upload(args.url, args.artifact, args.report)
+    token = os.environ.get("PGOLF_API_TOKEN")
+    if not token:
+        print("demo-client: set PGOLF_API_TOKEN to the service's token", file=sys.stderr)
+        return 2
+    return upload(args.url, args.artifact, args.report, token)
 
 
 if __name__ == "__main__":

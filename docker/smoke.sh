@@ -228,8 +228,9 @@ dump_demo_logs() {
 }
 
 run_demo() {
-    export PGOLF_TRAIN_IMAGE=$TRAIN_IMAGE PGOLF_SERVICE_IMAGE=$SERVICE_IMAGE PGOLF_DEMO_PORT
+    export PGOLF_TRAIN_IMAGE=$TRAIN_IMAGE PGOLF_SERVICE_IMAGE=$SERVICE_IMAGE PGOLF_DEMO_PORT PGOLF_DEMO_TOKEN
     PGOLF_DEMO_PORT=$(free_port)
+    PGOLF_DEMO_TOKEN=$(python3 -c 'import secrets; print("smoke_" + secrets.token_urlsafe(24))')
     "${COMPOSE[@]}" --profile demo down --volumes --remove-orphans >"$WORK/down.log" 2>&1 || true
     log "demo: service on 127.0.0.1:$PGOLF_DEMO_PORT; output in the demo-client log below"
     local status=0

@@ -72,7 +72,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     try:
         for event in evaluate(options):
             if speaks:
-                sys.stdout.write(json.dumps(event) + "\n")
+                sys.stdout.write(json.dumps(event, allow_nan=False) + "\n")
                 sys.stdout.flush()
             if event["type"] == "end":
                 status = EXIT_OK
@@ -106,11 +106,12 @@ def _leave_process_group(wait_for_peers: bool) -> None:
         torch_dist.destroy_process_group()
 
 
+from service.api.auth import add_token_parser  # noqa: E402
 from service.api.cli import add_serve_parser  # noqa: E402  (registered beside evaluate; light import)
 from service.demo import add_demo_parser  # noqa: E402
 
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    add_evaluate_parser, add_serve_parser, add_demo_parser)
+    add_evaluate_parser, add_serve_parser, add_demo_parser, add_token_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

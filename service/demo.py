@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -50,8 +51,8 @@ def _wait_healthy(base: str, server: subprocess.Popen, timeout: float = 60.0) ->
     raise RuntimeError(f"the service did not answer {base}/healthz within {timeout:.0f} s")
 
 
-def upload_and_stream(base: str, artifact: Path, *, force: bool = False) -> Iterator[dict]:
-    """POST the artifact as multipart/form-data and yield the NDJSON events as they arrive.
+def upload_and_stream(base: str, artifact: Path, *, token: str, force: bool = False) -> Iterator[dict]:
+    """POST the artifact as multipart/form-data with the bearer `token` and yield the NDJSON events as they arrive.
 
     Standard library only, so the same client serves `make demo` and the compose demo (whose images carry no curl).
     """
@@ -61,7 +62,8 @@ def upload_and_stream(base: str, artifact: Path, *, force: bool = False) -> Iter
     body = head + artifact.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
     query = "?force=true" if force else ""
     request = urllib.request.Request(f"{base.rstrip('/')}/evaluate{query}", data=body, method="POST",
-                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}",
+                                              "Authorization": f"Bearer {token}"})
     with urllib.request.urlopen(request, timeout=900) as response:
         for line in response:
             if line.strip():
@@ -117,9 +119,12 @@ def run_demo(args: argparse.Namespace) -> int:
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     # The demo model is trained at seq 256: evaluate it at that context (stride 64), in chunks small enough to
-    # stream several chunk events over the small embedded validation split.
+    # stream several chunk events over the small embedded validation split. Auth is on, as everywhere: the demo
+    # gives its service a fresh admin token and uploads with it.
+    token = "pgolf_demo_" + secrets.token_urlsafe(24)
     env = dict(os.environ, PGOLF_DATA_DIR=str(data), PGOLF_TOKENIZER=str(data / "tokenizer.model"),
                PGOLF_STORAGE_DIR=str(workdir / "service"), PGOLF_HOST="127.0.0.1", PGOLF_PORT=str(port),
+               PGOLF_API_TOKEN=token,
                PGOLF_EVAL_ARGS=f"--seq-len {summary_seq_len(run_dir)} --stride 64 --chunk-tokens 16384")
     server_log = (workdir / "service.log").open("w")
     server = subprocess.Popen([sys.executable, "-m", "service", "serve"], env=env, stdout=server_log,
@@ -130,8 +135,8 @@ def run_demo(args: argparse.Namespace) -> int:
         _wait_healthy(base, server)
         phase(f"uploading {artifact} to {base}/evaluate (streamed report)")
         with report.open("w") as out:
-            for event in upload_and_stream(base, artifact, force=True):
-                out.write(json.dumps(event) + "\n")
+            for event in upload_and_stream(base, artifact, token=token, force=True):
+                out.write(json.dumps(event, allow_nan=False) + "\n")
                 out.flush()
                 print(describe(event), flush=True)
                 final = event

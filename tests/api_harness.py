@@ -30,6 +30,9 @@ TEST_ARTIFACTS_DIR = REPO_ROOT / "test-artifacts"
 # Small enough to read on 2 CPU cores in a second, big enough to have every kind of tensor of the real model.
 TINY_MODEL = {"num_layers": 2, "model_dim": 64, "num_heads": 2, "num_kv_heads": 1, "mlp_mult": 2,
               "bigram_buckets": 64, "bigram_dim": 16, "xsa_last_n": 2}
+# Every test service has this admin token (PGOLF_API_TOKEN) unless a test configures its users otherwise.
+ADMIN_TOKEN = "pgolf-test-admin-token-0001"
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 # Engine knobs for a fast real evaluation: a preview of the first tokens in chunks of 1024 tokens.
 FAST_ENGINE_ARGS = "--device cpu --seq-len 256 --stride 128 --chunk-tokens 1024 --max-tokens 3073"
 
@@ -147,6 +150,7 @@ class ServiceProcess:
             "PGOLF_TOKENIZER": str(data.tokenizer),
             "PGOLF_STORAGE_DIR": str(storage_dir),
             "PGOLF_PORT": str(self.port),
+            "PGOLF_API_TOKEN": ADMIN_TOKEN,
             **env,
         }
         self.log_path = storage_dir.parent / f"{storage_dir.name}-server.log"

@@ -7,7 +7,10 @@ PGOLF_EVAL_ARGS), read when it starts, so each test sets the behaviour of its ne
   chunks, chunk_seconds   how many chunk events, how far apart
   ignore_limit            behave like an engine stuck inside a chunk: only the service's hard kill stops it
   exit_after_chunks, exit_code   die with this status after that many chunks, without a terminal event
+  raw_lines               lines printed as they are after the start event (hostile output: NaN, forged types)
+  raw_end                 a line printed instead of the end event
   spin_seconds            burn CPU this long after the start event (a runaway under the service's CPU rlimit)
+  nan_result              end with val_bpb NaN, written as Python's json writes it (not valid JSON)
 """
 
 from __future__ import annotations
@@ -42,11 +45,16 @@ def main() -> int:
 
     started = time.monotonic()
     targets_per_chunk, bytes_per_chunk = 1000, 2400
-    emit({"type": "start", "config": {"ttt": args.ttt, "ngram": args.ngram, "fake": True},
+    # Like the engine, the start event's config names the files it read, with their server paths.
+    emit({"type": "start", "config": {"ttt": args.ttt, "ngram": args.ngram, "fake": True, "artifact": args.artifact,
+                                      "data_dir": args.data, "tokenizer": args.tokenizer},
           "artifact_sha256": None, "tokens": chunks * targets_per_chunk + 1,
           "targets": chunks * targets_per_chunk, "bytes": chunks * bytes_per_chunk, "chunks": chunks})
     print(f"fake evaluator: started (service token visible: {'PGOLF_API_TOKEN' in os.environ})", file=sys.stderr,
           flush=True)
+    for raw in script.get("raw_lines", []):
+        sys.stdout.write(raw + "\n")
+        sys.stdout.flush()
     spin_until = time.monotonic() + float(script.get("spin_seconds", 0.0))
     while time.monotonic() < spin_until:
         pass
@@ -75,8 +83,12 @@ def main() -> int:
               "running_targets": done * targets_per_chunk, "running_bytes": done * bytes_per_chunk,
               "running_bpb": nll_total / (math.log(2) * done * bytes_per_chunk),
               "trained_range": None, "elapsed_s": time.monotonic() - started, "phase_seconds": {}})
+    if "raw_end" in script:
+        sys.stdout.write(script["raw_end"] + "\n")
+        sys.stdout.flush()
+        return 0
     emit({"type": "end", "val_loss": nll_total / (chunks * targets_per_chunk),
-          "val_bpb": nll_total / (math.log(2) * chunks * bytes_per_chunk),
+          "val_bpb": math.nan if script.get("nan_result") else nll_total / (math.log(2) * chunks * bytes_per_chunk),
           "targets_scored": chunks * targets_per_chunk, "bytes": chunks * bytes_per_chunk,
           "nll_sum": nll_total, "elapsed_s": time.monotonic() - started,
           "compliance": {"compliant": args.ngram != "hashed-940", "scored_once": True}})

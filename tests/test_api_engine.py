@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 from api_harness import (  # noqa: F401  (service_data and tiny_artifact are fixtures)
+    AUTH,
     FAST_ENGINE_ARGS,
     ServiceData,
     ServiceProcess,
@@ -40,7 +41,7 @@ def test_hostile_artifacts_are_refused_with_the_readers_errors(
     expected_codes = {"garbage": "bad_magic", "pickle": "bad_magic", "bomb": "decompression_bomb",
                       "tampered": "hash_mismatch", "foreign_tokenizer": "tokenizer_mismatch"}
     messages = {}
-    with httpx.Client(base_url=engine_service.url, timeout=120) as client:
+    with httpx.Client(base_url=engine_service.url, timeout=120, headers=AUTH) as client:
         for name, path in files.items():
             response = upload(client, path)
             assert response.status_code == 422, (name, response.text)
@@ -57,7 +58,8 @@ def test_hostile_artifacts_are_refused_with_the_readers_errors(
 def test_a_real_artifact_is_evaluated_and_streamed_chunk_by_chunk(
     engine_service: ServiceProcess, tiny_artifact: Path  # noqa: F811
 ) -> None:
-    with httpx.Client(base_url=engine_service.url, timeout=300) as client, tiny_artifact.open("rb") as handle:
+    with httpx.Client(base_url=engine_service.url, timeout=300, headers=AUTH) as client, \
+            tiny_artifact.open("rb") as handle:
         events = list(stream_events(client, "POST", "/evaluate", files={"artifact": ("tiny.pgolf", handle)}))
         types = [event["type"] for event in events]
         assert types[:2] == ["queued", "start"] and types[-1] == "end", types

@@ -270,6 +270,22 @@ def test_upstream_logs_are_read_for_size_and_time(tmp_path: Path) -> None:
     assert failing(results) == {"train_log_sizes", "artifact_integrity"}
 
 
+def test_april_format_upstream_logs_are_read_for_time_and_environment(tmp_path: Path) -> None:
+    """The log format of every record since 2026-04-01: spaced separators, times in minutes, an indented dump."""
+    artifact, code, log = tmp_path / "final_model.int6.ptz", tmp_path / "train_gpt.py", tmp_path / "train_seed0.log"
+    artifact.write_bytes(b"\0" * 1000)
+    code.write_text("print('x')\n")
+    log.write_text("Hyperparameters:\n  seed: 0\n  world_size: 8\n"
+                   "4500/20000 train_loss: 2.2951 train_time: 8.9m tok/s: 6618594\n"
+                   "4961/20000 val_loss: 2.3593 val_bpb: 1.0780\n"
+                   "stopping_early: wallclock_cap train_time: 599544ms step: 4961/20000\n")
+    results, _ = run_checks(artifact, train_logs=[log], code=[code], upstream=True)
+    assert by_name(results, "train_time").status == "PASS"
+    assert by_name(results, "train_time").figure.startswith("599.544 s <= 600 s (train_seed0.log: stopping_early")
+    assert by_name(results, "train_environment").figure.startswith("world_size 8;")
+    assert by_name(results, "train_environment").status == "PASS"
+
+
 def test_upstream_mode_requires_the_code_files(tmp_path: Path) -> None:
     artifact = tmp_path / "final_model.int6.ptz"
     artifact.write_bytes(b"PK")

@@ -74,19 +74,21 @@ def test_a_clean_record_passes_with_both_log_formats(tmp_path: Path) -> None:
                                     "train_seed2.log": march_log(2, 599_900, "1.12000000"),
                                     "logs/seed3.txt": april_log(3, 599_000, "1.13000000")}, three_seeds())
     found = rows(folder)
-    failing = {name: row for name, row in found.items() if row[0] == "FAIL" and name != "scan"}
+    failing = {name: row for name, row in found.items() if row[0] == "FAIL"}
     assert not failing, failing
     assert found["record_logs"][1] == "3 training log(s) (2 March format, 1 April format); not logs: requirements.txt"
     assert found["val_bpb[seed 3]"][0] == "PASS" and "logs/seed3.txt line 10" in found["val_bpb[seed 3]"][1]
     assert found["val_bpb_mean"][1].startswith("claimed val_bpb 1.12 = mean of 3 per-seed claims")
     assert "submission.json train_time_s agrees" in found["train_time[train_seed2.log]"][1]
+    assert found["scan"][:2] == ("PASS", "1 file(s) scanned: train_gpt.py (entry point); 0 finding(s), 0 high")
+    assert rows(folder, scan=False)["scan"] == ("SKIP", "", "not run by this caller")
 
 
 def test_a_final_step_overshoot_is_warn_and_strict_fails_it(tmp_path: Path) -> None:
     folder = make_record(tmp_path, {"train_seed1.log": march_log(1, 600_080, "1.11000000")},
                          {"val_bpb": 1.11, "seeds": [1], "seed_scores": [1.11]})
     status, figure, reason = rows(folder)["train_time[train_seed1.log]"]
-    assert status == "WARN" and "600080 ms > 600,000 ms at step 6000, 80 ms over" in figure
+    assert status == "WARN" and "600,080 ms > 600,000 ms at step 6000, 80 ms over" in figure
     assert "only the final step (step 6000) crossed the cap: over by 80 ms" in reason
     assert rows(folder, strict=True)["train_time[train_seed1.log]"][0] == "FAIL"
 
@@ -177,3 +179,21 @@ def test_the_cli_prints_the_table_and_writes_json_and_junit(tmp_path: Path) -> N
     both = subprocess.run([sys.executable, "-m", "verifier", "check", str(folder / "x.ptz"), "--record", str(folder)],
                           capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
     assert both.returncode == 2 and "either ARTIFACT or --record DIR" in both.stderr
+
+
+def test_links_fifos_and_huge_lines_are_refused_or_bounded(tmp_path: Path) -> None:
+    import os
+
+    folder = make_record(tmp_path, {"train_seed1.log": march_log(1, 599_500, "1.11000000")}, {"val_bpb": 1.11})
+    (folder / "zero.log").symlink_to("/dev/zero")  # would never end if read
+    os.mkfifo(folder / "pipe.txt")  # would block forever if opened
+    # A line that costs quadratic time in a naive nvidia-smi pattern (hours at this length), and a very long line
+    # of pairs: lines are read up to MAX_LINE_CHARS, with patterns that stay linear.
+    (folder / "long.txt").write_text("|  0  NVIDIA" + " " * 2_000_000 + "x\n" + "bpb:1 " * 500_000 + "\n")
+    record = check_record(folder, scan=False)
+    logs = {log.path: log for log in record.logs}
+    assert logs["zero.log"].kind == logs["pipe.txt"].kind == "unreadable"
+    assert "not a regular file" in logs["zero.log"].error
+    assert logs["long.txt"].kind == "evaluation log" and len(logs["long.txt"].figures()) < 1000
+    rows = {r.name: r for r in record.results}
+    assert rows["record_logs"].status == "FAIL" and "zero.log: not a regular file" in rows["record_logs"].reason

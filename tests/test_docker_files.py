@@ -85,9 +85,11 @@ def test_train_reserves_all_gpus_with_shared_memory_and_mounts(compose: dict) ->
 
 
 def test_train_passes_through_every_reference_override_the_trainer_reads(compose: dict) -> None:
-    from trainer.config import ALL_FIELDS, ENV_ALIASES, UNSUPPORTED_ENV
+    from trainer.config import ALL_FIELDS, ENV_ALIASES, UPSTREAM_ENV
 
-    read_by_trainer = {name.upper() for name in ALL_FIELDS} | set(ENV_ALIASES) | set(UNSUPPORTED_ENV)
+    # Names with no effect whatever their value (UPSTREAM_ENV rules that accept anything) need not reach it.
+    can_change_or_refuse = {name for name, rule in UPSTREAM_ENV.items() if rule.accepts is not None or rule.maps}
+    read_by_trainer = {name.upper() for name in ALL_FIELDS} | set(ENV_ALIASES) | can_change_or_refuse
     environment = compose["services"]["train"]["environment"]
     missing = sorted(read_by_trainer - set(environment))
     assert not missing, f"compose.yaml does not pass through {missing}"
@@ -104,6 +106,29 @@ def test_service_is_reachable_healthchecked_and_optionally_on_gpus(compose: dict
     assert services["service"]["environment"]["PGOLF_PORT"] == "${PGOLF_PORT:-8000}"
     assert "deploy" in services["service"] and "deploy" not in services["service-cpu"]
     assert services["service-cpu"]["profiles"] == ["cpu"]
+
+
+def test_services_start_with_auth_on_and_the_demo_shares_one_token(compose: dict) -> None:
+    services = compose["services"]
+    for name in ("service", "service-cpu"):
+        environment = services[name]["environment"]
+        # Tokens only ever come from the shell; with none, the service generates one at its first start.
+        for variable in ("PGOLF_API_TOKEN", "PGOLF_TOKENS", "PGOLF_READS", "PGOLF_ADMINS"):
+            assert variable in environment and environment[variable] is None, (name, variable)
+        assert "/var/lib/pgolf" in " ".join(services[name]["volumes"])  # the generated token's hash persists
+    demo_token = services["demo-service"]["environment"]["PGOLF_API_TOKEN"]
+    assert demo_token.startswith("${PGOLF_DEMO_TOKEN:-") and services["demo-service"]["environment"]["PGOLF_HOST"] \
+        == "127.0.0.1"
+    assert services["demo-client"]["environment"]["PGOLF_API_TOKEN"] == demo_token
+    assert "PGOLF_DEMO_TOKEN=$(" in (DOCKER_DIR / "smoke.sh").read_text()  # the smoke run draws its own
+
+
+def test_the_service_image_carries_no_token() -> None:
+    instructions = dockerfile_instructions(DOCKER_DIR / "service.Dockerfile")
+    environment = " ".join(args for instruction, args in instructions if instruction in ("ENV", "ARG"))
+    # A token baked into a layer is a token for everyone with the image.
+    assert not re.search(r"PGOLF_(API_)?TOKENS?(_FILE)?=", environment)
+    assert "PGOLF_STORAGE_DIR=/var/lib/pgolf" in environment
 
 
 def test_demo_runs_in_pipeline_order(compose: dict) -> None:
@@ -222,7 +247,7 @@ class _FakeService(BaseHTTPRequestHandler):
             f"Content-Type: {self.headers['Content-Type']}\r\n\r\n".encode() + body)
         (part,) = message.iter_parts()
         self.server.received = (self.path, part.get_param("name", header="content-disposition"),  # type: ignore[attr-defined]
-                                part.get_payload(decode=True))
+                                part.get_payload(decode=True), self.headers.get("Authorization"))
         self.send_response(200)
         self.send_header("Content-Type", "application/x-ndjson")
         self.end_headers()
@@ -249,8 +274,10 @@ def run_demo_client(server: ThreadingHTTPServer, tmp_path: Path, events: list[di
     artifact.write_bytes(b"PGOLF\x00" + bytes(range(256)) * 40)
     result = subprocess.run(
         [sys.executable, str(DOCKER_DIR / "demo_client.py"), "--url", f"http://127.0.0.1:{server.server_port}",
-         "--artifact", str(artifact), "--report", str(report)], capture_output=True, text=True, timeout=60)
-    assert server.received == ("/evaluate", "artifact", artifact.read_bytes())  # type: ignore[attr-defined]
+         "--artifact", str(artifact), "--report", str(report)], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PGOLF_API_TOKEN": "demo-client-test-token"})
+    assert server.received == ("/evaluate", "artifact", artifact.read_bytes(),  # type: ignore[attr-defined]
+                               "Bearer demo-client-test-token")
     return result.returncode, report
 
 

@@ -7,7 +7,10 @@ which run, and the rule that decides PASS / WARN / FAIL from a run's own step ti
 
 from __future__ import annotations
 
-from verifier.logs import TimedStep, parse_training_log
+import pytest
+
+import verifier.logs as logs
+from verifier.logs import LogError, TimedStep, parse_training_log
 from verifier.wallclock import STEP_ALLOWANCE, judge_steps, judge_total
 
 
@@ -53,11 +56,22 @@ def test_world_size_and_seed_in_any_spelling() -> None:
 
 def test_the_script_source_at_a_file_logs_head_is_skipped() -> None:
     text = ("import os\n"
+            "seed = 1337\n"
+            "running_bpb = 0.0\n"
             "# stopping_early: wallclock_cap train_time:999999ms step:9/9\n"
-            "step:1/9 train_time:999999ms\n"  # even a whole fake line inside the source block
+            '    log0(f"step:{step}/{n} train_time:{t:.0f}ms")\n'
             + "=" * 100 + "\n"
-            "step:1/9 train_loss:3.0 train_time:100ms\n")
-    assert steps_of(text) == [(1, 100.0, False)]
+            "seed:7\nstep:1/9 train_loss:3.0 train_time:100ms\nfinal val_bpb:1.25\n")
+    (run,) = parse_training_log(text)
+    assert [(s.step, s.time_ms) for s in run.steps] == [(1, 100.0)]
+    assert run.seed == 7 and [f.value for f in run.bpb] == [1.25]
+
+
+def test_a_source_block_never_swallows_a_run() -> None:
+    # A stdout log followed by the file log of the same run (source echo cut short at its head, then the run).
+    run = "step:1/9 train_time:100ms\nstopping_early: wallclock_cap train_time:200ms step:2/9\nval_bpb:1.5\n"
+    text = "import os\n" + run + "    x = f(y)\nimport sys\n" + "=" * 100 + "\n" + run
+    assert [r.final.time_ms for r in parse_training_log(text)] == [200.0, 200.0]
 
 
 def test_nvidia_smi_gpus_are_counted_across_the_table() -> None:
@@ -151,3 +165,12 @@ def test_no_step_timings_cannot_show_a_final_step_overshoot() -> None:
     assert judge_total(600_001.0).status == "FAIL"
     assert judge_steps(run_steps(stop=(10, 600_050.0))).status == "FAIL"
     assert judge_steps([]).reason == "no line states the training time"
+
+
+def test_a_file_with_more_lines_than_any_log_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(logs, "MAX_TIMED_LINES", 10)
+    monkeypatch.setattr(logs, "MAX_FIGURES", 10)
+    with pytest.raises(LogError, match="more than 10 timed step lines"):
+        parse_training_log("".join(f"step:{i}/99 train_time:{i}ms\n" for i in range(11)))
+    with pytest.raises(LogError, match="more than 10 bits-per-byte figures"):
+        parse_training_log("val_bpb:1.0\n" * 11)

@@ -14,6 +14,7 @@ import torch
 
 from trainer.model import GPT, ModelConfig
 from trainer.muon import NS_COEFFICIENTS, Muon, zeropower_via_newtonschulz5
+from trainer.train import parameter_groups
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -184,7 +185,7 @@ def test_tiny_model_loss_falls_with_muon_and_adamw_on_a_repeated_batch():
         bigram_dim=16,
     )
     model = GPT(config)
-    groups = model.parameter_groups()
+    groups = parameter_groups(model)
     muon = Muon(groups["matrix"], lr=0.025, momentum=0.95, weight_decay=0.04)
     adam = torch.optim.AdamW(
         [{"params": groups["embed"], "lr": 0.035}, {"params": groups["scalar"], "lr": 0.025}],

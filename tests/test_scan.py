@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from trainer import source_unwrap as scan_unwrap
-from verifier.scan import EXIT_CLEAN, EXIT_FINDINGS, EXIT_UNREADABLE, scan_file, scan_source
+from verifier.scan import EXIT_CLEAN, EXIT_FINDINGS, EXIT_UNREADABLE, scan_file, scan_paths, scan_source
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = REPO_ROOT / "tests" / "fixtures" / "scan"
@@ -207,20 +207,32 @@ def test_scoring_on_the_first_epoch_only_is_not_final_epoch_scoring() -> None:
     assert report.findings == []
 
 
-def test_feature_flag_off_by_default_still_counts_but_a_shadowed_branch_does_not() -> None:
+def test_a_branch_the_defaults_switch_off_is_lowered_unless_the_run_command_switches_it_on(tmp_path: Path) -> None:
     source = (FIXTURES / "p3_pre_eval_ttt.py").read_text()
     call = "        ttt_adapt(args, model, device, val_tokens)\n"
-    assert 'TTT_ENABLED", "0"' in source and call in source
-    # TTT_ENABLED=0 by default, but a run command can switch it on: still high.
+    assert 'TTT_ENABLED", "1"' in source and call in source
     assert ("P3", call.strip()) in high_findings(FIXTURES / "p3_pre_eval_ttt.py")
-    # With a legal alternative taken by default, the illegal branch is shadowed: medium, exit code unaffected.
-    shadowed = source.replace(call, call + "    else:\n        print('score-first TTT runs inside the eval')\n")
-    findings = scan_source(shadowed, "train_gpt.py").findings
+    # TTT_ENABLED=0 by default: the plain `if args.ttt_enabled:` branch does not run, so the finding is medium.
+    off = source.replace('TTT_ENABLED", "1"', 'TTT_ENABLED", "0"')
+    findings = scan_source(off, "train_gpt.py").findings
     assert [(f.pattern, f.confidence) for f in findings] == [("P3", "medium")]
     assert "only when `args.ttt_enabled` differs from its default" in findings[0].explanation
+    # The same with a legal alternative that the defaults take.
+    shadowed = source.replace(call, call + "    else:\n        print('score-first TTT runs inside the eval')\n")
+    assert [(f.pattern, f.confidence) for f in scan_source(shadowed, "train_gpt.py").findings] == [("P3", "high")]
+    shadowed_off = shadowed.replace('TTT_ENABLED", "1"', 'TTT_ENABLED", "0"')
+    assert [(f.pattern, f.confidence) for f in scan_source(shadowed_off, "train_gpt.py").findings] == [
+        ("P3", "medium")]
     # A wrapper shell that sets the flag makes the branch the default one again.
-    wrapped = lzma_b85_wrapper(shadowed, prelude="import os\nos.environ.setdefault('TTT_ENABLED', '1')\n")
+    wrapped = lzma_b85_wrapper(off, prelude="import os\nos.environ.setdefault('TTT_ENABLED', '1')\n")
     assert [(f.pattern, f.confidence) for f in scan_source(wrapped, "train_gpt.py").findings] == [("P3", "high")]
+    # So does the record's documented run command, when the folder is scanned.
+    (tmp_path / "train_gpt.py").write_text(off)
+    command = "SEED=1 TTT_ENABLED=1 \\\n  torchrun --nproc_per_node=8 train_gpt.py"
+    (tmp_path / "README.md").write_text(f"Run:\n\n```\n{command}\n```\n")
+    reports = scan_paths([tmp_path])
+    assert [(f.pattern, f.confidence) for f in reports[0].findings] == [("P3", "high")]
+    assert any("run command (README.md): SEED=1 TTT_ENABLED=1" in note for note in reports[0].notes)
 
 
 def test_code_that_nothing_calls_is_reported_low() -> None:

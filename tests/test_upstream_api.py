@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from api_harness import FAST_ENGINE_ARGS, ServiceData, ServiceProcess, files_under, service_data  # noqa: F401
+from api_harness import AUTH, FAST_ENGINE_ARGS, ServiceData, ServiceProcess, files_under, service_data  # noqa: F401
 
 from tests.test_upstream_artifact import (
     PR940_CODE,
@@ -45,7 +45,7 @@ def test_hostile_upstream_files_are_refused_before_queueing(upstream_service: Se
     good = mixed_int6_export(upstream_state_dict(trained_like_weights(config)))
     canary = tmp_path / "canary"
     payloads = hostile_payloads(canary, config, good)
-    with httpx.Client(base_url=upstream_service.url, timeout=120) as client:
+    with httpx.Client(base_url=upstream_service.url, timeout=120, headers=AUTH) as client:
         for case, data in payloads.items():
             response = post(client, data)
             assert response.status_code == 422, (case, response.text)
@@ -67,7 +67,7 @@ def test_hostile_upstream_files_are_refused_before_queueing(upstream_service: Se
 
 def test_an_upstream_artifact_is_evaluated_with_its_code_and_env(upstream_service: ServiceProcess, tmp_path: Path):
     path, _, _ = upstream_file(tmp_path, "int6", "zstd")
-    with httpx.Client(base_url=upstream_service.url, timeout=300) as client:
+    with httpx.Client(base_url=upstream_service.url, timeout=300, headers=AUTH) as client:
         lines = post(client, path.read_bytes(), params={"wait": "true"}).text.splitlines()
         events = [json.loads(line) for line in lines if line]
         assert events[-1]["type"] == "end", events[-1]

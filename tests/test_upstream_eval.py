@@ -54,3 +54,15 @@ def test_upstream_artifact_without_its_code_is_refused(tmp_path, embedded_data):
     path, _, _ = upstream_file(tmp_path, "int6", "zstd")
     event = list(evaluate(EvalOptions(artifact=path, data_dir=embedded_data, device="cpu", max_tokens=300)))[-1]
     assert event["type"] == "error" and event["code"] == "code_required"
+
+
+def test_code_and_env_are_ignored_with_a_note_for_a_pgolf_artifact(tmp_path, embedded_data):
+    from api_harness import write_tiny_artifact
+
+    artifact = write_tiny_artifact(tmp_path / "tiny.pgolf", embedded_data / "tokenizer.model")
+    events = list(evaluate(EvalOptions(artifact=artifact, data_dir=embedded_data, code=PR940_CODE,
+                                       env=("NUM_LAYERS=2",), seq_len=64, stride=64, device="cpu",
+                                       max_tokens=300)))
+    assert events[-1]["type"] == "end"
+    notes = events[0]["config"]["notes"]
+    assert notes == ["--code and --env ignored: a .pgolf artifact carries its own model config"]

@@ -14,7 +14,7 @@ The reader treats the file as hostile: it never unpickles or executes anything, 
 validates every manifest field, verifies both hashes, decompresses with a hard bound, checks the tensor table
 against the model that the manifest's config builds, and checks the decoded values. Each refusal has its own
 ``ArtifactError`` subclass with a ``code`` slug, and nothing else escapes: every manifest field is checked against
-an explicit bound (docs/artifact-format.md §5) before any size, count or loop depends on it.
+an explicit bound (docs/artifact-format.md §6.1) before any size, count or loop depends on it.
 """
 
 from __future__ import annotations
@@ -292,13 +292,17 @@ def _bounded_int(text: str) -> int:
 
 def _check_depth(manifest: dict[str, Any]) -> None:
     """Refuse nesting deeper than any valid manifest has, iteratively (no recursion on attacker data)."""
-    stack: list[tuple[Any, int]] = [(manifest, 1)]
-    while stack:
-        value, depth = stack.pop()
-        if depth > MAX_MANIFEST_DEPTH:
-            raise SchemaViolation(f"manifest nests deeper than {MAX_MANIFEST_DEPTH} levels")
-        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
-        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    level: list[Any] = [manifest]
+    for _ in range(MAX_MANIFEST_DEPTH):
+        deeper = []
+        for container in level:
+            for child in container.values() if type(container) is dict else container:
+                if type(child) is dict or type(child) is list:
+                    deeper.append(child)
+        if not deeper:
+            return
+        level = deeper
+    raise SchemaViolation(f"manifest nests deeper than {MAX_MANIFEST_DEPTH} levels")
 
 
 def _finite_float(text: str) -> float:
@@ -437,8 +441,7 @@ def validate_manifest(manifest: dict[str, Any]) -> None:
 
 def _config_kwargs(config: Any) -> dict[str, Any]:
     """Check a model_config object against ModelConfig's fields, types and MODEL_CONFIG_BOUNDS; return kwargs."""
-    hints = typing.get_type_hints(ModelConfig)
-    names = [f.name for f in fields(ModelConfig)]
+    hints, names = _model_config_fields()
     _require_keys(config, "model_config", names)
     kwargs: dict[str, Any] = {}
     for name in names:
@@ -471,6 +474,11 @@ def _config_kwargs(config: Any) -> dict[str, Any]:
             raise SchemaViolation(f"{where}: unsupported field type {hint!r}")
         kwargs[name] = value
     return kwargs
+
+
+@functools.cache
+def _model_config_fields() -> tuple[dict[str, Any], list[str]]:
+    return typing.get_type_hints(ModelConfig), [f.name for f in fields(ModelConfig)]
 
 
 def _require_within(value: float, bounds: tuple[float, float], where: str) -> None:
@@ -509,7 +517,8 @@ def _validate_tensor_table(tensors: Any, raw_nbytes: int) -> None:
         where = f"tensors[{index}]"
         _require(isinstance(record, dict), f"{where} must be an object")
         encoding = record.get("encoding")
-        _require(encoding in ENCODINGS, f"{where}.encoding {_show(encoding)} is not one of {', '.join(ENCODINGS)}")
+        if encoding not in ENCODINGS:  # messages that echo a value are built only on failure: this loop is hot
+            raise SchemaViolation(f"{where}.encoding {_show(encoding)} is not one of {', '.join(ENCODINGS)}")
         _require_keys(record, where, _TENSOR_KEYS + (_SCALE_KEYS if encoding in ROW_QMAX else ()))
         name = record["name"]
         _require(isinstance(name, str) and 0 < len(name) <= MAX_NAME_CHARS,
@@ -519,16 +528,14 @@ def _validate_tensor_table(tensors: Any, raw_nbytes: int) -> None:
         where = f"tensor {name!r}"
         dtype = record["dtype"]
         allowed = RAW_NUMPY_DTYPES if encoding == RAW else FLOAT_DTYPE_NAMES
-        _require(isinstance(dtype, str) and dtype in allowed,
-                 f"{where}: dtype {_show(dtype)} cannot use encoding {encoding!r}")
+        if not (isinstance(dtype, str) and dtype in allowed):
+            raise SchemaViolation(f"{where}: dtype {_show(dtype)} cannot use encoding {encoding!r}")
         shape = record["shape"]
         # No dimension can exceed the payload bound, so the element count below is a product of small numbers.
-        _require(
-            isinstance(shape, list) and len(shape) <= MAX_TENSOR_NDIM
-            and all(_is_int(d) and 0 <= d <= MAX_RAW_NBYTES for d in shape),
-            f"{where}: shape must be a list of at most {MAX_TENSOR_NDIM} non-negative integers of at most "
-            f"{MAX_RAW_NBYTES}, got {_show(shape)}",
-        )
+        if not (isinstance(shape, list) and len(shape) <= MAX_TENSOR_NDIM
+                and all(_is_int(d) and 0 <= d <= MAX_RAW_NBYTES for d in shape)):
+            raise SchemaViolation(f"{where}: shape must be a list of at most {MAX_TENSOR_NDIM} non-negative integers "
+                                  f"of at most {MAX_RAW_NBYTES}, got {_show(shape)}")
         numel = math.prod(shape)
         itemsize = (RAW_NUMPY_DTYPES[dtype] if encoding == RAW else STORAGE_DTYPE[encoding]).itemsize
         regions = [("offset", "nbytes", numel * itemsize)]
@@ -539,11 +546,9 @@ def _validate_tensor_table(tensors: Any, raw_nbytes: int) -> None:
             offset, size = record[offset_key], record[size_key]
             _require(_is_int(offset) and offset >= 0, f"{where}: {offset_key} must be a non-negative integer")
             _require(_is_int(size) and size == expected_size, f"{where}: {size_key} must be {expected_size}")
-            _require(
-                offset == cursor,
-                f"{where}: {offset_key} {offset} {'overlaps' if offset < cursor else 'leaves a gap'}; "
-                f"expected {cursor}",
-            )
+            if offset != cursor:
+                raise SchemaViolation(f"{where}: {offset_key} {offset} "
+                                      f"{'overlaps' if offset < cursor else 'leaves a gap'}; expected {cursor}")
             cursor += size
     _require(cursor == raw_nbytes, f"tensors cover {cursor} bytes but payload.raw_nbytes is {raw_nbytes}")
 

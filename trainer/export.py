@@ -29,7 +29,7 @@ from trainer.artifact import (
 )
 from trainer.encodings import INT5_ROW, INT6_ROW, QuantizedTensor, block_index
 from trainer.model import ModelConfig
-from trainer.quant import quantize_state_dict, quantize_tensor
+from trainer.quant import PGOLF_SCHEME, quantize_state_dict, quantize_tensor
 
 if TYPE_CHECKING:
     from trainer.code_bytes import CodeBytes
@@ -126,10 +126,11 @@ def write_artifact(
     code_bytes: CodeBytes,
     int5_blocks: Iterable[int] = (),
     level: int = ZSTD_LADDER_LEVELS[0],
+    scheme: str = PGOLF_SCHEME,
 ) -> int:
     """Quantise ``state_dict`` and write one artifact atomically (temp file + rename). Returns its size."""
     data = encode_artifact(
-        quantize_state_dict(state_dict, int5_blocks=int5_blocks),
+        quantize_state_dict(state_dict, int5_blocks=int5_blocks, scheme=scheme),
         model_config=model_config,
         tokenizer_sha256=tokenizer_sha256,
         vocab_size=vocab_size,
@@ -184,16 +185,18 @@ def export_to_budget(
     code_bytes: CodeBytes,
     budget_bytes: int = SUBMISSION_LIMIT_BYTES,
     log: Callable[[str], None] = print,
+    scheme: str = PGOLF_SCHEME,
 ) -> ExportResult:
     """Write the first artifact that fits ``budget_bytes - code_bytes.total`` (reference §6.4).
 
     Phase 1 tries all-int6 at zstd levels 16, 1, 17, 2. Phase 2 downgrades block matrices to int5 one block at a
-    time from the middle layer outward, retrying the levels after each block. Every attempt is logged as
+    time from the middle layer outward, retrying the levels after each block. ``scheme`` picks the row
+    quantiser (trainer/quant.py: pgolf's clip search, or the seed's own export). Every attempt is logged as
     ``quant_try <label> zstd-<level>: N bytes (limit L)``. If nothing fits, raises BudgetExceeded and writes nothing.
     """
     limit = budget_bytes - code_bytes.total
     names = list(state_dict)
-    int6 = {name: quantize_tensor(name, t, block_encoding=INT6_ROW) for name, t in state_dict.items()}
+    int6 = {name: quantize_tensor(name, t, block_encoding=INT6_ROW, scheme=scheme) for name, t in state_dict.items()}
     int5_cache: dict[str, QuantizedTensor] = {}
     attempts: list[LadderAttempt] = []
 
@@ -202,7 +205,8 @@ def export_to_budget(
         for name in names:
             if block_index(name) in blocks and int6[name].encoding == INT6_ROW:
                 if name not in int5_cache:
-                    int5_cache[name] = quantize_tensor(name, state_dict[name], block_encoding=INT5_ROW)
+                    int5_cache[name] = quantize_tensor(name, state_dict[name], block_encoding=INT5_ROW,
+                                                       scheme=scheme)
                 tensors.append(int5_cache[name])
             else:
                 tensors.append(int6[name])

@@ -42,7 +42,11 @@ class ModelConfig:
     num_heads: int = 8
     num_kv_heads: int = 4
     mlp_mult: int = 3
-    leaky_relu_slope: float = 0.5  # 0.0 gives the older relu^2
+    # 0.0 gives the older relu^2. PR #940 is ambiguous: its README (and reference §0) says LeakyReLU(0.5)^2, the
+    # #549 record it builds on hard-codes 0.5, but its script reads LEAKY_SLOPE with a default of 0.9 and its run
+    # command sets neither, so 0.9 is what ran. The preset keeps the documented 0.5; LEAKY_SLOPE=0.9 reproduces
+    # the run as executed. An upstream artifact is always evaluated with the slope its own script gives.
+    leaky_relu_slope: float = 0.5
     rope_dims: int = 16  # partial RoPE: rotate the first 16 of 64 head dims
     rope_base: float = 10000.0
     rope_train_seq_len: int = 1024  # upstream NTK quirk: Rotary is built with 1024 hard-coded
@@ -69,20 +73,6 @@ class ModelConfig:
 # scales/mix/q_gain + 2 vr_lambda + 4,104 attn_gate) + tok_emb 524,288 + BigramHash 589,825 (4096×128 embed,
 # 128→512 proj, scale) + skip_weights 2,560 + smear 512. Upstream logs never printed it ("about 27.14M").
 PR940_PARAMETER_COUNT = 27_137_223
-
-# Names of the small learned gains, mixes and gates. Upstream routes them to the scalar AdamW group even when
-# they are 2-D (resid_mix is 2×d, attn_gate.weight is heads×d) and keeps them fp32; matching is by substring.
-CONTROL_TENSOR_NAME_PATTERNS = (
-    "attn_scale",
-    "mlp_scale",
-    "resid_mix",
-    "q_gain",
-    "skip_weights",
-    "smear",
-    "vr_lambda",
-    "attn_gate",
-)
-
 
 def rms_norm(x: Tensor) -> Tensor:
     """RMSNorm over the last dim with no learned weight (used everywhere in the stack, default eps)."""
@@ -368,7 +358,14 @@ class GPT(nn.Module):
     def _init_weights(self) -> None:
         """Reference init: tok_emb N(0, std); zero-init layers stay zero; every other linear with both dims
         >= 64 is orthogonal, and the remaining "*.proj" (only bigram.proj) is scaled by 1/sqrt(2L) as in the
-        non-banked code. Smaller linears keep PyTorch's default init, as upstream."""
+        non-banked code. Smaller linears keep PyTorch's default init, as upstream.
+
+        One deliberate difference, for BigramHash's projection: upstream zero-initialises both BigramHash factors
+        (table and projection) in the module, then its ``_init_weights`` orthogonalises and scales the projection
+        whenever both its dims are >= 64 (128→512 in PR #940, so there the two inits are the same, which the
+        tests check). Below 64 (the demo's 32→128) upstream's projection stays zero, and with both factors zero
+        neither ever gets a gradient: the feature would be dead for the whole run. pgolf zero-initialises only
+        the table, so the projection keeps PyTorch's default there and the path can learn."""
         nn.init.normal_(self.tok_emb.weight, mean=0.0, std=self.config.tied_embed_init_std)
         if self.bigram is not None:
             nn.init.zeros_(self.bigram.embed.weight)
@@ -431,31 +428,3 @@ class GPT(nn.Module):
         """Mean next-token cross-entropy (nats, fp32 scalar)."""
         logits = self.forward_logits(input_ids)
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1), reduction="mean")
-
-    # ---- optimizer grouping --------------------------------------------------------------------------------
-
-    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Split parameters as the non-banked PR #287/#761 code does (reference §5.1).
-
-        matrix: 2-D block matrices (Q, K, V, out, MLP up/down) and the BigramHash projection → Muon.
-        embed:  tok_emb and the BigramHash table → AdamW "tok" group.
-        scalar: everything else (gains, mixes, q_gain, vr_lambda, attention gate, skips, smear, bigram scale).
-        The matrix order is deterministic (blocks in order, then bigram.proj) because distributed Muon assigns
-        parameter i to rank i % world_size.
-        """
-        matrix: list[nn.Parameter] = []
-        scalar: list[nn.Parameter] = []
-        for name, p in self.blocks.named_parameters():
-            is_control = any(pattern in name for pattern in CONTROL_TENSOR_NAME_PATTERNS)
-            (matrix if p.ndim == 2 and not is_control else scalar).append(p)
-        embed: list[nn.Parameter] = [self.tok_emb.weight]
-        if self.bigram is not None:
-            embed.append(self.bigram.embed.weight)
-            if self.bigram.proj is not None:
-                matrix.append(self.bigram.proj.weight)
-            scalar.append(self.bigram.scale)
-        if self.skip_weights is not None:
-            scalar.append(self.skip_weights)
-        if self.smear is not None:
-            scalar.append(self.smear.gate)
-        return {"matrix": matrix, "embed": embed, "scalar": scalar}

@@ -17,6 +17,15 @@ The clip search for block matrices (GPTQ-lite) tries the row-clip percentiles {0
 and keeps, **for each row**, the candidate with the lowest reconstruction error. Upstream keeps one percentile per
 matrix (gotcha 2); choosing per row can only lower every row's error, and costs nothing in the format.
 
+Two schemes compute the rows (``scheme``), both in the same encodings and format:
+
+* ``pgolf`` (the default): the per-row clip search above, scales floored only at the smallest fp16;
+* ``seed``: PR #940's export as it ran, for an honest reproduction of the seed: block matrices by row abs-max
+  (no clip search) with scales floored at 1/qmax (1/31 for int6), the int8 tables with the 99.99984th-percentile
+  row clip and scales floored at 1/127, ``q`` computed with the unrounded int8 scale as upstream does. Its
+  reconstruction error is larger, and it compresses differently (see docs/artifact-format.md), so the
+  fit-to-budget ladder may settle on another rung than with ``pgolf``.
+
 This module chooses and computes the stored form (writing only); the encodings themselves and their decoding
 live in ``trainer/encodings.py``, the byte layout in ``trainer/artifact.py``.
 """
@@ -62,6 +71,10 @@ CONTROL_PATTERNS = (
 BLOCK_CLIP_PERCENTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
 EMBED_CLIP_PERCENTILE = 0.9999984
 
+PGOLF_SCHEME = "pgolf"
+SEED_SCHEME = "seed"
+EXPORT_SCHEMES = (PGOLF_SCHEME, SEED_SCHEME)
+
 # The smallest positive fp16 (a subnormal). Scales are floored here only so that an all-zero row still has a
 # positive scale; upstream floors the int8 scale at 1/127, which would flatten a small-valued embedding.
 _MIN_SCALE = 2.0**-24
@@ -101,10 +114,13 @@ def choose_encoding(name: str, tensor: torch.Tensor, *, block_encoding: str = IN
     return INT8_ROW
 
 
-def quantize_tensor(name: str, tensor: torch.Tensor, *, block_encoding: str = INT6_ROW) -> QuantizedTensor:
+def quantize_tensor(name: str, tensor: torch.Tensor, *, block_encoding: str = INT6_ROW,
+                    scheme: str = PGOLF_SCHEME) -> QuantizedTensor:
     """Encode one tensor. ``block_encoding`` (int6 or int5) applies to block matrices only."""
     if block_encoding not in (INT6_ROW, INT5_ROW):
         raise ValueError(f"block_encoding must be {INT6_ROW!r} or {INT5_ROW!r}, not {block_encoding!r}")
+    if scheme not in EXPORT_SCHEMES:
+        raise ValueError(f"scheme must be one of {', '.join(EXPORT_SCHEMES)}, not {scheme!r}")
     tensor = tensor.detach().cpu()
     encoding = choose_encoding(name, tensor, block_encoding=block_encoding)
     shape = tuple(int(d) for d in tensor.shape)
@@ -123,9 +139,13 @@ def quantize_tensor(name: str, tensor: torch.Tensor, *, block_encoding: str = IN
         stored = as_float.numpy().astype(STORAGE_DTYPE[encoding]).reshape(-1)
         return QuantizedTensor(name, encoding, template, shape, stored)
 
-    percentiles = BLOCK_CLIP_PERCENTILES if encoding in (INT6_ROW, INT5_ROW) else (EMBED_CLIP_PERCENTILE,)
+    block = encoding in (INT6_ROW, INT5_ROW)
     rows = as_float.reshape(num_rows(shape), -1)
-    q, scales = quantize_rows(rows, ROW_QMAX[encoding], percentiles, name=name)
+    if scheme == SEED_SCHEME:
+        q, scales = seed_quantize_rows(rows, ROW_QMAX[encoding], None if block else EMBED_CLIP_PERCENTILE, name=name)
+    else:
+        percentiles = BLOCK_CLIP_PERCENTILES if block else (EMBED_CLIP_PERCENTILE,)
+        q, scales = quantize_rows(rows, ROW_QMAX[encoding], percentiles, name=name)
     return QuantizedTensor(name, encoding, template, shape, q.reshape(-1), scales)
 
 
@@ -159,6 +179,31 @@ def quantize_rows(
     return best_q.to(torch.int8).numpy(), best_scale.numpy().astype(SCALE_DTYPE)
 
 
+def seed_quantize_rows(rows: torch.Tensor, qmax: int, clip_percentile: float | None, *, name: str = "tensor"
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """PR #940's row quantisers, as its code computes them.
+
+    ``clip_percentile`` None is ``quantize_int6_per_row``: ``scale = fp16(max(rowmax / qmax, 1 / qmax))``,
+    ``q = round(w / scale)``. A percentile is ``quantize_float_tensor``: ``clip`` = that row percentile of |w|,
+    ``s = max(clip / qmax, 1 / qmax)``, ``q = round(clamp(w, ±clip) / s)`` with the fp32 ``s``, stored ``fp16(s)``.
+    Upstream clamps the int6 values to [-(qmax+1), qmax]; with a row abs-max scale no value rounds below -qmax
+    (|w / scale| exceeds qmax by at most fp16's rounding of the scale), so clamping to ±qmax stores the same q.
+    """
+    floor = 1.0 / qmax
+    if clip_percentile is None:
+        scale_fp16 = (rows.abs().amax(dim=1) / qmax).clamp_min(floor).to(torch.float16)
+        q = torch.round(rows / scale_fp16.float()[:, None])
+    else:
+        clip = _row_percentiles(rows.abs(), (clip_percentile,))[0]
+        scale32 = (clip / qmax).clamp_min(floor)
+        q = torch.round(torch.maximum(torch.minimum(rows, clip[:, None]), -clip[:, None]) / scale32[:, None])
+        scale_fp16 = scale32.to(torch.float16)
+    if not torch.isfinite(scale_fp16).all():
+        raise QuantError(f"{name}: a row scale exceeds the fp16 range")
+    q = torch.clamp(q, -qmax, qmax)
+    return q.to(torch.int8).numpy(), scale_fp16.numpy().astype(SCALE_DTYPE)
+
+
 def _row_percentiles(abs_rows: torch.Tensor, percentiles: Sequence[float]) -> torch.Tensor:
     """Per-row percentiles with linear interpolation (as torch.quantile), sorting each row once.
 
@@ -177,11 +222,11 @@ def _row_percentiles(abs_rows: torch.Tensor, percentiles: Sequence[float]) -> to
 
 
 def quantize_state_dict(
-    state_dict: Mapping[str, torch.Tensor], *, int5_blocks: Iterable[int] = ()
+    state_dict: Mapping[str, torch.Tensor], *, int5_blocks: Iterable[int] = (), scheme: str = PGOLF_SCHEME
 ) -> list[QuantizedTensor]:
     """Encode a whole state_dict, in its own order; block matrices of ``int5_blocks`` get int5, others int6."""
     int5 = frozenset(int5_blocks)
     return [
-        quantize_tensor(name, t, block_encoding=INT5_ROW if block_index(name) in int5 else INT6_ROW)
+        quantize_tensor(name, t, block_encoding=INT5_ROW if block_index(name) in int5 else INT6_ROW, scheme=scheme)
         for name, t in state_dict.items()
     ]

@@ -23,6 +23,8 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from trainer.source_syntax import parse_python
+
 # A real script is at most a few hundred kilobytes; the whole submission is capped at 16 MB.
 MAX_DECODED_BYTES = 16_000_000
 # Wrappers are sometimes nested (a wrapper of a wrapper); deeper nesting is treated as hostile.
@@ -50,6 +52,7 @@ class Unwrapped:
 
     source: str
     layers: list[Layer] = field(default_factory=list)
+    tree: ast.Module | None = None  # the parsed innermost source
     # Environment defaults that wrapper shells set before exec'ing the payload (os.environ.setdefault(...)).
     env_overrides: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -317,6 +320,24 @@ def _env_overrides(module: ast.Module) -> dict[str, str]:
     return overrides
 
 
+def describe_layers(layers: list[Layer]) -> str:
+    return " > ".join(layer.describe() for layer in layers)
+
+
+def _parse_layer(source: str, layers: list[Layer]) -> ast.Module:
+    """Parse one layer (Python 3.12 grammar). A syntax error in a decoded payload names that payload and the line
+    inside it: the wrapper file itself is one or two lines long, so its own line numbers would mislead."""
+    try:
+        return parse_python(source)
+    except SyntaxError as exc:
+        if not layers:
+            raise
+        raise UnwrapError(
+            f"decoded payload {len(layers)} ({describe_layers(layers)}) is not valid Python: {exc.msg} "
+            f"(line {exc.lineno} of the decoded text)"
+        ) from exc
+
+
 def unwrap(source: str) -> Unwrapped:
     """Peel self-extracting layers off ``source`` until plain code remains.
 
@@ -326,7 +347,7 @@ def unwrap(source: str) -> Unwrapped:
     """
     result = Unwrapped(source=source)
     for _ in range(MAX_LAYERS + 1):
-        module = ast.parse(result.source)
+        module = _parse_layer(result.source, result.layers)
         decoded: str | None = None
         for call in _exec_calls(module):
             evaluator = _StaticEvaluator(module)
@@ -350,6 +371,7 @@ def unwrap(source: str) -> Unwrapped:
                 result.env_overrides.setdefault(key, value_text)
             result.layers.append(Layer(line=call.lineno, codecs=tuple(evaluator.codecs)))
         if decoded is None:
+            result.tree = module
             return result
         result.source = decoded
     raise UnwrapError(f"more than {MAX_LAYERS} nested self-extracting layers")

@@ -36,6 +36,7 @@ from trainer.evaluate import ValResult, evaluate_non_overlapping
 from trainer.export import export_to_budget
 from trainer.model import GPT, autocast_for
 from trainer.muon import Muon
+from trainer.threads import apply_thread_policy
 
 TRAIN_TIME_LIMIT_MS = 600_000  # the challenge's limit, whatever cap a run was configured with
 
@@ -91,8 +92,49 @@ class RunLog:
             self.file.close()
 
 
+# Names of the small learned gains, mixes and gates. Upstream routes them to the scalar AdamW group even when
+# they are 2-D (resid_mix is 2×d, attn_gate.weight is heads×d) and keeps them fp32; matching is by substring.
+CONTROL_TENSOR_NAME_PATTERNS = (
+    "attn_scale",
+    "mlp_scale",
+    "resid_mix",
+    "q_gain",
+    "skip_weights",
+    "smear",
+    "vr_lambda",
+    "attn_gate",
+)
+
+
+def parameter_groups(model: GPT) -> dict[str, list[torch.nn.Parameter]]:
+    """Split parameters as the non-banked PR #287/#761 code does (reference §5.1).
+
+    matrix: 2-D block matrices (Q, K, V, out, MLP up/down) and the BigramHash projection → Muon.
+    embed:  tok_emb and the BigramHash table → AdamW "tok" group.
+    scalar: everything else (gains, mixes, q_gain, vr_lambda, attention gate, skips, smear, bigram scale).
+    The matrix order is deterministic (blocks in order, then bigram.proj) because distributed Muon assigns
+    parameter i to rank i % world_size.
+    """
+    matrix: list[torch.nn.Parameter] = []
+    scalar: list[torch.nn.Parameter] = []
+    for name, p in model.blocks.named_parameters():
+        is_control = any(pattern in name for pattern in CONTROL_TENSOR_NAME_PATTERNS)
+        (matrix if p.ndim == 2 and not is_control else scalar).append(p)
+    embed: list[torch.nn.Parameter] = [model.tok_emb.weight]
+    if model.bigram is not None:
+        embed.append(model.bigram.embed.weight)
+        if model.bigram.proj is not None:
+            matrix.append(model.bigram.proj.weight)
+        scalar.append(model.bigram.scale)
+    if model.skip_weights is not None:
+        scalar.append(model.skip_weights)
+    if model.smear is not None:
+        scalar.append(model.smear.gate)
+    return {"matrix": matrix, "embed": embed, "scalar": scalar}
+
+
 def build_optimizers(model: GPT, config: TrainConfig) -> list[torch.optim.Optimizer]:
-    groups = model.parameter_groups()
+    groups = parameter_groups(model)
     # bf16 Newton–Schulz as the reference on GPUs; CPUs without bf16 matrix units run it ~5× slower than fp32.
     on_gpu = next(model.parameters()).device.type == "cuda"
     adam = dict(betas=(config.beta1, config.beta2), eps=config.adam_eps, weight_decay=config.adam_wd)
@@ -180,6 +222,7 @@ def _agree_max(flag: bool, runtime: Runtime) -> bool:
 def train(config: TrainConfig, data_dir: Path, tokenizer: Path, out_dir: Path,
           runtime: Runtime | None = None) -> dict:
     """Train, export and round-trip one model. Returns the summary (also written to summary.json on rank 0)."""
+    threads = apply_thread_policy()  # before any torch work; under torchrun, LOCAL_WORLD_SIZE shares the cores
     runtime = runtime or init_runtime()
     if config.grad_accum_base % runtime.world_size:
         raise ValueError(f"world size {runtime.world_size} must divide grad_accum_base {config.grad_accum_base}")
@@ -198,6 +241,7 @@ def train(config: TrainConfig, data_dir: Path, tokenizer: Path, out_dir: Path,
                          f"{config.model.vocab_size}")
     val_tokens = load_validation_tokens(data_dir, config.train_seq_len, config.model.vocab_size)
     log(f"pgolf {__version__} python {platform.python_version()} torch {torch.__version__} device {device}")
+    log(threads.describe())
     log(f"config {json.dumps(to_dict(config), sort_keys=True)}")
     log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={tokenizer}")
     log(f"val_loader:shards pattern={data_dir}/*_val_*.bin tokens:{len(val_tokens)}")
@@ -351,12 +395,12 @@ def _export_and_roundtrip(config: TrainConfig, runtime: Runtime, model: GPT, tab
     training = {
         "seed": config.seed, "steps": step, "world_size": runtime.world_size, "device": _device_name(runtime),
         "train_time_ms": round(train_time_ms, 3), "code_version": __version__,
-        "stop_reason": stop_reason, "train_seq_len": config.train_seq_len,
+        "stop_reason": stop_reason, "train_seq_len": config.train_seq_len, "export_scheme": config.export_scheme,
     }
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     artifact_path = out_dir / "model.pgolf"
     result = export_to_budget(artifact_path, state, config.model, tables.sha256, tables.vocab_size, training,
-                              code_bytes=code, log=log)
+                              code_bytes=code, log=log, scheme=config.export_scheme)
     t0 = time.perf_counter()
     roundtrip_model, artifact = load_model(artifact_path, runtime.device)
     rt = evaluate_non_overlapping(roundtrip_model, val_tokens, tables, config.train_seq_len,

@@ -23,6 +23,12 @@ from typing import Any
 
 # A 600 s log with the script source at its head is well under a megabyte; anything this large is not a log.
 MAX_LOG_BYTES = 64 * 1024 * 1024
+# Bounds that keep a hostile "log" from costing time or memory. Real logs (the upstream corpus) have lines of at
+# most ~900 characters, ~1,700 timed step lines and ~230 bpb figures per file.
+MAX_LINE_CHARS = 4096  # the rest of a longer line is not read
+MAX_TIMED_LINES = 100_000
+MAX_FIGURES = 100_000
+_KEPT_TEXT_CHARS = 200  # of each line quoted back in a figure
 
 
 class LogError(ValueError):
@@ -139,7 +145,8 @@ _TIME_UNITS_MS = {"ms": 1.0, "s": 1000.0, "m": 60_000.0, "min": 60_000.0}
 _SEPARATOR = re.compile(r"^={20,}\s*$")
 _SOURCE_START = re.compile(r"^(?:import \w|from [\w.]+ import |#!|\"\"\"|''')")
 _PGOLF_HEADER = re.compile(r"^pgolf \S+ python \S+ torch \S+ device (\S+)")
-_NVIDIA_SMI_GPU = re.compile(r"^\|\s+\d+\s+(NVIDIA[^|]*?)\s+(?:On|Off)\s+\|")
+# The name is words separated by single spaces: unambiguous, so a long line of spaces costs linear time.
+_NVIDIA_SMI_GPU = re.compile(r"^\|\s+\d+\s+(NVIDIA(?: [^\s|]+)*)\s+(?:On|Off)\s+\|")
 # "Serialized model: N bytes" (no label) is the raw torch state dict upstream, not the artifact: need a label.
 _SERIALIZED = re.compile(r"^Serialized model (\S+): (\d+) bytes")
 _TOTAL = re.compile(r"^Total submission size(?: \S+)?: (\d+) bytes")
@@ -155,6 +162,8 @@ class TimedStep:
     line: int  # 1-based line number in the file
     text: str
     stop: bool = False  # the early-stop line rather than a step line
+    # Half a unit of the last printed digit: "8.9m" is 534,000 ms give or take 3,000 ms; "599544ms" 0.5 ms.
+    precision_ms: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -185,12 +194,17 @@ class LogRun:
 
     @property
     def final(self) -> TimedStep | None:
-        """The largest training time the run states (the forced last step of upstream counts: it trained)."""
-        return max(self.steps, key=lambda s: (s.time_ms, s.stop)) if self.steps else None
+        """The time after the run's last step (the forced last step of upstream counts: it trained); of the lines
+        at that step, the most precise, then the largest."""
+        return final_step(self.steps) if self.steps else None
 
     @property
     def score(self) -> Figure | None:
         return self.bpb[-1] if self.bpb else None
+
+
+def final_step(steps: list[TimedStep]) -> TimedStep:
+    return max(steps, key=lambda s: (s.step, -s.precision_ms, s.time_ms, s.stop))
 
 
 @dataclass(frozen=True)
@@ -212,25 +226,41 @@ def _pairs(content: str) -> list[_Pair]:
 
 
 def _script_source_lines(lines: list[str]) -> set[int]:
-    """Indexes of script-source blocks: from an `import`/docstring line up to the next `=====` separator."""
+    """Indexes of script-source blocks: from an `import`/docstring line up to the next `=====` separator.
+
+    A candidate block that holds a timed step or stop line is not source (a log captured twice, or a source echo
+    cut short at its head): the search resumes after that line, so no run is ever skipped."""
     skipped: set[int] = set()
     index = 0
     while index < len(lines):
         if _SOURCE_START.match(lines[index]):
             end = next((j for j in range(index + 1, len(lines)) if _SEPARATOR.match(lines[j])), None)
-            if end is not None:
-                skipped.update(range(index, end))
-                index = end + 1
+            if end is None:
+                break
+            timed = [j for j in range(index, end) if _is_timed_line(lines[j])]
+            if timed:
+                index = timed[-1] + 1
                 continue
+            skipped.update(range(index, end))
+            index = end + 1
+            continue
         index += 1
     return skipped
+
+
+def _is_timed_line(raw: str) -> bool:
+    content = _PREFIX.sub("", raw, count=1)
+    if not (_STEP_AT_START.match(content) or _STOP_AT_START.match(content)):
+        return False
+    return any(p.word in _TIME_KEYS and p.unit for p in _pairs(content))
 
 
 def parse_training_log(text: str) -> list[LogRun]:
     """Every run in a training log. Setup facts (world size, seed, device) printed before a run's first timed
     step belong to that run; results (bpb figures, sizes) printed after it belong to it until the next run."""
-    lines = text.splitlines()
+    lines = [line[:MAX_LINE_CHARS] for line in text.splitlines()]
     skipped = _script_source_lines(lines)
+    timed_lines = figures = 0
     runs: list[LogRun] = []
     pending: dict[str, Any] = {}  # setup facts waiting for the run they precede
     gpus: list[str] = []
@@ -270,8 +300,14 @@ def parse_training_log(text: str) -> list[LogRun]:
             if step_start and not is_stop:
                 (runs[-1] if runs else orphans).step_lines += 1
             if time is not None and step_match is not None:
-                timed = TimedStep(int(step_match.group(1)), float(time.value) * _TIME_UNITS_MS[time.unit],
-                                  number, raw.strip(), stop=is_stop)
+                scale = _TIME_UNITS_MS[time.unit]
+                decimals = len(time.value.split(".")[1]) if "." in time.value else 0
+                timed_lines += 1
+                if timed_lines > MAX_TIMED_LINES:
+                    raise LogError(f"more than {MAX_TIMED_LINES:,} timed step lines: not a training log")
+                timed = TimedStep(int(step_match.group(1)), float(time.value) * scale, number,
+                                  raw.strip()[:_KEPT_TEXT_CHARS], stop=is_stop,
+                                  precision_ms=0.5 * scale * 10.0 ** -decimals)
                 current = runs[-1] if runs else None
                 last = current.steps[-1] if current and current.steps else None
                 # The step counter going back starts another run (a file log can hold several).
@@ -291,8 +327,12 @@ def parse_training_log(text: str) -> list[LogRun]:
             elif pair.word == "seed" and pair.value.isdigit():
                 setup("seed", int(pair.value))
             elif "bpb" in pair.word and pair.unit is None:
+                figures += 1
+                if figures > MAX_FIGURES:
+                    raise LogError(f"more than {MAX_FIGURES:,} bits-per-byte figures: not a training log")
                 decimals = len(pair.value.split(".")[1]) if "." in pair.value else 0
-                target.bpb.append(Figure(float(pair.value), decimals, pair.key, number, raw.strip()))
+                target.bpb.append(Figure(float(pair.value), decimals, pair.key, number,
+                                         raw.strip()[:_KEPT_TEXT_CHARS]))
         for pattern, attribute in ((_SERIALIZED, "artifact_bytes"), (_TOTAL, "total_bytes")):
             match = pattern.match(content)
             if match:

@@ -27,20 +27,23 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import stat
 import statistics
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from verifier.logs import Figure, LogError, LogRun, parse_training_log, read_bounded_text
+from verifier.check import SIZE_LIMIT_BYTES
+from verifier.logs import MAX_LOG_BYTES, Figure, LogError, LogRun, parse_training_log, read_bounded_text
 from verifier.report import FAIL, PASS, SKIP, CheckResult
 from verifier.wallclock import TimeVerdict, judge_steps, worst
 
-SIZE_LIMIT_BYTES = 16_000_000
 LOG_SUFFIXES = (".log", ".txt")
 MAX_LOG_DEPTH = 3  # folder levels under the record searched for logs (logs/, ttt_*/ …)
+MAX_LOG_FILES = 1000  # a record has a handful; the rest of a larger folder is not read
 ENTRY_POINT = "train_gpt.py"
 _SEED_IN_NAME = re.compile(r"seed[_-]?(\d+)", re.I)
 _SEED_KEY = re.compile(r"^(?:seed[_-]?)?(\d+)$", re.I)
@@ -77,6 +80,9 @@ class SubmissionClaims:
     unlabelled_bpb: list[Claim] = field(default_factory=list)  # per-seed scores listed without their seeds
     total_bytes: int | None = None
     code_bytes: Claim | None = None
+    # Training times stated for the whole submission, by aggregate: "" (one run, or a nominal figure for every
+    # seed), "mean", "max" or "min" (from key suffixes such as train_time_s_mean).
+    train_times: dict[str, Claim] = field(default_factory=dict)
 
 
 @dataclass
@@ -143,16 +149,29 @@ class RecordCheck:
 
 
 def find_logs(folder: Path) -> list[Path]:
+    """Every ``*.log``/``*.txt`` up to ``MAX_LOG_DEPTH`` folders deep, in name order; links are not followed."""
     found = []
-    for path in sorted(folder.rglob("*")):
-        depth = len(path.relative_to(folder).parts)
-        if path.is_file() and path.suffix.lower() in LOG_SUFFIXES and depth <= MAX_LOG_DEPTH:
-            found.append(path)
-    return found
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        depth = len(Path(root).relative_to(folder).parts)
+        if depth >= MAX_LOG_DEPTH:
+            dirs[:] = []
+        found += [Path(root) / name for name in files if Path(name).suffix.lower() in LOG_SUFFIXES]
+    found.sort()
+    return found[:MAX_LOG_FILES]
+
+
+def _regular_file(path: Path) -> bool:
+    """A plain file, not a link, FIFO or device (reading /dev/zero through a link would never end)."""
+    try:
+        return stat.S_ISREG(path.lstat().st_mode)
+    except OSError:
+        return False
 
 
 def read_record_log(path: Path, folder: Path) -> RecordLog:
     relative = str(path.relative_to(folder))
+    if not _regular_file(path):
+        return RecordLog(relative, "unreadable", error="not a regular file (a link, FIFO or device): not read")
     try:
         runs = parse_training_log(read_bounded_text(path))
     except (OSError, LogError) as exc:
@@ -182,6 +201,11 @@ def read_claims(document: Any) -> SubmissionClaims:
         if claim is not None:
             claims.code_bytes = claim
             break
+    for key, value in document.items():
+        aggregate = next((a for a in ("mean", "max", "min") if key.endswith(f"_{a}")), "")
+        claim = _time_claim(value, key.removesuffix(f"_{aggregate}") if aggregate else key)
+        if claim is not None:
+            claims.train_times.setdefault(aggregate, claim)
     order = [int(s) for s in document.get("seeds", []) if isinstance(s, int) and not isinstance(s, bool)] \
         if isinstance(document.get("seeds"), list) else []
     for key, value in document.items():
@@ -223,9 +247,10 @@ def _seed_entry(target: SeedClaims, table: str, entry: Any) -> None:
 
 
 def _time_unit(name: str) -> float | None:
-    """ms per unit of a training-time field name (train_time_ms, train_s, …); None for anything else."""
+    """ms per unit of a training-time field name (train_time_ms, train_s, wallclock_seconds, …); None for any
+    other field, and for a bare name whose unit is not written (training_time: 600 could be s or min)."""
     name = name.lower()
-    if not name.startswith("train") or "ttt" in name:
+    if not name.startswith(("train", "wallclock")) or "ttt" in name or "eval" in name:
         return None
     if name.endswith("_ms"):
         return 1.0
@@ -249,8 +274,9 @@ def _claim(value: Any, key: str) -> Claim | None:
     if isinstance(value, Decimal):
         if not value.is_finite():
             return None
-        exponent = value.as_tuple().exponent
-        return Claim(float(value), max(-int(exponent), 0), key)  # type: ignore[arg-type]
+        # An integral float ("600.0") is how JSON writers print a whole number, not a claim to 0.1.
+        decimals = 0 if value == value.to_integral_value() else max(-int(value.as_tuple().exponent), 0)
+        return Claim(float(value), decimals, key)
     return Claim(float(value), 0, key)
 
 
@@ -266,27 +292,33 @@ def _is_number(value: Any) -> bool:
 # The checks
 
 
-def check_record(folder: Path, *, strict: bool = False) -> RecordCheck:
-    """Every check of a record folder; ``strict`` turns the WARN of a final-step overshoot into FAIL."""
+def check_record(folder: Path, *, strict: bool = False, scan: bool = True) -> RecordCheck:
+    """Every check of a record folder; ``strict`` turns the WARN of a final-step overshoot into FAIL.
+
+    ``scan=False`` leaves the scan row SKIP, for callers that scan the folder themselves (bench/scan_corpus.py).
+    """
     logs = [read_record_log(path, folder) for path in find_logs(folder)]
     document, problem = _read_submission(folder)
     claims = read_claims(document) if document is not None else None
     training = [log for log in logs if log.kind == "training log"]
     results = [_check_logs(logs), _check_submission(problem)]
     results += [_check_log_time(log, claims, strict) for log in training]
-    results += [_check_environment(training), _check_sizes(logs, claims)]
+    results += [_check_time_claims(training, claims), _check_environment(training), _check_sizes(logs, claims)]
     results += _check_seed_scores(logs, claims)
-    results += [_check_mean(logs, claims), _check_code_bytes(folder, logs, claims), _check_scan(folder)]
+    results += [_check_mean(logs, claims), _check_code_bytes(folder, logs, claims),
+                _check_scan(folder) if scan else CheckResult("scan", SKIP, "", "not run by this caller")]
     return RecordCheck(folder, results, logs, claims)
 
 
 def _read_submission(folder: Path) -> tuple[Any, str]:
     path = folder / "submission.json"
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         return None, "no submission.json in the folder"
+    if not _regular_file(path):
+        return None, "submission.json is not a regular file (a link, FIFO or device): not read"
     try:
         return json.loads(read_bounded_text(path), parse_float=Decimal), ""
-    except (OSError, LogError, ValueError) as exc:
+    except (OSError, LogError, ValueError, RecursionError) as exc:
         return None, f"submission.json does not parse: {exc}"
 
 
@@ -332,7 +364,7 @@ def _check_log_time(log: RecordLog, claims: SubmissionClaims | None, strict: boo
         assert final is not None
         relation = ">" if final.time_ms > 600_000 else "<="
         over = f", {run_verdict.overshoot_ms:.0f} ms over" if run_verdict.overshoot_ms else ""
-        figures.append(f"{final.time_ms:.0f} ms {relation} 600,000 ms at step {final.step}{over} "
+        figures.append(f"{final.time_ms:,.0f} ms {relation} 600,000 ms at step {final.step}{over} "
                        f"(line {final.line}: {final.text[:80]})")
     figure = "; ".join(figures) if len(figures) == 1 else f"{len(figures)} runs: " + "; ".join(figures)
     reasons = [verdict.reason] if verdict.reason else []
@@ -348,6 +380,33 @@ def _check_log_time(log: RecordLog, claims: SubmissionClaims | None, strict: boo
             reasons.append(f"submission.json {claim.key} says {claim.value:.0f} ms for seed {log.seed}, the log "
                            f"{stated:.0f} ms")
     return CheckResult(name, status, figure, "; ".join(reasons))
+
+
+def _check_time_claims(training: list[RecordLog], claims: SubmissionClaims | None) -> CheckResult:
+    """The training time submission.json states for the whole submission, against the logs' final times."""
+    if claims is None or not claims.train_times:
+        return CheckResult("train_time_claims", SKIP, "", "submission.json states no training time with a unit")
+    by_seed: dict[object, float] = {}
+    for log in training:
+        finals = [run.final.time_ms for run in log.runs if run.final is not None]
+        if finals:
+            by_seed[log.seed if log.seed is not None else log.path] = finals[-1]
+    if not by_seed:
+        return CheckResult("train_time_claims", SKIP, "", "no log states a training time")
+    times = list(by_seed.values())
+    observed = {"mean": statistics.fmean(times), "max": max(times), "min": min(times)}
+    parts, problems = [], []
+    for aggregate, claim in claims.train_times.items():
+        if aggregate:
+            agrees = claim.agrees(observed[aggregate])
+            seen = f"the {aggregate} over {len(times)} seed log(s) is {observed[aggregate]:,.0f} ms"
+        else:
+            agrees = any(claim.agrees(t) for t in times)
+            seen = f"the logs state {', '.join(f'{t:,.0f}' for t in times)} ms"
+        parts.append(f"{claim.key} {claim.value:,.0f} ms {'agrees' if agrees else 'disagrees'}")
+        if not agrees:
+            problems.append(f"{claim.key} says {claim.value:,.0f} ms; {seen}")
+    return CheckResult("train_time_claims", FAIL if problems else PASS, "; ".join(parts), "; ".join(problems))
 
 
 def _check_environment(training: list[RecordLog]) -> CheckResult:
@@ -454,13 +513,13 @@ def _check_mean(logs: list[RecordLog], claims: SubmissionClaims | None) -> Check
         if headline.agrees(mean):
             return CheckResult("val_bpb_mean", PASS, f"{figure} = mean of {len(seed_claims)} per-seed claims "
                                                      f"{mean:.8f}")
-    by_seed: dict[int | None, float] = {}
+    by_seed: dict[int | str, float] = {}  # one score per seed (a log without a seed counts on its own)
     for log in logs:
         if log.score is None or log.kind == "not a log":
             continue
         claim = claims.per_seed.get(log.seed, SeedClaims()).val_bpb if log.seed is not None else None
         found = _printed(claim, [log]) if claim else None
-        by_seed[log.seed if log.seed is not None else id(log)] = found[1].value if found else log.score.value
+        by_seed[log.seed if log.seed is not None else log.path] = found[1].value if found else log.score.value
     if by_seed:
         mean = statistics.fmean(by_seed.values())
         if headline.agrees(mean):
@@ -481,54 +540,70 @@ def _check_mean(logs: list[RecordLog], claims: SubmissionClaims | None) -> Check
 
 
 def _check_code_bytes(folder: Path, logs: list[RecordLog], claims: SubmissionClaims | None) -> CheckResult:
+    """The code as readable source and as the submission counted it; informational unless the script is missing.
+
+    Upstream counts the bytes of ``train_gpt.py`` as shipped, so a self-extracting wrapper counts as the wrapper
+    file; some later scripts count their own compressed source instead (``Code size (compressed)``). Each figure
+    the logs or submission.json state is matched to what it equals."""
     from trainer.source_unwrap import UnwrapError, unwrap
 
     entry = folder / ENTRY_POINT
-    if not entry.is_file():
-        return CheckResult("code_bytes", FAIL, "", f"no {ENTRY_POINT} in the folder")
+    if not _regular_file(entry):
+        return CheckResult("code_bytes", FAIL, "", f"no {ENTRY_POINT} in the folder (or not a regular file)")
     on_disk = entry.stat().st_size
+    if on_disk > MAX_LOG_BYTES:
+        return CheckResult("code_bytes", FAIL, f"{ENTRY_POINT} {on_disk:,} bytes",
+                           f"over {MAX_LOG_BYTES:,} bytes: not a training script")
+    readable_bytes: int | None = None
+    notes: list[str] = []
     try:
-        text = entry.read_bytes().decode("utf-8-sig")
-        unwrapped = unwrap(text)
-        readable = f"{len(unwrapped.source.encode('utf-8')):,} bytes of readable source"
+        unwrapped = unwrap(entry.read_bytes().decode("utf-8-sig"))
+        readable_bytes = len(unwrapped.source.encode("utf-8"))
         wrapper = (f"self-extracting: {' > '.join(layer.describe() for layer in unwrapped.layers)}"
                    if unwrapped.layers else "plain source")
+        notes += unwrapped.notes
     except (UnicodeDecodeError, SyntaxError, UnwrapError, RecursionError, ValueError) as exc:
-        readable, wrapper = f"readable source unknown ({type(exc).__name__}: {exc})", "not decoded"
-    figure = f"{ENTRY_POINT} {on_disk:,} bytes as submitted ({wrapper}); {readable}"
+        wrapper = f"not decoded: {type(exc).__name__}: {exc}"
+    readable = f"{readable_bytes:,} bytes of readable source" if readable_bytes is not None else "readable size unknown"
+    figure = f"{ENTRY_POINT} {on_disk:,} bytes as submitted ({wrapper}), {readable}"
+
+    def what(nbytes: int) -> str:
+        if nbytes == on_disk:
+            return "= as submitted"
+        if nbytes == readable_bytes:
+            return "= readable source"
+        return "= neither"
+
     counted: dict[str, int] = {}
     for log in logs:
         for run in log.runs:
             for label, nbytes in run.code_bytes.items():
-                counted.setdefault(label or "code size", nbytes)
-    notes = []
-    if counted:
-        figure += "; counted by the logs: " + ", ".join(f"{label} {n:,}" for label, n in counted.items())
-        counted_as = counted.get("compressed", counted.get("code size"))
-        if counted_as is not None and counted_as != on_disk and "compressed" not in counted:
-            notes.append(f"the logs count {counted_as:,} bytes, the {ENTRY_POINT} here has {on_disk:,}")
+                counted.setdefault(f"logs 'Code size{f' ({label})' if label else ''}'", nbytes)
     if claims is not None and claims.code_bytes is not None:
-        figure += f"; submission.json {claims.code_bytes.key} {claims.code_bytes.value:,.0f}"
+        counted[f"submission.json {claims.code_bytes.key}"] = int(claims.code_bytes.value)
+    if counted:
+        figure += "; counted: " + ", ".join(f"{label} {n:,} ({what(n)})" for label, n in counted.items())
+    others = sorted(p for p in folder.glob("*.py") if p.name != ENTRY_POINT)
+    if others:
+        figure += "; other Python files: " + ", ".join(f"{p.name} {p.stat().st_size:,}" for p in others)
     return CheckResult("code_bytes", PASS, figure, "; ".join(notes))
 
 
 def _check_scan(folder: Path) -> CheckResult:
+    """The folder scan of ``verifier scan DIR``: the entry point and every file it reaches."""
     from verifier import scan
 
-    entry = folder / ENTRY_POINT
-    if not entry.is_file():
-        return CheckResult("scan", SKIP, "", f"no {ENTRY_POINT} to scan")
-    reports = [scan.scan_file(entry)]
+    reports = scan.scan_paths([folder])
     code = scan.exit_code(reports)
     findings = [(report.path, f) for report in reports for f in report.findings]
     high = [(path, f) for path, f in findings if f.confidence == "high"]
-    figure = f"{len(reports)} file(s) scanned, {len(findings)} finding(s), {len(high)} high"
+    scanned = ", ".join(f"{Path(report.path).name}{f' ({report.via})' if report.via else ''}" for report in reports)
+    figure = f"{len(reports)} file(s) scanned: {scanned}; {len(findings)} finding(s), {len(high)} high"
     if code == scan.EXIT_UNREADABLE:
-        errors = "; ".join(f"{report.path}: {report.error}" for report in reports if report.error)
+        errors = "; ".join(f"{Path(report.path).name}: {report.error}" for report in reports if report.error)
         return CheckResult("scan", FAIL, figure, f"unreadable: {errors}")
     if high:
         path, first = high[0]
         return CheckResult("scan", FAIL, figure, f"{first.pattern} {first.condition} at {Path(path).name} line "
                                                  f"{first.line}: {first.explanation}")
     return CheckResult("scan", PASS, figure)
-

@@ -1,4 +1,4 @@
-"""``python -m verifier scan FILE...``: static compliance scan of upstream-style ``train_gpt.py`` submissions.
+"""``python -m verifier scan PATH...``: static compliance scan of upstream-style submissions (files or record folders).
 
 The scanner parses each file with ``ast`` (it never imports or executes it), peels self-extracting lzma / zlib /
 base85 / base64 wrappers statically (``trainer.source_unwrap``), runs a label-based data-flow analysis over the
@@ -13,6 +13,10 @@ P4    data        calibration or training on validation data
 P5    metric      a hard-coded bytes-per-token constant in the bits-per-byte formula
 ====  ==========  ==============================================================================
 
+A PATH that is a record folder is scanned from its entry point (``train_gpt.py``) through every Python file of
+the folder that it execs, imports or reads, with the folder's documented run command as configuration, and source
+the scanner cannot read (C / C++ / CUDA files or strings) is reported as not analysed (``scan_folder``).
+
 Every finding carries a confidence. ``high`` means the code shape is the one the organisers ruled against and it
 runs under the script's defaults; findings in code that nothing calls, or in a branch that the defaults route
 around, are lowered. Exit status: 0 when no high-confidence finding, 1 when at least one, 2 when an input could
@@ -22,6 +26,7 @@ not be read, parsed or decoded (this takes precedence: an unreadable submission 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import sys
 from collections import Counter
@@ -29,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainer.source_unwrap import UnwrapError, unwrap
+from verifier import scan_folder
 from verifier.scan_findings import CONFIDENCES, PATTERNS, Finding
 from verifier.scan_rules import analyse_source
 
@@ -47,10 +53,12 @@ class FileReport:
     layers: list[str] = field(default_factory=list)  # decoded wrapper layers, outermost first
     notes: list[str] = field(default_factory=list)
     error: str | None = None
+    via: str | None = None  # in a folder scan: how the file was reached ("entry point", "imported by x.py line 3")
 
     def to_dict(self) -> dict[str, object]:
         return {
             "path": self.path,
+            "via": self.via,
             "error": self.error,
             "layers": self.layers,
             "notes": self.notes,
@@ -58,38 +66,117 @@ class FileReport:
         }
 
 
-def scan_source(source: str, filename: str = "<string>") -> FileReport:
-    """Scan source text. Wrapper decoding and parse errors are reported in ``FileReport.error``."""
+@dataclass
+class _Scanned:
+    report: FileReport
+    tree: ast.Module | None = None
+    env: dict[str, str] = field(default_factory=dict)  # environment defaults its wrapper sets for what it runs
+
+
+def _scan_text(source: str, filename: str, run_env: dict[str, str] | None = None) -> _Scanned:
     report = FileReport(path=filename)
+    scanned = _Scanned(report)
     try:
         unwrapped = unwrap(source)
         origin = " > ".join(layer.describe() for layer in unwrapped.layers) or None
         report.layers = [layer.describe() for layer in unwrapped.layers]
         report.notes = list(unwrapped.notes)
-        report.findings = analyse_source(unwrapped.source, filename, origin, unwrapped.env_overrides)
+        # The run command's environment wins over a wrapper's os.environ.setdefault(...), as it does at run time.
+        scanned.env = {**unwrapped.env_overrides, **(run_env or {})}
+        scanned.tree = unwrapped.tree
+        report.findings = analyse_source(unwrapped.source, filename, origin, scanned.env, unwrapped.tree)
     except SyntaxError as exc:
-        where = "decoded payload" if report.layers else "file"
-        report.error = f"{where} is not valid Python: {exc.msg} (line {exc.lineno})"
+        report.error = f"file is not valid Python: {exc.msg} (line {exc.lineno})"
     except UnwrapError as exc:
         report.error = str(exc)
     except RecursionError:
         report.error = "source nests too deeply to analyse"
-    return report
+    return scanned
 
 
-def scan_file(path: Path) -> FileReport:
+def scan_source(source: str, filename: str = "<string>") -> FileReport:
+    """Scan source text. Wrapper decoding and parse errors are reported in ``FileReport.error``."""
+    return _scan_text(source, filename).report
+
+
+def _read_source(path: Path) -> tuple[str | None, str | None]:
     try:
         size = path.stat().st_size
         if size > MAX_INPUT_BYTES:
-            return FileReport(path=str(path), error=f"file is {size} bytes, over the {MAX_INPUT_BYTES}-byte limit")
+            return None, f"file is {size} bytes, over the {MAX_INPUT_BYTES}-byte limit"
         data = path.read_bytes()
     except OSError as exc:
-        return FileReport(path=str(path), error=f"cannot read: {exc.strerror or exc}")
+        return None, f"cannot read: {exc.strerror or exc}"
     try:
-        source = data.decode("utf-8-sig")
+        return data.decode("utf-8-sig"), None
     except UnicodeDecodeError as exc:
-        return FileReport(path=str(path), error=f"not UTF-8 text: {exc.reason} at byte {exc.start}")
-    return scan_source(source, str(path))
+        return None, f"not UTF-8 text: {exc.reason} at byte {exc.start}"
+
+
+def _scan_path(path: Path, run_env: dict[str, str] | None = None) -> _Scanned:
+    source, error = _read_source(path)
+    if source is None:
+        return _Scanned(FileReport(path=str(path), error=error))
+    return _scan_text(source, str(path), run_env)
+
+
+def scan_file(path: Path) -> FileReport:
+    return _scan_path(path).report
+
+
+def scan_folder_reports(folder: Path) -> list[FileReport]:
+    """Scan a record folder: its entry point and every Python file of the folder reached from it (see
+    ``scan_folder``). The entry point's report carries the folder-level notes and not-analysed findings."""
+    files = scan_folder.folder_files(folder)
+    python_files = [path for path in files if path.suffix == ".py"]
+    entry = scan_folder.entry_point(folder, python_files)
+    if entry is None:
+        names = ", ".join(path.name for path in python_files[:5]) or "none"
+        return [FileReport(path=str(folder), error=f"no entry point: no {scan_folder.ENTRY_POINT} and not exactly "
+                                                     f"one top-level Python file (found: {names})")]
+    run_env, env_sources = scan_folder.run_command_env(files)
+    siblings: dict[str, Path] = {}
+    for path in python_files:
+        siblings.setdefault(path.name, path)
+        if path.parent == folder:
+            siblings.setdefault(path.stem, path)
+    reports: list[FileReport] = []
+    pending: list[tuple[Path, str, dict[str, str]]] = [(entry, "entry point", run_env)]
+    seen = {entry}
+    while pending:
+        path, via, env = pending.pop(0)
+        scanned = _scan_path(path, env)
+        scanned.report.via = via
+        reports.append(scanned.report)
+        if scanned.tree is None:
+            continue
+        for line, first in scan_folder.foreign_strings(scanned.tree):
+            scanned.report.findings.append(scan_folder.not_analysed(
+                str(path), line, first, f"C / C++ / CUDA source in a string (line {line}, compiled at run time)"))
+        for target, how, line in scan_folder.references(scanned.tree, siblings):
+            if target not in seen:
+                seen.add(target)
+                pending.append((target, f"{how} by {path.name} line {line}", scanned.env))
+    head = reports[0]
+    if env_sources:
+        settings = " ".join(f"{name}={value}" for name, value in sorted(run_env.items()))
+        head.notes.append(f"run command ({', '.join(env_sources)}): {settings or 'no environment settings'}")
+    unreached = [path for path in python_files if path not in seen]
+    if unreached:
+        head.notes.append("not reached from the entry point, not scanned: "
+                          + ", ".join(str(path.relative_to(folder)) for path in unreached))
+    for path in files:
+        if path.suffix.lower() in scan_folder.FOREIGN_SOURCE:
+            head.findings.append(scan_folder.not_analysed(
+                str(path), 0, "", f"{path.relative_to(folder)} ({path.suffix} source in the record folder)"))
+    return reports
+
+
+def scan_paths(paths: list[Path]) -> list[FileReport]:
+    reports: list[FileReport] = []
+    for path in paths:
+        reports.extend(scan_folder_reports(path) if path.is_dir() else [scan_file(path)])
+    return reports
 
 
 def exit_code(reports: list[FileReport]) -> int:
@@ -109,6 +196,8 @@ def render_table(reports: list[FileReport]) -> str:
     lines: list[str] = []
     for report in reports:
         header = report.path + (f"  [decoded: {' > '.join(report.layers)}]" if report.layers else "")
+        if report.via:
+            header += f"  ({report.via})"
         lines.append(header)
         if report.error:
             lines.append(f"  ERROR  {report.error}")
@@ -155,15 +244,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "scan",
         help="static compliance scan of train_gpt.py submissions",
         description="Static (AST) scan of upstream-style train_gpt.py files for the known violation patterns "
-        "P1-P5. Self-extracting lzma/zlib/base85/base64 wrappers are decoded without executing them. Exit 0: no "
+        "P1-P5. A record folder is scanned from train_gpt.py through every Python file it execs, imports or "
+        "reads, configured by its documented run command. Self-extracting lzma/zlib/base85/base64 wrappers are "
+        "decoded without executing them. Exit 0: no "
         "high-confidence finding; 1: at least one; 2: an input could not be read or decoded.",
     )
-    parser.add_argument("files", nargs="+", type=Path, metavar="FILE", help="train_gpt.py files to scan")
+    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH",
+                        help="train_gpt.py files or record folders to scan")
     parser.add_argument("--json", action="store_true", help="print a JSON report instead of the table")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    reports = [scan_file(path) for path in args.files]
+    reports = scan_paths(args.paths)
     sys.stdout.write((render_json(reports) if args.json else render_table(reports)) + "\n")
     return exit_code(reports)

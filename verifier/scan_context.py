@@ -6,9 +6,12 @@ default (``TTT_ENABLED=0``, enabled in the run command) may well be what produce
 scanner only lowers its confidence when
 
 * the code is unreachable from the script's entry point (nothing calls it), or
-* the code sits in a branch that is *shadowed* by default: the branch's condition evaluates, from the literal
-  defaults, to the other side of an ``if`` that has an alternative (``if args.ttt_causal: legal() else:
-  illegal()`` with ``TTT_CAUSAL=1``). A plain ``if flag:`` without an alternative is not shadowed.
+* the code sits in a branch that the defaults switch off: the branch's condition evaluates, from the literal
+  defaults (environment-variable defaults included), to the other side (``if h.slot_enabled:`` with
+  ``SLOT_ENABLED=0``, or the ``else:`` of ``if args.ttt_causal:`` with ``TTT_CAUSAL=1``). Such a finding is lowered
+  one level, to medium: it stays visible, but it does not fail a submission whose reported run used the defaults.
+  What the run really set is taken from the record's own run command when the folder documents one
+  (``scan_folder``), so a feature that the submission's command switches on is not lowered.
 """
 
 from __future__ import annotations
@@ -182,7 +185,7 @@ class RunContext:
                 if truth is not None:
                     in_body = child in current.body
                     in_else = child in current.orelse
-                    if in_body and truth is False and current.orelse:
+                    if in_body and truth is False:
                         return current
                     if in_else and truth is True:
                         return current

@@ -13,12 +13,13 @@ PATTERNS = {
     "P3": "adaptation on validation tokens before they are scored / rescoring",
     "P4": "calibration or training on validation data",
     "P5": "hard-coded bytes-per-token constant in the bpb denominator",
+    "NA": "source the scanner cannot analyse (another language, compiled at run time)",
 }
 
 
 @dataclass(frozen=True)
 class Finding:
-    pattern: str  # "P1" .. "P5"
+    pattern: str  # "P1" .. "P5", or "NA" for source that was not analysed
     condition: str  # the rule broken: "C1+C2", "C2", "C3", "C4", "C3/C4", "C1/C4", "data", "metric"
     file: str
     line: int

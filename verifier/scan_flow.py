@@ -37,11 +37,12 @@ TOK = "tok"  # per-token (not yet reduced) values
 MIXED = "mixed"  # the gold probability blended with another quantity
 LOCAL = "local"  # a throwaway object made inside the function (LoRA, deep copy, fresh delta tensor)
 OPTIM = "optim"  # an optimizer
+STAT = "stat"  # a per-position statistic of a full distribution (its entropy, its max): no token's probability
 PARAM = "param:"  # prefix: depends on the function parameter of that name
 
 GOLD_FAMILY = frozenset({GOLD, GOLDP, GOLDLP})
 # Labels a callee parameter inherits from its call sites (the content of a value, never its provenance).
-SEEDABLE = frozenset({TGT, HKEY, NGOLD, GOLD, GOLDP, GOLDLP, PROB, LOGP, MIXED})
+SEEDABLE = frozenset({TGT, HKEY, NGOLD, GOLD, GOLDP, GOLDLP, PROB, LOGP, MIXED, STAT})
 # Labels that describe a value's shape, not what it carries; a value with only these is as good as a constant.
 SHAPE_ONLY = frozenset({TOK})
 
@@ -659,10 +660,26 @@ class FunctionFlow:
                 (TGT in left and _is_hash_multiplier(right_node)) or (TGT in right and _is_hash_multiplier(left_node))
             ):
                 labels.add(HKEY)
+            elif isinstance(op, (ast.Add, ast.BitOr)) and (
+                (TGT in right and TGT not in left and self._rolling_hash_step(node, left_node))
+                or (TGT in left and TGT not in right and self._rolling_hash_step(node, right_node))
+            ):
+                labels.add(HKEY)
         if isinstance(op, (ast.Add, ast.Sub)) and (_mixes_gold(left, right) or _mixes_gold(right, left)):
             labels.add(MIXED)
             self.mix_sites.append(node)
         return frozenset(labels)
+
+    def _rolling_hash_step(self, node: ast.AST, scaled: ast.AST) -> bool:
+        """``h * P + tgt`` (or ``(h << k) | tgt``): one step of a polynomial / rolling hash that folds the target
+        into a context hash. It is a hash key when the multiplier is a hash constant or the sum is then reduced
+        into a table (``& MASK``, ``% size``); a plain ``row * V + col`` index is neither."""
+        if not (isinstance(scaled, ast.BinOp) and isinstance(scaled.op, (ast.Mult, ast.LShift))):
+            return False
+        if _is_hash_multiplier(scaled.left) or _is_hash_multiplier(scaled.right):
+            return True
+        parent = self.index.parents.get(node)
+        return isinstance(parent, ast.BinOp) and isinstance(parent.op, (ast.BitAnd, ast.Mod)) and parent.left is node
 
     def call(self, node: ast.Call, env: Env) -> Labels:
         name = call_basename(node)
@@ -709,8 +726,10 @@ class FunctionFlow:
         if name == "deepcopy":
             return frozenset({LOCAL})
         if _OPTIMIZER_CTOR.match(name) and not on_value:
-            # Whether its parameters are a throwaway (LOCAL) or belong to a caller's model (param:...).
-            return frozenset({OPTIM, *(label for label in passed if label == LOCAL or label.startswith(PARAM))})
+            # Whether its parameters are a throwaway (LOCAL) or belong to a caller's model (param:...). Only the
+            # parameter argument says so: hyperparameters (lr=h.lr) come from a config, not from a model.
+            params = arg_labels[0] if arg_labels else kw_labels.get("params", EMPTY)
+            return frozenset({OPTIM, *(label for label in params if label == LOCAL or label.startswith(PARAM))})
         if name in _CONSTRUCTORS:
             grad = keyword(node, "requires_grad")
             return frozenset({LOCAL}) if isinstance(grad, ast.Constant) and grad.value is True else EMPTY
@@ -721,10 +740,16 @@ class FunctionFlow:
         if _VAL_LOADER_FUNC.search(name) and not on_value:
             return passed | {VAL}
         if on_value and name in _REDUCTIONS:
-            return (recv_labels - {TOK}) | (passed - {TGT})
+            reduced = (recv_labels - {TOK}) | (passed - {TGT})
+            if recv_labels & {PROB, LOGP} and not recv_labels & GOLD_FAMILY:
+                reduced |= {STAT}  # (p * log p).sum(-1): a number per position, not a distribution over tokens
+            return reduced
         if on_value and name in _PASS_THROUGH_METHODS:
             return recv_labels | (passed - {TGT, HKEY})
         if on_value and name in {"parameters", "named_parameters"}:
+            if LOCAL in recv_labels:
+                # The parameters of an adapter made here are its own, whatever config or model it was built from.
+                return frozenset({LOCAL})
             return recv_labels - {TGT, HKEY, TOK}
         return self._generic_call(node, recv_labels, arg_labels, kw_labels)
 
@@ -740,7 +765,12 @@ class FunctionFlow:
         elements = _listed(node.args[0]) if node.args else []
         parts = [self.labels.get(element, EMPTY) for element in elements]
         labels = union(parts) if elements else (arg_labels[0] if arg_labels else EMPTY)
-        if any(GOLDP in part for part in parts) and any(_is_other_probability(part) for part in parts):
+        gold_only = any(GOLDP in part for part in parts) and any(_is_other_probability(part) for part in parts)
+        # Experts stacked for a mixer: per-token gold (log-)probabilities next to a statistic of the model's
+        # distribution (an entropy "expert") that is no probability of the token at all.
+        statistic_expert = any(part & GOLD_FAMILY for part in parts) and any(
+            STAT in part and not part & GOLD_FAMILY for part in parts)
+        if gold_only or statistic_expert:
             self.mix_sites.append(node)
             labels |= {MIXED}
         return labels

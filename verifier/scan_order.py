@@ -85,15 +85,19 @@ class OrderSummary:
     score_deps: Labels = frozenset()
     score_first: bool = False  # scores each chunk before training on it (the legal TTT shape)
     logs_score: bool = False  # writes its score to a bpb / val_loss log line itself
+    # Parameters the function adds a loss into in place (``loss_sum += nll.sum()`` on the caller's tensor), with
+    # the labels of what it adds: the caller's accumulator is scored through them.
+    accumulates: tuple[tuple[str, Labels], ...] = ()
 
-    def key(self) -> tuple[Labels, bool, Labels, bool, bool]:
-        return self.train_deps, self.persistent, self.score_deps, self.score_first, self.logs_score
+    def key(self) -> tuple[Labels, bool, Labels, bool, bool, tuple[tuple[str, Labels], ...]]:
+        return self.train_deps, self.persistent, self.score_deps, self.score_first, self.logs_score, self.accumulates
 
 
 @dataclass
 class FunctionEvents:
     info: FunctionInfo | None
     events: list[Event] = field(default_factory=list)
+    accumulates: dict[str, Labels] = field(default_factory=dict)  # see OrderSummary.accumulates
 
     def of(self, kind: str) -> list[Event]:
         return [event for event in self.events if event.kind == kind]
@@ -362,10 +366,36 @@ class OrderAnalysis:
         if accumulator is None or not labels & {LOSS, GOLDLP, MIXED}:
             return
         if accumulator not in self.reported[info]:
+            self._note_accumulation(info, accumulator, labels, result)
             return
         if not (VAL in labels or params_in(labels)):
             return
         result.events.append(Event("score", node, labels, logged=accumulator in self.logged[info]))
+
+    def _note_accumulation(self, info: FunctionInfo | None, accumulator: str, labels: Labels,
+                           result: FunctionEvents) -> None:
+        """A loss added in place into one of the function's own parameters scores into the caller's state."""
+        if info is not None and accumulator in info.all_params:
+            result.accumulates[accumulator] = result.accumulates.get(accumulator, frozenset()) | labels
+
+    def _caller_accumulations(self, call: ast.Call, callee: FunctionInfo, bound: dict[str, ast.expr],
+                              flow: FunctionFlow) -> list[tuple[str, Labels]]:
+        """(caller variable, labels of the loss added into it) for each accumulator the callee writes into."""
+        found = []
+        for param, labels in self.summaries[callee].accumulates:
+            arg = bound.get(param)
+            name = root_name(arg) if arg is not None else None
+            deps = substitute(labels, bound, flow.labels)
+            if name is not None and deps & {LOSS, GOLDLP, MIXED}:
+                found.append((name, deps))
+        return found
+
+    def _scores_into_reported(self, call: ast.Call, info: FunctionInfo | None, flow: FunctionFlow) -> bool:
+        callee = self.index.resolve_call(call, info)
+        if callee is None:
+            return False
+        accumulations = self._caller_accumulations(call, callee, bind_arguments(call, callee), flow)
+        return any(name in self.reported[info] for name, _ in accumulations)
 
     def _callee_events(self, call: ast.Call, flow: FunctionFlow, info: FunctionInfo | None,
                        result: FunctionEvents) -> None:
@@ -384,6 +414,12 @@ class OrderAnalysis:
                 if self.is_val(flow.of(arg), info):
                     self.val_params[target].add(param)
             summary = self.summaries[target]
+            if not wrapped:
+                for name, deps in self._caller_accumulations(call, target, bound, flow):
+                    if name in self.reported[info] and (VAL in deps or params_in(deps)):
+                        result.events.append(Event("score", call, deps, via=target, logged=name in self.logged[info]))
+                    else:
+                        self._note_accumulation(info, name, deps, result)
             if summary.train_deps:
                 deps = substitute(summary.train_deps, bound, flow.labels)
                 result.events.append(Event("train", call, deps, summary.persistent, via=target))
@@ -413,6 +449,8 @@ class OrderAnalysis:
                 call = node.value
                 if call_basename(call) in _QUIET_CALLS or dotted_name(call.func).startswith(("dist.", "torch.cuda")):
                     continue
+                if self._scores_into_reported(call, info, flow):
+                    continue  # a helper adding the loss into the caller's accumulators is the score, not a discard
                 deps = frozenset().union(*(flow.of(arg) for arg in call.args)) if call.args else frozenset()
                 if self.is_val(deps, info):
                     result.events.append(Event("discard", node, deps))
@@ -444,6 +482,7 @@ class OrderAnalysis:
             score_deps=score_deps,
             score_first=bool(trains and scores) and self._scores_first(info, trains, scores),
             logs_score=any(e.logged for e in scores),
+            accumulates=tuple(sorted(events.accumulates.items())),
         )
 
     def _scores_first(self, info: FunctionInfo, trains: list[Event], scores: list[Event]) -> bool:
@@ -657,10 +696,21 @@ class OrderRules:
             if not (isinstance(node, ast.Call) and _PREFILL.match(call_basename(node)) and receiver(node) is not None):
                 continue
             whole = [arg for arg in node.args if isinstance(arg, ast.Name) and VAL in flow.of(arg)
-                     and is_val_name(arg.id)]
+                     and self._is_whole_stream(arg.id, info)]
             if not whole or self.positions.loops(node):
                 continue
+            before = [s for s in scores if self.positions.order(s.node, node) == -1]
             later = [s for s in scores if self.positions.order(node, s.node) == -1]
+            if before and later:
+                # Pass 1 scored the stream, the state is then built from all of it, and pass 2 scores it again:
+                # every rescored token reads counts that include itself and every later token.
+                found.append(self.finding(
+                    "P3", "C1/C4", node, "high",
+                    f"state is built from the whole validation stream `{whole[0].id}` after it was scored at line "
+                    f"{_line(before[0].node)} and the stream is scored again at line {_line(later[0].node)} "
+                    "(two-pass rescoring: the second pass reads counts of the tokens it scores and of later ones)",
+                ))
+                continue
             # Medium only: a causal one-pass precompute over the whole stream (the accepted n-gram tilt hints)
             # has the same static shape as a two-pass cache prefill.
             found.append(self.finding(
@@ -671,6 +721,21 @@ class OrderRules:
                 "prefill is C1)",
             ))
         return found
+
+    def _is_whole_stream(self, name: str, info: FunctionInfo | None) -> bool:
+        """``val_tokens`` itself, or a name bound in this function to a conversion of the whole stream
+        (``tokens_np = val_tokens.numpy()``), never to a slice of it."""
+        if is_val_name(name):
+            return True
+        values = [
+            node.value for node in self.a._nodes(info)
+            if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets)
+        ]
+        return bool(values) and all(
+            not any(isinstance(sub, ast.Subscript) for sub in ast.walk(value))
+            and any(isinstance(sub, ast.Name) and is_val_name(sub.id) for sub in ast.walk(value))
+            for value in values
+        )
 
     def _min_over_passes(self, info: FunctionInfo | None) -> list[Finding]:
         found: list[Finding] = []

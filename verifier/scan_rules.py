@@ -20,12 +20,14 @@ import math
 import re
 from collections.abc import Callable
 
+from trainer.source_syntax import parse_python
 from verifier.scan_context import UNKNOWN, ConfigDefaults, RunContext
 from verifier.scan_findings import Finding
 from verifier.scan_flow import (
     HKEY,
     MIXED,
     NGOLD,
+    STAT,
     TGT,
     VAL,
     FunctionFlow,
@@ -63,10 +65,14 @@ _CONVERSIONS = (1.0, 2.0, 8.0, math.log(2.0), 1.0 / math.log(2.0), 0.5)
 
 
 def analyse_source(
-    source: str, filename: str, origin: str | None = None, env_overrides: dict[str, str] | None = None
+    source: str,
+    filename: str,
+    origin: str | None = None,
+    env_overrides: dict[str, str] | None = None,
+    tree: ast.Module | None = None,
 ) -> list[Finding]:
-    """Run every detector over one (already unwrapped) source text."""
-    tree = ast.parse(source, filename=filename)
+    """Run every detector over one (already unwrapped) source text, parsed with the Python 3.12 grammar."""
+    tree = tree if tree is not None else parse_python(source)
     index = ModuleIndex(tree, source)
     flow = ModuleFlow(index)
     defaults = ConfigDefaults(index, env_overrides or {})
@@ -198,7 +204,13 @@ def gold_only_mixing(flow: FunctionFlow, make_finding: MakeFinding) -> list[Find
         if line in seen:
             continue
         seen.add(line)
-        other = "an n-gram estimate read with a target-keyed hash" if NGOLD in flow.of(site) else "another estimate"
+        labels = flow.of(site)
+        if NGOLD in labels:
+            other = "an n-gram estimate read with a target-keyed hash"
+        elif STAT in labels:
+            other = "a statistic of the model's distribution (such as its entropy) used as an 'expert'"
+        else:
+            other = "another estimate"
         findings.append(make_finding(
             "P2", "C2", site, "high" if scored else "medium",
             f"the model's probability of the gold token alone is blended with {other}; no full-vocabulary "
@@ -291,19 +303,38 @@ def bytes_per_token_constant(flow: FunctionFlow, defaults: ConfigDefaults, make_
 
 
 def _scaling_operands(expr: ast.expr) -> list[tuple[ast.expr, ast.expr, bool]]:
-    """(operand, the other operand, operand is a divisor) for every ``*`` and ``/`` outside ``log(...)`` calls."""
+    """(factor, the numerator factors it scales, factor is a divisor) for every factor of every product / quotient
+    outside ``log(...)`` calls. Products are flattened, so ``loss / (math.log(2) * 3.5)`` makes 3.5 a divisor
+    of ``loss`` just as ``loss / math.log(2) / 3.5`` does."""
     operands: list[tuple[ast.expr, ast.expr, bool]] = []
     pending = [expr]
     while pending:
         node = pending.pop()
         if isinstance(node, ast.Call) and call_basename(node) in _LOG_CALLS:
             continue
-        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
-            operands.append((node.right, node.left, True))
-        elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult):
-            operands += [(node.left, node.right, False), (node.right, node.left, False)]
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Mult, ast.Div)):
+            factors: list[tuple[ast.expr, bool]] = []
+            _flatten_product(node, False, factors)
+            for position, (factor, divides) in enumerate(factors):
+                # A divisor divides the numerator's factors; a numerator factor scales the other numerator factors.
+                others = ast.Tuple(elts=[other for i, (other, other_divides) in enumerate(factors)
+                                         if i != position and not other_divides], ctx=ast.Load())
+                operands.append((factor, others, divides))
+            pending.extend(factor for factor, _ in factors)
+            continue
         pending.extend(child for child in ast.iter_child_nodes(node) if isinstance(child, ast.expr))
     return operands
+
+
+def _flatten_product(node: ast.expr, divides: bool, out: list[tuple[ast.expr, bool]]) -> None:
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult):
+        _flatten_product(node.left, divides, out)
+        _flatten_product(node.right, divides, out)
+    elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
+        _flatten_product(node.left, divides, out)
+        _flatten_product(node.right, not divides, out)
+    else:
+        out.append((node, divides))
 
 
 def _constant_factor(operand: ast.expr, defaults: ConfigDefaults) -> tuple[float, str] | None:

@@ -5,11 +5,13 @@ device, compares it with the cap, and stops after the first step whose reading r
 synchronised time is what the log reports. So an honest run overshoots the cap by part of its last step, and the
 organisers accepted such runs. The verifier grants that and nothing more, judged from the log's own step timings:
 
-* ``T`` = the largest training time the run states (the forced last step counts: it trained), at step ``N``.
+* ``T`` = the training time after the run's last step ``N`` (the forced last step counts: it trained); of the
+  lines at step ``N``, the most precise (a stop line in ms rather than a step line in minutes).
 * ``T <= 600,000 ms``: PASS.
 * Otherwise it is WARN only when all of these hold, and FAIL when any does not:
 
-  1. every step line before step ``N`` is under the cap (no earlier step had crossed it);
+  1. no step line before step ``N`` is over the cap by more than its printing precision (no earlier step had
+     crossed it);
   2. the run's pace ``d`` (ms per step) is measured from its step lines under the cap: the slope between the last
      two of them (the first of which may be step 0);
   3. the overshoot ``T - 600,000`` is at most ``STEP_ALLOWANCE`` steps at that pace;
@@ -28,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from verifier.logs import TimedStep
+from verifier.logs import TimedStep, final_step
 from verifier.report import FAIL, PASS, WARN
 
 TRAIN_LIMIT_MS = 600_000.0
@@ -66,18 +68,19 @@ def judge_steps(steps: Sequence[TimedStep], limit_ms: float = TRAIN_LIMIT_MS) ->
     """The verdict for one run from its timed step lines (see the module docstring for the rule)."""
     if not steps:
         return TimeVerdict(FAIL, None, None, "no line states the training time")
-    final = max(steps, key=lambda s: (s.time_ms, s.stop))
+    final = final_step(list(steps))
     total, last_step = final.time_ms, final.step
     if total <= limit_ms:
         return TimeVerdict(PASS, total, None)
     over = total - limit_ms
     earlier = [s for s in steps if s.step < last_step]
-    crossed = [s for s in earlier if s.time_ms > limit_ms]
+    # A time printed in minutes ("10.0m") is only known to ±3 s: it has crossed only if it is over by more.
+    crossed = [s for s in earlier if s.time_ms - s.precision_ms > limit_ms]
     if crossed:
         first = min(crossed, key=lambda s: s.step)
         return TimeVerdict(FAIL, total, over, f"over the cap by {over:.0f} ms and not only on the final step: step "
                                               f"{first.step} was already at {first.time_ms:.0f} ms")
-    under = sorted({(s.step, s.time_ms) for s in earlier})
+    under = sorted({(s.step, min(s.time_ms, limit_ms)) for s in earlier})
     if not under or under[-1][0] <= 0:
         return TimeVerdict(FAIL, total, over, f"over the cap by {over:.0f} ms, and no step timing under the cap "
                                               f"to measure a step's duration")

@@ -1,7 +1,7 @@
 """The FastAPI application: `create_app(settings)`.
 
     PGOLF_DATA_DIR=data/embedded python -m service serve
-    curl -N -F artifact=@model.pgolf http://127.0.0.1:8000/evaluate
+    curl -N -H "Authorization: Bearer $PGOLF_TOKEN" -F artifact=@model.pgolf http://127.0.0.1:8000/evaluate
 """
 
 from __future__ import annotations
@@ -15,8 +15,12 @@ from fastapi import FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
-from service.api.errors import ApiError, api_error_handler
+from service.api.admission import UploadSlots
+from service.api.auth import UserDirectory
+from service.api.connections import CloseUnfinishedBodies
+from service.api.errors import install_error_handlers
 from service.api.jobs import EventHub, JobQueue
+from service.api.public_events import PathRedactor
 from service.api.routes import evaluate, evaluations, meta
 from service.api.settings import Settings
 from service.api.state import ServiceState
@@ -27,28 +31,38 @@ STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 log = logging.getLogger("pgolf.service")
 
 
+def announce(message: str) -> None:
+    print(message, flush=True)
+
+
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.storage_dir.mkdir(parents=True, exist_ok=True)
         _clear_scratch(settings.uploads_dir)
-        store = Store(settings.database_path)
+        store = Store(settings.database_path)  # raises DatabaseDamaged rather than touch a damaged file
+        users = UserDirectory.load(settings, announce)
         interrupted = store.mark_interrupted()
         if interrupted:
             log.warning("marked %d job(s) of the previous run as failed: interrupted", len(interrupted))
         hub = EventHub()
-        queue = JobQueue(settings, store, hub)
+        redactor = PathRedactor([("data", settings.data_dir), ("tokenizer", settings.tokenizer),
+                                 ("storage", settings.storage_dir)])
+        queue = JobQueue(settings, store, hub, redactor)
         validator = ArtifactValidator(max_file_bytes=settings.max_artifact_bytes,
                                       timeout_seconds=settings.validation_timeout_seconds,
                                       limits=settings.validator_limits)
         tokenizer = TokenizerIdentity.of_model_file(settings.tokenizer)
-        app.state.service = ServiceState(settings, store, hub, queue, validator, tokenizer)
+        uploads = UploadSlots(per_client=settings.uploads_per_client, total=settings.uploads_in_flight,
+                              deadline_seconds=settings.upload_deadline_seconds)
+        app.state.service = ServiceState(settings, store, hub, queue, validator, tokenizer, users, uploads)
         await validator.start()
         queue.start()
         try:
             yield
         finally:
-            await queue.stop()
+            await app.state.service.begin_shutdown()
+            await queue.stop(wait_seconds=min(3.0, settings.shutdown_grace_seconds / 4))
             await validator.close()
             store.mark_interrupted()  # now, rather than at the next start: the record is true while we are down
             store.close()
@@ -59,7 +73,8 @@ def create_app(settings: Settings) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
     )
-    app.add_exception_handler(ApiError, api_error_handler)
+    install_error_handlers(app)
+    app.add_middleware(CloseUnfinishedBodies)
     app.include_router(evaluate.router)
     app.include_router(evaluations.router)
     app.include_router(meta.router)
@@ -70,6 +85,13 @@ def create_app(settings: Settings) -> FastAPI:
         return FileResponse(STATIC_DIR / "index.html")
 
     return app
+
+
+async def begin_shutdown(app: FastAPI) -> None:
+    """What SIGTERM does first (service/api/shutdown.py); a no-op before the lifespan has started."""
+    state = getattr(app.state, "service", None)
+    if state is not None:
+        await state.begin_shutdown()
 
 
 def _clear_scratch(uploads_dir: Path) -> None:

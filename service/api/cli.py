@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
 
@@ -23,16 +24,36 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from service.api.app import create_app
+    from service.api.app import announce, begin_shutdown, create_app
+    from service.api.auth import UserDirectory
+    from service.api.connections import protocol_with_head_deadline
+    from service.api.shutdown import GracefulServer
+    from service.api.storage import DatabaseDamaged, Store
 
     try:
         settings = Settings.from_env()
-    except SettingsError as error:
+        # Checked here, before uvicorn, so that a damaged database or a bad tokens file is one clear message.
+        Store(settings.database_path).close()
+        UserDirectory.load(settings, announce)  # on a first start with no user: generates and prints a token
+    except (SettingsError, DatabaseDamaged) as error:
         print(f"pgolf serve: {error}", file=sys.stderr)
         return 2
     logging.getLogger("pgolf").setLevel(logging.INFO)  # job starts and outcomes, beside uvicorn's access log
     host = args.host or settings.host
     port = settings.port if args.port is None else args.port
+    app = create_app(settings)
+    grace = settings.shutdown_grace_seconds
     # One uvicorn process: the job queue lives in it, and evaluations run in their own subprocesses.
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="info",
+        http=protocol_with_head_deadline(settings.header_timeout_seconds),
+        timeout_keep_alive=5, timeout_graceful_shutdown=max(0.2, grace / 2),
+        proxy_headers=bool(settings.forwarded_allow_ips), forwarded_allow_ips=settings.forwarded_allow_ips or None,
+    )
+    server = GracefulServer(config, grace_seconds=grace,
+                            on_signal=lambda: asyncio.ensure_future(begin_shutdown(app)))
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it shut down on; the shutdown itself is done
+        pass
     return 0

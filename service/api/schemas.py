@@ -33,6 +33,7 @@ class JobLinks(BaseModel):
 
 class JobView(BaseModel):
     id: str
+    owner: str | None = Field(None, description="the user who submitted it")
     status: Literal["queued", "running", "completed", "failed", "timeout", "cancelled"]
     reason: str | None = Field(None, description="why the job failed, timed out or was cancelled")
     artifact_sha256: str
@@ -62,10 +63,21 @@ class Limits(BaseModel):
     kill_grace_seconds: float
     workers: int
     queue_bound: int
-    auth_required: bool
+    auth_required: bool = Field(description="uploads and cancellations need a bearer token (always true)")
+    reads: Literal["public", "private"] = Field(description="public: anyone reads every job; private: own only")
+    upload_idle_seconds: float
+    upload_min_bytes_per_second: int
+    upload_deadline_seconds: float
+    uploads_per_client: int
     ngram_modes: list[str]
     tokenizer_sha256: str
     vocab_size: int
+
+
+class WhoAmI(BaseModel):
+    user: str
+    admin: bool
+    reads: Literal["public", "private"]
 
 
 class Health(BaseModel):

@@ -8,6 +8,7 @@ first upload.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import sys
 from collections.abc import Mapping
@@ -30,7 +31,8 @@ EVALUATOR_OPEN_FILES = 4096
 
 # Subprocesses read untrusted artifacts; they get no credential of the service (EvalAI keeps its API token out of
 # the participant's container for the same reason).
-SECRET_ENV_VARS = ("PGOLF_API_TOKEN",)
+SECRET_ENV_VARS = ("PGOLF_API_TOKEN", "PGOLF_TOKENS")
+READ_POLICIES = ("public", "private")
 
 
 def subprocess_env() -> dict[str, str]:
@@ -53,8 +55,7 @@ class Settings:
     # much longer so a clean `timeout` event (with its figures) wins over the backstop whenever possible.
     kill_grace_seconds: float = KILL_GRACE_SECONDS
     workers: int = 1  # PGOLF_WORKERS: evaluations running at once, one subprocess each
-    queue_bound: int = 8  # PGOLF_QUEUE_BOUND: jobs (and uploads in flight) allowed to wait beyond the workers
-    api_token: str | None = None  # PGOLF_API_TOKEN: when set, POST and DELETE need "Authorization: Bearer ..."
+    queue_bound: int = 8  # PGOLF_QUEUE_BOUND: validated jobs allowed to wait beyond the workers
     host: str = "127.0.0.1"  # PGOLF_HOST
     port: int = 8000  # PGOLF_PORT
     # PGOLF_EVALUATOR: command prefix of the evaluator; ARTIFACT and the options are appended. Replace it to run
@@ -69,6 +70,33 @@ class Settings:
         EVALUATOR_ADDRESS_SPACE_BYTES,
         default_cpu_seconds(EVAL_LIMIT_SECONDS + KILL_GRACE_SECONDS, os.cpu_count() or 1), EVALUATOR_OPEN_FILES)
 
+    # --- upload admission (service/api/admission.py) ---
+    # A connection must deliver its whole request head (request line and headers) within this many seconds.
+    header_timeout_seconds: float = 10.0  # PGOLF_HEADER_TIMEOUT_SECONDS
+    # An upload body is refused with 408 when no byte arrives for this long ...
+    upload_idle_seconds: float = 30.0  # PGOLF_UPLOAD_IDLE_SECONDS
+    # ... when, after the first idle period, its average rate falls below this (50 kB/s = 0.4 Mbit/s: a 16 MB
+    # artifact in 5.5 minutes) ...
+    upload_min_bytes_per_second: int = 50_000  # PGOLF_UPLOAD_MIN_BYTES_PER_SECOND
+    # ... or when it is not complete after this long, whatever its rate.
+    upload_deadline_seconds: float = 600.0  # PGOLF_UPLOAD_DEADLINE_SECONDS
+    uploads_per_client: int = 2  # PGOLF_UPLOADS_PER_CLIENT: bodies in flight from one address (IPv6: one /64)
+    uploads_in_flight: int = 16  # PGOLF_UPLOADS_IN_FLIGHT: bodies in flight from everyone (bounds scratch disk)
+    # PGOLF_FORWARDED_ALLOW_IPS: proxies whose X-Forwarded-For names the client (empty: the peer address is the
+    # client, and no header can change that).
+    forwarded_allow_ips: str = ""
+
+    # --- users (service/api/auth.py) ---
+    api_token: str | None = None  # PGOLF_API_TOKEN: the token of the user "admin" (an admin)
+    user_tokens: tuple[tuple[str, str], ...] = ()  # PGOLF_TOKENS: "user:token" entries, hashed when loaded
+    tokens_file: Path | None = None  # PGOLF_TOKENS_FILE: "user:sha256:<hex>" lines (default STORAGE_DIR/tokens)
+    admins: tuple[str, ...] = ("admin",)  # PGOLF_ADMINS: users who may cancel anyone's job and read every job
+    reads: str = "public"  # PGOLF_READS: "public" (anyone reads every job) or "private" (owners and admins)
+
+    # --- robustness ---
+    shutdown_grace_seconds: float = 10.0  # PGOLF_SHUTDOWN_GRACE_SECONDS: SIGTERM to exit, at most
+    storage_retry_seconds: float = 30.0  # PGOLF_STORAGE_RETRY_SECONDS: how long a job-state write is retried
+
     @property
     def database_path(self) -> Path:
         return self.storage_dir / "service.sqlite3"
@@ -80,6 +108,10 @@ class Settings:
     @property
     def uploads_dir(self) -> Path:
         return self.storage_dir / "uploads"
+
+    @property
+    def token_file_path(self) -> Path:
+        return self.tokens_file or self.storage_dir / "tokens"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -99,12 +131,25 @@ class Settings:
             kill_grace_seconds=kill_grace,
             workers=_int(env, "PGOLF_WORKERS", 1, minimum=1),
             queue_bound=_int(env, "PGOLF_QUEUE_BOUND", 8, minimum=0),
-            api_token=env.get("PGOLF_API_TOKEN") or None,
             host=env.get("PGOLF_HOST") or "127.0.0.1",
             port=_int(env, "PGOLF_PORT", 8000, minimum=0),
             evaluator_command=_command(env, "PGOLF_EVALUATOR", cls.evaluator_command),
             evaluator_extra_args=tuple(shlex.split(env.get("PGOLF_EVAL_ARGS", ""))),
             validation_timeout_seconds=_float(env, "PGOLF_VALIDATION_TIMEOUT_SECONDS", 120.0, minimum=1.0),
+            header_timeout_seconds=_float(env, "PGOLF_HEADER_TIMEOUT_SECONDS", 10.0, minimum=0.1),
+            upload_idle_seconds=_float(env, "PGOLF_UPLOAD_IDLE_SECONDS", 30.0, minimum=0.1),
+            upload_min_bytes_per_second=_int(env, "PGOLF_UPLOAD_MIN_BYTES_PER_SECOND", 50_000, minimum=0),
+            upload_deadline_seconds=_float(env, "PGOLF_UPLOAD_DEADLINE_SECONDS", 600.0, minimum=0.1),
+            uploads_per_client=_int(env, "PGOLF_UPLOADS_PER_CLIENT", 2, minimum=1),
+            uploads_in_flight=_int(env, "PGOLF_UPLOADS_IN_FLIGHT", 16, minimum=1),
+            forwarded_allow_ips=env.get("PGOLF_FORWARDED_ALLOW_IPS", "").strip(),
+            api_token=_token(env, "PGOLF_API_TOKEN"),
+            user_tokens=_user_tokens(env, "PGOLF_TOKENS"),
+            tokens_file=Path(env["PGOLF_TOKENS_FILE"]) if env.get("PGOLF_TOKENS_FILE") else None,
+            admins=_names(env, "PGOLF_ADMINS", ("admin",)),
+            reads=_choice(env, "PGOLF_READS", "public", READ_POLICIES),
+            shutdown_grace_seconds=_float(env, "PGOLF_SHUTDOWN_GRACE_SECONDS", 10.0, minimum=0.5),
+            storage_retry_seconds=_float(env, "PGOLF_STORAGE_RETRY_SECONDS", 30.0, minimum=0.0),
             validator_limits=_limits(env, "PGOLF_VALIDATOR", VALIDATOR_LIMITS),
             evaluator_limits=_limits(env, "PGOLF_EVALUATOR", ResourceLimits(
                 EVALUATOR_ADDRESS_SPACE_BYTES, evaluator_cpu, EVALUATOR_OPEN_FILES)),
@@ -171,3 +216,56 @@ def _command(env: Mapping[str, str], name: str, default: tuple[str, ...]) -> tup
     if not parts:
         raise SettingsError(f"{name} is empty")
     return parts
+
+
+# Tokens are compared by their sha256; that is only as strong as the token is unguessable, so short ones are
+# refused (the service's own are 32 random bytes).
+MIN_TOKEN_CHARS = 16
+_USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def valid_user_name(name: str) -> bool:
+    return _USER_NAME.fullmatch(name) is not None
+
+
+def check_token(name: str, token: str) -> str:
+    if len(token) < MIN_TOKEN_CHARS or any(c.isspace() for c in token):
+        raise SettingsError(f"{name}: a token must be at least {MIN_TOKEN_CHARS} characters, without spaces")
+    return token
+
+
+def _token(env: Mapping[str, str], name: str) -> str | None:
+    raw = env.get(name)
+    return check_token(name, raw) if raw else None
+
+
+def _user_tokens(env: Mapping[str, str], name: str) -> tuple[tuple[str, str], ...]:
+    entries = []
+    for item in re.split(r"[\s,]+", env.get(name, "").strip()):
+        if not item:
+            continue
+        user, sep, token = item.partition(":")
+        if not sep or not valid_user_name(user):
+            raise SettingsError(f"{name}: {user!r} is not a 'user:token' entry with a plain user name")
+        entries.append((user, check_token(f"{name} ({user})", token)))
+    if len({user for user, _ in entries}) != len(entries):
+        raise SettingsError(f"{name} names a user twice")
+    return tuple(entries)
+
+
+def _names(env: Mapping[str, str], name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    names = tuple(item for item in re.split(r"[\s,]+", raw.strip()) if item)
+    bad = [n for n in names if not valid_user_name(n)]
+    if bad:
+        raise SettingsError(f"{name}: {bad[0]!r} is not a user name")
+    return names
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = env.get(name) or default
+    if raw not in choices:
+        raise SettingsError(f"{name}={raw!r} must be one of {', '.join(choices)}")
+    return raw

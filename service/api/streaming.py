@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from starlette.responses import StreamingResponse
 
 from service.api.jobs import EventHub
+from service.api.public_events import EVENT_TYPES
 from service.api.storage import TERMINAL_STATUSES, Store, StoredEvent
 
 NDJSON_MEDIA_TYPE = "application/x-ndjson"
@@ -37,7 +38,7 @@ async def follow_events(store: Store, hub: EventHub, job_id: str, after_seq: int
             after_seq = event.seq
         if len(events) == _PAGE:
             continue
-        if terminal:
+        if terminal or hub.closed:  # done, or the service is shutting down (the client can resume later)
             return
         if not await hub.wait_for_change(job_id, seen_version, KEEPALIVE_SECONDS):
             yield None
@@ -55,7 +56,15 @@ async def _sse(events: AsyncIterator[StoredEvent | None]) -> AsyncIterator[bytes
         if event is None:
             yield b": keep-alive\n\n"
         else:
-            yield f"id: {event.seq}\nevent: {event.type}\ndata: {event.body}\n\n".encode()
+            yield sse_frame(event)
+
+
+def sse_frame(event: StoredEvent) -> bytes:
+    """One SSE message. The name is one of EVENT_TYPES (anything else is sent as the default `message`) and the
+    data is the stored JSON with any line break escaped, so no stored text can end or forge a frame."""
+    name = event.type if event.type in EVENT_TYPES else "message"
+    data = event.body.replace("\r", "\\r").replace("\n", "\\n")  # stored JSON has none; kept out regardless
+    return f"id: {event.seq}\nevent: {name}\ndata: {data}\n\n".encode()
 
 
 def event_stream_response(events: AsyncIterator[StoredEvent | None], *, sse: bool,

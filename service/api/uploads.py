@@ -9,8 +9,10 @@ chunk, whatever the number of concurrent uploads.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import re
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -18,6 +20,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from python_multipart.multipart import MultipartParser, parse_options_header
+
+from service.api.admission import UploadRefused
+from service.api.storage import StorageFull
 
 ARTIFACT_FIELD = "artifact"
 # Upstream .ptz artifacts come with their submission's train_gpt.py, from which the model config is read. A real
@@ -32,6 +37,9 @@ MAX_FORM_OVERHEAD_BYTES = 64 * 1024
 # After the cap is passed the rest of the body is read and thrown away, up to this much, so that an ordinary
 # client gets to read the 413 instead of a connection reset; a longer body is simply cut.
 DRAIN_LIMIT_BYTES = 1 << 20
+# RFC 2046 section 5.1.1: 1 to 70 characters of this set, not ending in a space.
+_BOUNDARY = re.compile(rb"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class UploadError(ValueError):
@@ -69,11 +77,17 @@ class Upload:
         self.path.unlink(missing_ok=True)
 
 
+def max_body_bytes(cap_bytes: int) -> int:
+    """The longest request body an artifact of `cap_bytes` can need (with an upstream submission's code part),
+    framing included, chunked or not."""
+    return cap_bytes + MAX_CODE_BYTES + MAX_FORM_OVERHEAD_BYTES
+
+
 def content_length_too_large(content_length: str | None, cap_bytes: int) -> bool:
     """True when the declared body size alone proves the artifact is over the cap."""
-    if content_length is None or not content_length.isdigit():
+    if content_length is None or not re.fullmatch(r"[0-9]{1,19}", content_length):
         return False
-    return int(content_length) > cap_bytes + MAX_FORM_OVERHEAD_BYTES
+    return int(content_length) > max_body_bytes(cap_bytes)
 
 
 class _FormCollector:
@@ -166,26 +180,34 @@ async def receive_upload(
     media_type, params = parse_options_header(content_type)
     if media_type != b"multipart/form-data" or not params.get(b"boundary"):
         raise UploadError("send the artifact as multipart/form-data with a field named 'artifact'")
-    scratch_dir.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix="upload-", suffix=".part", dir=scratch_dir)
+    if not _BOUNDARY.fullmatch(params[b"boundary"]):
+        raise UploadError("the multipart boundary must be 1 to 70 characters of the set RFC 2046 allows")
+    try:
+        scratch_dir.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(prefix="upload-", suffix=".part", dir=scratch_dir)
+    except OSError as error:
+        raise _disk_error(error) from None
     path = Path(name)
     try:
-        with os.fdopen(handle, "wb") as artifact_file:
-            collector = _FormCollector(artifact_file, cap_bytes)
-            parser = MultipartParser(params[b"boundary"], collector.callbacks())
-            try:
-                async for chunk in body:
-                    parser.write(chunk)
-                parser.finalize()
-            except UploadTooLarge:
-                artifact_file.close()
-                path.unlink(missing_ok=True)
-                await _drain(body, DRAIN_LIMIT_BYTES)
-                raise
-            except UploadError:
-                raise
-            except Exception as error:  # python-multipart's parse errors: the body is not valid multipart
-                raise UploadError(f"malformed multipart body: {error}") from None
+        try:
+            with os.fdopen(handle, "wb") as artifact_file:
+                collector = _FormCollector(artifact_file, cap_bytes)
+                parser = MultipartParser(params[b"boundary"], collector.callbacks())
+                try:
+                    async for chunk in body:
+                        parser.write(chunk)
+                    parser.finalize()
+                except UploadTooLarge:
+                    artifact_file.close()
+                    path.unlink(missing_ok=True)
+                    await _drain(body, DRAIN_LIMIT_BYTES)
+                    raise
+                except (UploadError, OSError, UploadRefused):
+                    raise
+                except Exception as error:  # python-multipart's parse errors: the body is not valid multipart
+                    raise UploadError(f"malformed multipart body: {error}") from None
+        except OSError as error:  # writing or closing the scratch file: the disk, not the client
+            raise _disk_error(error) from None
         if collector.artifact_parts == 0:
             raise UploadError(f"the form has no '{ARTIFACT_FIELD}' file part")
         code = None if collector.code is None else bytes(collector.code)
@@ -193,6 +215,14 @@ async def receive_upload(
     except BaseException:
         path.unlink(missing_ok=True)
         raise
+
+
+def _disk_error(error: OSError) -> Exception:
+    """A full disk is the service's condition (507), not a bad upload; any other OS error stays an error."""
+    if error.errno in _DISK_FULL:
+        return StorageFull(f"the service's upload space is full ({os.strerror(error.errno)}); the upload was "
+                           "discarded, nothing was stored")
+    return error
 
 
 async def _drain(body: AsyncIterator[bytes], limit_bytes: int) -> None:

@@ -31,6 +31,10 @@ from service.api.settings import subprocess_env
 from service.engine.events import allocation_failure_reason
 
 MAX_REPLY_BYTES = 8 << 20  # a manifest is a few KB; a reply near this is itself a sign of a broken helper
+# The address-space limit counts reserved memory, and every OpenMP thread reserves a stack and a malloc arena (up to
+# 64 MiB): with one thread per core, a 128-core host would spend the validator's 4 GiB before reading a byte.
+# Reading one artifact gains little from threads, so the helper runs one, with at most two malloc arenas.
+VALIDATOR_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"}
 
 
 @dataclass(frozen=True)
@@ -98,8 +102,16 @@ class ArtifactValidator:
             await self._running_process()
 
     async def close(self) -> None:
+        self.kill_now()
         async with self._lock:
             await self._stop()
+
+    def kill_now(self) -> None:
+        """At shutdown, from any state: the helper dies now; a validation waiting on it sees it gone."""
+        process = self._process
+        if process is not None and process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
 
     async def validate(self, path: Path, *, code: bytes | None = None, env: list[str] | None = None
                        ) -> ValidationResult:
@@ -131,7 +143,10 @@ class ArtifactValidator:
                 return ValidationResult(None, "validator_crashed",
                                         f"the artifact reader died while reading this file (exit status "
                                         f"{process.returncode}); the file was refused")
-        reply = json.loads(line)
+        try:
+            reply = json.loads(line)
+        except ValueError:
+            return ValidationResult(None, "validator_crashed", "the artifact reader answered garbage; refused")
         if reply["ok"]:
             return ValidationResult(reply["manifest"])
         return ValidationResult(None, str(reply["code"]), str(reply["message"]))
@@ -142,7 +157,7 @@ class ArtifactValidator:
             self._process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "service.api.validation", "--cpu-seconds-per-file", str(self.limits.cpu_seconds),
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=MAX_REPLY_BYTES,
-                env=subprocess_env(), preexec_fn=child_setup(self.limits, renewable_cpu=True),
+                env={**subprocess_env(), **VALIDATOR_ENV}, preexec_fn=child_setup(self.limits, renewable_cpu=True),
             )
         return self._process
 

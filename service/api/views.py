@@ -24,6 +24,7 @@ def job_view(store: Store, job: JobRecord) -> JobView:
     result = job.result
     return JobView(
         id=job.id,
+        owner=job.owner,
         status=job.status,  # type: ignore[arg-type]  # the Store only writes the statuses JobView lists
         reason=job.reason,
         artifact_sha256=job.artifact_sha256,

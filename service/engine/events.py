@@ -5,6 +5,9 @@ terminal event: ``end`` (every target scored), ``timeout`` (the wall-clock budge
 chunks) or ``error`` (it could not run or continue). Terminal events that are not ``end`` carry the partial
 figures reached so far, so a client always learns how far the evaluation got.
 
+Every event is strict JSON: no NaN or ±Infinity anywhere (``finite_events`` enforces it; a non-finite score is
+an ``error`` event with a reason, never a result).
+
 Ranges are half-open ``[lo, hi)`` lists of target positions; target position p is the prediction of token p from
 tokens ``< p``. Byte counts and target counts are ints, NLL sums are float64 nats, bpb values are floats or None
 when no byte has been scored yet.
@@ -12,8 +15,10 @@ when no byte has been scored yet.
 
 from __future__ import annotations
 
+import functools
 import math
 import resource
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,3 +118,56 @@ def allocation_failure_reason(error: BaseException) -> str | None:
     if soft == resource.RLIM_INFINITY:
         return "memory allocation failed (no address-space limit is set: the host is out of memory)"
     return f"memory allocation failed under the address-space limit of {soft} bytes ({soft / (1 << 30):.2f} GiB)"
+
+
+def non_finite_path(value: Any) -> str | None:
+    """Where the first NaN/±inf float inside ``value`` (nested dicts and lists) is, as "a.b[2]"; None if none."""
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return path or "(the value itself)"
+        if isinstance(item, dict):
+            stack.extend((v, f"{path}.{k}" if path else str(k)) for k, v in item.items())
+        elif isinstance(item, (list, tuple)):
+            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(item))
+    return None
+
+
+def finite_events(events: Iterator[Event]) -> Iterator[Event]:
+    """Pass events through until one holds a non-finite number; that one becomes an ``error`` event (code
+    ``non_finite_value``, with the figures of the chunks before it) and the stream ends there.
+
+    JSON has no NaN: an event carrying one is either invalid JSON or, worse, a result nobody can compare.
+    """
+    nll_sum, targets, scored_bytes = 0.0, 0, 0
+    try:
+        for event in events:
+            where = non_finite_path(event)
+            if where is not None:
+                elapsed = event.get("elapsed_s")
+                yield error_event(
+                    code="non_finite_value",
+                    reason=f"the {event.get('type')} event holds a non-finite number at {where}; no result is "
+                           f"reported",
+                    totals=Totals(nll_sum, targets, scored_bytes),
+                    elapsed_s=elapsed if isinstance(elapsed, float) and math.isfinite(elapsed) else 0.0)
+                return
+            if event["type"] == CHUNK:
+                nll_sum += event["nll_sum"]
+                targets, scored_bytes = event["running_targets"], event["running_bytes"]
+            yield event
+    finally:
+        close = getattr(events, "close", None)
+        if close is not None:
+            close()
+
+
+def strict_event_stream(generator_function: Callable[..., Iterator[Event]]) -> Callable[..., Iterator[Event]]:
+    """Decorator: the events of ``generator_function`` pass through ``finite_events``."""
+
+    @functools.wraps(generator_function)
+    def wrapper(*args: Any, **kwargs: Any) -> Iterator[Event]:
+        return finite_events(generator_function(*args, **kwargs))
+
+    return wrapper

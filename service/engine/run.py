@@ -35,6 +35,7 @@ from service.engine.events import (
     end_event,
     error_event,
     start_event,
+    strict_event_stream,
     timeout_event,
 )
 from service.engine.ngram import NgramMixer, make_mixer
@@ -48,7 +49,9 @@ from service.engine.scoring import (
 )
 from service.engine.ttt import RECIPES, TTTRecipe, TTTUpdater
 from service.engine.windows import Chunk, plan_chunks, plan_windows
+from trainer.artifact import SUBMISSION_LIMIT_BYTES
 from trainer.data.byte_accounting import ByteTables
+from trainer.threads import apply_thread_policy
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,8 @@ log = logging.getLogger(__name__)
 NORMALISATION_TOLERANCE = 1e-5
 # |p_vector(x_t) − p_shortcut(x_t)|: both in float64 from the same counts, so they differ by rounding only.
 SHORTCUT_TOLERANCE = 1e-9
+# The challenge's evaluation limit (compliance-rules §7: "Evaluation ≤ 600 s"), in the verdict whatever the budget.
+EVAL_TIME_LIMIT_SECONDS = 600.0
 
 ChunkObserver = Callable[[Chunk, np.ndarray], None]
 
@@ -71,12 +76,29 @@ class EvalInputError(ValueError):
 
 
 @dataclass(frozen=True)
+class SubmissionSize:
+    """What the size rule counts: the artifact file's bytes plus the submission's code bytes, and where the
+    latter come from (a .pgolf manifest's ``code_bytes.total``; for an upstream artifact, its script)."""
+
+    artifact_bytes: int
+    code_bytes: int
+    code_source: str
+
+    def verdict(self) -> dict[str, Any]:
+        total = self.artifact_bytes + self.code_bytes
+        return {"artifact_bytes": self.artifact_bytes, "code_bytes": self.code_bytes, "code_source": self.code_source,
+                "total_bytes": total, "limit_bytes": SUBMISSION_LIMIT_BYTES,
+                "within_limit": total <= SUBMISSION_LIMIT_BYTES}
+
+
+@dataclass(frozen=True)
 class LoadedInputs:
     model: ScoringModel
     tokens: np.ndarray
     tables: ByteTables
     artifact_sha256: str
     model_config: dict[str, Any]
+    size: SubmissionSize
     notes: tuple[str, ...] = ()
 
 
@@ -85,6 +107,7 @@ def evaluate(options: EvalOptions) -> Iterator[Event]:
     started = time.perf_counter()
     try:
         options.validate()
+        threads = apply_thread_policy()  # CPU scoring and the n-gram mixer share the cores with local peers
         device = resolve_device(options.device, local_rank_from_env())
         dist = init_from_env(device)
         inputs = load_inputs(options, device)
@@ -99,8 +122,9 @@ def evaluate(options: EvalOptions) -> Iterator[Event]:
         yield _failure_event(exc, elapsed_s=time.perf_counter() - started)
         return
     yield from evaluate_model(inputs.model, inputs.tokens, inputs.tables, options, dist=dist, device=device,
-                              artifact_sha256=inputs.artifact_sha256,
+                              artifact_sha256=inputs.artifact_sha256, submission=inputs.size,
                               extra_config={"model_config": inputs.model_config,
+                                            "cpu_threads": {"intra_op": threads.threads, "reason": threads.reason},
                                             **({"notes": list(inputs.notes)} if inputs.notes else {})},
                               started=started)
 
@@ -128,14 +152,14 @@ def load_inputs(options: EvalOptions, device: torch.device) -> LoadedInputs:
         raise EvalInputError("bad_tokenizer", f"cannot read tokenizer {tokenizer_path}: {exc}") from exc
     artifact_path = Path(options.artifact)
     if is_upstream_artifact(artifact_path):
-        model, model_config, artifact_sha256, notes = _load_upstream(options, artifact_path, device)
+        model, model_config, artifact_sha256, notes, size = _load_upstream(options, artifact_path, device)
         if model_config["vocab_size"] != tables.vocab_size:
             raise EvalInputError(
                 "tokenizer_mismatch",
                 f"the upstream model has a vocabulary of {model_config['vocab_size']} tokens, but the data's "
                 f"tokenizer {tokenizer_path} has {tables.vocab_size}; refusing to score it on this data")
     else:
-        model, model_config, artifact_sha256 = _load_pgolf(artifact_path, device, tables, tokenizer_path)
+        model, model_config, artifact_sha256, size = _load_pgolf(artifact_path, device, tables, tokenizer_path)
         ignored = [flag for flag, given in (("--code", options.code is not None), ("--env", bool(options.env)))
                    if given]
         notes = [f"{' and '.join(ignored)} ignored: a .pgolf artifact carries its own model config"] if ignored else []
@@ -152,11 +176,12 @@ def load_inputs(options: EvalOptions, device: torch.device) -> LoadedInputs:
         tokens = tokens[: options.max_tokens]
     if len(tokens) < 2:
         raise EvalInputError("bad_data", f"the validation stream has {len(tokens)} tokens; nothing to score")
-    return LoadedInputs(model, np.ascontiguousarray(tokens), tables, artifact_sha256, model_config, tuple(notes))
+    return LoadedInputs(model, np.ascontiguousarray(tokens), tables, artifact_sha256, model_config, size,
+                        tuple(notes))
 
 
 def _load_pgolf(artifact_path: Path, device: torch.device, tables: ByteTables,
-                tokenizer_path: Path) -> tuple[torch.nn.Module, dict[str, Any], str]:
+                tokenizer_path: Path) -> tuple[torch.nn.Module, dict[str, Any], str, SubmissionSize]:
     from trainer.artifact import ArtifactError, load_model
 
     try:
@@ -176,11 +201,13 @@ def _load_pgolf(artifact_path: Path, device: torch.device, tables: ByteTables,
             "tokenizer_mismatch",
             f"the artifact declares a vocabulary of {manifest_tokenizer.get('vocab_size')} tokens, but the data's "
             f"tokenizer {tokenizer_path} has {tables.vocab_size}; refusing to score it on this data")
-    return model, dict(artifact.manifest.get("model_config", {})), artifact.file_sha256
+    size = SubmissionSize(artifact.file_nbytes, int(artifact.manifest["code_bytes"]["total"]),
+                          "manifest code_bytes.total")
+    return model, dict(artifact.manifest.get("model_config", {})), artifact.file_sha256, size
 
 
 def _load_upstream(options: EvalOptions, artifact_path: Path,
-                   device: torch.device) -> tuple[torch.nn.Module, dict[str, Any], str, list[str]]:
+                   device: torch.device) -> tuple[torch.nn.Module, dict[str, Any], str, list[str], SubmissionSize]:
     """An upstream .ptz: the config from the submission's code and run env, the weights through the safe reader.
 
     Upstream artifacts carry no tokenizer identity; the vocabulary size is the only check possible (upstream's
@@ -202,7 +229,9 @@ def _load_upstream(options: EvalOptions, artifact_path: Path,
     except ArtifactError as exc:
         raise EvalInputError(exc.code, f"upstream artifact refused: {exc}") from exc
     notes = [f"upstream artifact: {artifact.quant_format} + {artifact.compression}", *config.notes]
-    return model, artifact.model_config.to_dict(), artifact.file_sha256, notes
+    # The rule counts bytes(train_gpt.py) + bytes(compressed model) (compliance-rules §7.1).
+    size = SubmissionSize(artifact.file_nbytes, len(code), f"{Path(options.code).name} (--code)")
+    return model, artifact.model_config.to_dict(), artifact.file_sha256, notes, size
 
 
 def total_target_bytes(tables: ByteTables, tokens: np.ndarray, block: int = 1 << 22) -> int:
@@ -253,16 +282,25 @@ def _reduced(check: DistributionCheck, stats: dict[str, float], dist: DistContex
 
 def compliance_summary(ledger: ScoreLedger, options: EvalOptions, check: DistributionCheck, *,
                        updater: TTTUpdater | None, last_chunk_index: int | None, mixer_compliant: bool,
-                       elapsed_s: float, ngram_stats: dict[str, float] | None = None) -> dict[str, Any]:
+                       elapsed_s: float, ngram_stats: dict[str, float] | None = None,
+                       submission: SubmissionSize | None = None) -> dict[str, Any]:
+    """The verdict: C1–C4 as far as the engine can check them, the size rule and the evaluation time limit.
+
+    The time limit is the challenge's 600 s, not the run's own budget (``--max-seconds`` may be larger). The size
+    rule needs an artifact: for an in-memory model (``submission`` None) ``size`` is null and not part of it.
+    """
     normalised = check.within(NORMALISATION_TOLERANCE, SHORTCUT_TOLERANCE)
     sums = {"min": check.sum_min, "max": check.sum_max, "positions": check.positions} if check.positions else \
         {"min": None, "max": None, "positions": 0}
     scored_once = ledger.scored_once()
     score_before_update = ledger.trace.score_before_update(last_chunk_index)
+    size = submission.verdict() if submission is not None else None
+    within_time_limit = elapsed_s <= EVAL_TIME_LIMIT_SECONDS
     return {
         # C1–C4 as far as they can be checked; a mixer that declares itself non-compliant (hashed-940, which
         # only ever evaluates the realised token) never is, whatever its sampled sums show.
-        "compliant": scored_once and score_before_update and normalised and mixer_compliant,
+        "compliant": (scored_once and score_before_update and normalised and mixer_compliant and within_time_limit
+                      and (size is None or size["within_limit"])),
         "scored_once": scored_once,
         "targets_expected": ledger.num_targets,
         "targets_scored": ledger.totals.targets,
@@ -276,13 +314,18 @@ def compliance_summary(ledger: ScoreLedger, options: EvalOptions, check: Distrib
                   "shortcut_tolerance": SHORTCUT_TOLERANCE, "stats": ngram_stats or None},
         "trace_digest": ledger.trace.digest(),
         "within_time_budget": elapsed_s <= options.max_seconds,
+        "within_time_limit": within_time_limit,
+        "time_limit_seconds": EVAL_TIME_LIMIT_SECONDS,
+        "size": size,
         "full_validation_set": options.max_tokens is None,
     }
 
 
+@strict_event_stream
 def evaluate_model(model: ScoringModel, tokens: np.ndarray, tables: ByteTables, options: EvalOptions, *,
                    dist: DistContext | None = None, device: torch.device | str = "cpu",
-                   artifact_sha256: str | None = None, extra_config: dict[str, Any] | None = None,
+                   artifact_sha256: str | None = None, submission: SubmissionSize | None = None,
+                   extra_config: dict[str, Any] | None = None,
                    started: float | None = None, clock: Callable[[], float] = time.perf_counter,
                    observer: ChunkObserver | None = None, ttt_recipe: TTTRecipe | None = None) -> Iterator[Event]:
     """The evaluation loop over an in-memory model and token stream (see the module docstring).
@@ -305,7 +348,7 @@ def evaluate_model(model: ScoringModel, tokens: np.ndarray, tables: ByteTables, 
 
     def summary() -> dict[str, Any]:
         return compliance_summary(ledger, options, check, updater=updater, ngram_stats=ngram_stats,
-                                  last_chunk_index=last_chunk_index, elapsed_s=budget.elapsed(),
+                                  last_chunk_index=last_chunk_index, elapsed_s=budget.elapsed(), submission=submission,
                                   mixer_compliant=mixer is None or bool(mixer.compliant))
 
     try:
@@ -346,6 +389,13 @@ def evaluate_model(model: ScoringModel, tokens: np.ndarray, tables: ByteTables, 
             scores = score_chunk(model, tokens, windows, chunk, rank=dist.rank, world_size=dist.world_size,
                                  batch_windows=options.batch_windows, device=device, mixer=mixer)
             dist.all_reduce_sum(scores.sums)
+            non_finite = int((~torch.isfinite(scores.sums[0])).sum())
+            if non_finite:  # a score of NaN/inf is no score: stop before it enters the committed totals
+                yield error_event(code="non_finite_score",
+                                  reason=f"the model produced {non_finite} non-finite NLL value(s) in chunk "
+                                         f"{chunk.index}; nothing of that chunk was committed",
+                                  totals=ledger.totals, elapsed_s=budget.elapsed())
+                return
             chunk_check, chunk_stats = _reduced(scores.check, mixer.take_stats() if mixer is not None else {},
                                                 dist, device)
             check.merge(chunk_check)

@@ -105,7 +105,7 @@ def rank_share(lo: int, hi: int, rank: int, world_size: int) -> tuple[int, int]:
 class WindowBatch:
     """Model inputs for a batch of windows plus where each scored output goes."""
 
-    inputs: np.ndarray  # (B, T) int64, right-padded with token 0 (padding never reaches a scored output)
+    inputs: np.ndarray  # (B, seq_len) int64, right-padded with token 0 (padding never reaches a scored output)
     rows: np.ndarray  # (S,) batch row of each scored output
     cols: np.ndarray  # (S,) column (local index) of each scored output
     positions: np.ndarray  # (S,) target position of each scored output
@@ -114,8 +114,11 @@ class WindowBatch:
 def build_batch(tokens: np.ndarray, windows: WindowPlan, lo: int, hi: int) -> WindowBatch:
     """Assemble windows [lo, hi) into one padded batch and the index of every scored output."""
     starts, ends, score_from = windows.starts[lo:hi], windows.ends[lo:hi], windows.score_from[lo:hi]
-    lengths = ends - starts
-    width = int(lengths.max())
+    # Every batch is as wide as the plan's seq_len, whatever the windows in it: the model's RoPE tables depend on
+    # the width it runs at (the NTK rescale above rope_train_seq_len), so a ragged last window must see the same
+    # tables whether it is batched alone or with full windows. Upstream pads its sliding batches the same way.
+    # Right padding cannot change an earlier output: attention is causal and every other feature looks back.
+    width = windows.seq_len
     inputs = np.zeros((hi - lo, width), dtype=np.int64)
     for row, (a, b) in enumerate(zip(starts, ends, strict=True)):
         inputs[row, : b - a] = tokens[a:b]

@@ -1,16 +1,24 @@
 // Web page of the pgolf evaluation service. Plain JS, no dependencies: the page must work offline.
-// It only uses the public API: /limits, /evaluations, /evaluations/{id}/events (server-sent events), /evaluate.
+// It only uses the public API: /limits, /whoami, /evaluations, /evaluations/{id}/events (NDJSON), /evaluate.
+//
+// The API token is asked for once and kept in sessionStorage (this tab only, gone when it closes), and sent as
+// "Authorization: Bearer ..." on every request. There are no cookies, so no other site can act with it. A link
+// may carry it as "#token=..." (a fragment never reaches the server): the page moves it to sessionStorage and
+// removes it from the address. Event streams are read with fetch (EventSource cannot send the header).
 "use strict";
 
 const TERMINAL = new Set(["end", "timeout", "error"]);
-const EVENT_TYPES = ["queued", "start", "chunk", "end", "timeout", "error"];
+const EVENT_TYPES = new Set(["queued", "start", "chunk", "end", "timeout", "error"]);
+const TOKEN_KEY = "pgolf-token";
+const MAX_STREAM_RETRIES = 5;
 const SVG_NS = "http://www.w3.org/2000/svg";
 const CHART = { width: 640, height: 280, left: 56, right: 16, top: 16, bottom: 36 };
 
 const state = {
   limits: null,
+  user: null,         // {user, admin, reads} from /whoami
   jobId: null,
-  source: null,       // EventSource of the selected job
+  stream: null,       // AbortController of the selected job's event stream
   totalChunks: null,  // from the start event
   points: [],         // one per chunk event: {index, running, chunk}
 };
@@ -38,10 +46,59 @@ function fmt(value, digits = 4) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// token
+
+function token() {
+  return sessionStorage.getItem(TOKEN_KEY) || "";
+}
+
+function api(path, options = {}) {
+  const headers = { ...(options.headers || {}) };
+  if (token()) headers.Authorization = `Bearer ${token()}`;
+  return fetch(path, { ...options, headers, credentials: "omit" });
+}
+
+function takeTokenFromFragment() {
+  const fragment = new URLSearchParams(location.hash.slice(1));
+  if (!fragment.has("token")) return;
+  sessionStorage.setItem(TOKEN_KEY, fragment.get("token"));
+  history.replaceState(null, "", location.pathname + location.search);
+}
+
+async function checkToken() {
+  const who = $("who");
+  state.user = null;
+  if (!token()) {
+    who.textContent = "no token: reading only";
+    who.className = "muted";
+    return;
+  }
+  const response = await api("/whoami");
+  if (response.ok) {
+    state.user = await response.json();
+    who.textContent = `signed in as ${state.user.user}${state.user.admin ? " (admin)" : ""} · token kept for this tab only`;
+    who.className = "muted";
+  } else {
+    who.textContent = "this token is not valid here";
+    who.className = "error";
+  }
+}
+
+async function saveToken(event) {
+  event.preventDefault();
+  const value = $("token").value.trim();
+  if (value) sessionStorage.setItem(TOKEN_KEY, value);
+  else sessionStorage.removeItem(TOKEN_KEY);
+  $("token").value = "";
+  await checkToken();
+  refreshQueue();
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // limits and upload
 
 async function loadLimits() {
-  const response = await fetch("/limits");
+  const response = await api("/limits");
   state.limits = await response.json();
   const l = state.limits;
   $("limits").textContent =
@@ -49,7 +106,6 @@ async function loadLimits() {
     `${l.workers} worker(s), queue bound ${l.queue_bound} · tokenizer ${l.tokenizer_sha256.slice(0, 12)}…`;
   $("max-seconds").max = String(l.eval_limit_seconds);
   $("max-seconds").placeholder = String(l.eval_limit_seconds);
-  $("token-field").hidden = !l.auth_required;
 }
 
 async function upload(event) {
@@ -57,6 +113,11 @@ async function upload(event) {
   const message = $("upload-message");
   const file = $("artifact").files[0];
   if (!file) return;
+  if (!token()) {
+    message.textContent = "enter your API token first (uploads need one)";
+    message.className = "error";
+    return;
+  }
   if (state.limits && file.size > state.limits.max_artifact_bytes) {
     message.textContent = `${file.name} is ${file.size.toLocaleString("en")} bytes, over the cap`;
     message.className = "error";
@@ -67,14 +128,12 @@ async function upload(event) {
   form.append("ngram", $("ngram").value);
   if ($("max-seconds").value) form.append("max_seconds", $("max-seconds").value);
   form.append("artifact", file);
-  const headers = {};
-  if ($("token").value) headers.Authorization = `Bearer ${$("token").value}`;
   const query = $("force").checked ? "?wait=false&force=true" : "?wait=false";
   message.textContent = `uploading ${file.name}…`;
   message.className = "";
   $("upload-button").disabled = true;
   try {
-    const response = await fetch(`/evaluate${query}`, { method: "POST", body: form, headers });
+    const response = await api(`/evaluate${query}`, { method: "POST", body: form });
     const body = await response.json();
     if (!response.ok) {
       const retry = response.headers.get("Retry-After");
@@ -106,7 +165,13 @@ function jobBpb(job) {
 async function refreshQueue() {
   let jobs;
   try {
-    jobs = await (await fetch("/evaluations?limit=25")).json();
+    const response = await api("/evaluations?limit=25");
+    if (!response.ok) {
+      $("queue-message").textContent = response.status === 401 ? "jobs are private here: enter your token" : "";
+      return;
+    }
+    $("queue-message").textContent = "";
+    jobs = await response.json();
   } catch (error) {
     return; // the service is restarting; the next tick retries
   }
@@ -119,6 +184,7 @@ async function refreshQueue() {
     status.append(el("span", { class: `status status-${job.status}` },
       job.status + (job.queue_position ? ` #${job.queue_position}` : "")));
     row.append(status);
+    row.append(el("td", {}, job.owner || "–"));
     row.append(el("td", {}, job.created_at.replace("T", " ").slice(0, 19)));
     row.append(el("td", {}, `ttt=${job.options.ttt} ngram=${job.options.ngram}`));
     row.append(el("td", {}, fmt(jobBpb(job))));
@@ -131,7 +197,7 @@ async function refreshQueue() {
 // selected job: live events, chart, final table
 
 function selectJob(jobId) {
-  if (state.source) state.source.close();
+  if (state.stream) state.stream.abort();
   state.jobId = jobId;
   state.points = [];
   state.totalChunks = null;
@@ -144,19 +210,71 @@ function selectJob(jobId) {
   $("compliance-details").hidden = true;
   $("log-details").hidden = true;
   drawChart();
+  const controller = new AbortController();
+  state.stream = controller;
+  followEvents(jobId, controller.signal);
+}
 
-  const source = new EventSource(`/evaluations/${encodeURIComponent(jobId)}/events`);
-  state.source = source;
-  for (const type of EVENT_TYPES) {
-    source.addEventListener(type, (message) => {
-      const event = JSON.parse(message.data);
-      handleEvent(event);
-      if (TERMINAL.has(event.type)) {
-        source.close(); // the stream is complete; EventSource would otherwise reconnect
-        loadJobDetails(jobId);
+// Reads the job's NDJSON stream from event `after + 1` on; line n is event n, so a dropped connection resumes
+// where it stopped. A refusal (4xx) or too many failures ends the attempts: the page never loops forever.
+async function followEvents(jobId, signal) {
+  let after = -1;
+  let failures = 0;
+  while (!signal.aborted && failures < MAX_STREAM_RETRIES) {
+    let response;
+    try {
+      response = await api(`/evaluations/${encodeURIComponent(jobId)}/events?after=${after}`, { signal });
+    } catch (error) {
+      if (signal.aborted) return;
+      failures += 1;
+      await sleep(2000);
+      continue;
+    }
+    if (!response.ok) {
+      const body = await response.json().catch(() => ({}));
+      setStatus("unavailable", `${response.status} ${body.code || ""}: ${body.message || ""}`);
+      return;
+    }
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let buffered = "";
+    try {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffered += decoder.decode(value, { stream: true });
+        let newline;
+        while ((newline = buffered.indexOf("\n")) >= 0) {
+          const line = buffered.slice(0, newline);
+          buffered = buffered.slice(newline + 1);
+          if (!line.trim()) continue;
+          after += 1;
+          let event;
+          try {
+            event = JSON.parse(line);
+          } catch (error) {
+            continue; // the service writes strict JSON; anything else is not an event
+          }
+          if (!EVENT_TYPES.has(event.type)) continue;
+          handleEvent(event);
+          if (TERMINAL.has(event.type)) {
+            loadJobDetails(jobId);
+            return;
+          }
+        }
       }
-    });
+      failures = 0; // the stream ended before the terminal event (the service restarted): resume
+    } catch (error) {
+      if (signal.aborted) return;
+      failures += 1;
+    }
+    await sleep(2000);
   }
+  if (!signal.aborted) setStatus("unavailable", "the event stream keeps failing; reload the page to retry");
+}
+
+function sleep(ms) {
+  return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
 function handleEvent(event) {
@@ -231,7 +349,7 @@ function showCompliance(compliance) {
 }
 
 async function loadJobDetails(jobId) {
-  const response = await fetch(`/evaluations/${encodeURIComponent(jobId)}`);
+  const response = await api(`/evaluations/${encodeURIComponent(jobId)}`);
   if (!response.ok || jobId !== state.jobId) return;
   const job = await response.json();
   if (job.reason) $("job-reason").textContent = job.reason;
@@ -292,7 +410,10 @@ function drawChart() {
 // ---------------------------------------------------------------------------------------------------------------
 
 async function init() {
+  takeTokenFromFragment();
   $("upload-form").addEventListener("submit", upload);
+  $("token-form").addEventListener("submit", saveToken);
+  await checkToken().catch(() => {});
   await loadLimits().catch(() => { $("limits").textContent = "limits unavailable"; });
   await refreshQueue();
   setInterval(refreshQueue, 3000);

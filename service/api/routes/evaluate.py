@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 
-from service.api.deps import StateDep, WriteAccess
+from service.api.deps import StateDep, WriterDep
 from service.api.jobs import job_links
 from service.api.schemas import JobAccepted
 from service.api.streaming import event_stream_response, follow_events, wants_sse
@@ -45,7 +45,6 @@ _MULTIPART_BODY = {
 
 @router.post(
     "/evaluate",
-    dependencies=[WriteAccess],
     openapi_extra=_MULTIPART_BODY,
     responses={
         200: {"description": "NDJSON events of the evaluation, one JSON object per line",
@@ -53,22 +52,28 @@ _MULTIPART_BODY = {
         202: {"model": JobAccepted, "description": "queued (wait=false)"},
         400: {"description": "not a multipart upload with an 'artifact' part"},
         401: {"description": "missing or wrong bearer token"},
-        413: {"description": "artifact over the cap; nothing was stored"},
+        403: {"description": "a cross-origin write from a browser"},
+        408: {"description": "the body stalled, was too slow, or missed its deadline"},
+        413: {"description": "artifact (or body) over the cap; nothing was stored"},
         422: {"description": "artifact refused by the reader, tokenizer mismatch, or invalid options"},
-        429: {"description": "queue full; see Retry-After"},
+        429: {"description": "queue full, or this client has too many uploads in flight; see Retry-After"},
+        503: {"description": "shutting down, too many uploads in flight, or the database is busy"},
+        507: {"description": "the service's disk is full; nothing was stored"},
     },
 )
 async def evaluate(
     request: Request,
     state: StateDep,
+    user: WriterDep,
     wait: Annotated[bool, Query(description="stream the events (true) or answer 202 with the job id")] = True,
     force: Annotated[bool, Query(description="evaluate again even if this artifact and options were")] = False,
     accept: Annotated[str | None, Header()] = None,
 ) -> Response:
     """Upload an artifact; the same artifact with the same options returns the stored evaluation."""
     submission = await submit_upload(
-        state, request.stream(), content_type=request.headers.get("content-type"),
-        content_length=request.headers.get("content-length"), force=force,
+        state, request.receive, user=user, client_host=request.client.host if request.client else None,
+        content_type=request.headers.get("content-type"), content_length=request.headers.get("content-length"),
+        force=force,
     )
     job = submission.job
     headers = {"Location": f"/evaluations/{job.id}", "X-Evaluation-Id": job.id,

@@ -1,4 +1,5 @@
-"""OS resource limits of the validator and evaluator subprocesses, and the bomb manifest, against the real service.
+"""Hostile uploads and results against the real service: OS resource limits of the validator and evaluator
+subprocesses, the bomb manifest, and non-finite results.
 
 The limits are real rlimits set in real children (service/api/limits.py); a breach must be a clean refusal
 (validator: 422 `resource_limit`) or a `failed` job whose reason names the limit (evaluator), and the service
@@ -21,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 from api_harness import (  # noqa: F401  (service_data and tiny_artifact are fixtures)
+    AUTH,
     REPO_ROOT,
     ServiceData,
     ServiceProcess,
@@ -111,7 +113,7 @@ def reader_footprint(tiny_artifact: Path) -> int:  # noqa: F811
 class LimitedService:
     def __init__(self, process: ServiceProcess, script: Path) -> None:
         self.process, self.script = process, script
-        self.client = httpx.Client(base_url=process.url, timeout=60)
+        self.client = httpx.Client(base_url=process.url, timeout=60, headers=AUTH)
 
     def validator_pid(self) -> int:
         for pid in self.process.child_pids():
@@ -223,3 +225,22 @@ def test_limits_apply_in_the_child_and_never_raise_a_hard_limit() -> None:
                             preexec_fn=child_setup(ResourceLimits(open_files=4096),
                                                    lambda: ResourceLimits(open_files=64).apply())).stdout
     assert "(64, 64)" in nested
+
+
+def test_a_non_finite_result_fails_the_job_and_every_stream_stays_strict_json(
+    limited: LimitedService, tiny_artifact: Path,  # noqa: F811
+) -> None:
+    set_fake_behaviour(limited.script, chunks=2, chunk_seconds=0.05, nan_result=True)
+    response = upload(limited.client, tiny_artifact, params={"wait": "false", "force": "true"})
+    assert response.status_code == 202, response.text
+    job = wait_for_status(limited.client, response.json()["id"], {"completed", "failed", "timeout"})
+    assert job["status"] == "failed" and "non-finite" in job["reason"], job
+    assert job["result"]["code"] == "non_finite"
+    assert job["result"]["targets_scored"] == 2000  # the figures of the two chunks before it
+    body = limited.client.get(f"/evaluations/{job['id']}/events").text
+    events = [json.loads(line, parse_constant=_refuse) for line in body.splitlines() if line]
+    assert [e["type"] for e in events] == ["queued", "start", "chunk", "chunk", "error"]
+
+
+def _refuse(name: str) -> float:
+    raise AssertionError(f"{name} in a stream: not JSON")
