@@ -1,12 +1,16 @@
 """The cost model of a real run, on paper (docs/performance.md): FLOPs per token and the 600 s evaluation budget.
 
-    .venv/bin/python bench/cost_model.py [--count-tok-s R] [--mix-tok-s R] [--mfu-score M] [--mfu-ttt M]
+    .venv/bin/python bench/cost_model.py [--measure] [--count-tok-s R] [--mix-tok-s R] [--mfu-score M] [--mfu-ttt M]
 
 1. FLOPs per token of a ModelConfig, derived layer by layer (``flops_per_token``) and checked against torch's
    own counter (FlopCounterMode) on the meta device, so the derivation cannot drift from the model.
 2. The phases of a full-validation evaluation (sliding scoring at the stride, score-first TTT epochs, n-gram
    counting and mixing) for the engine's defaults, and their time on 8×H100 at the stated MFUs and measured CPU
    rates. Nothing runs on a GPU; the MFUs default to the figures the upstream logs imply (docs/performance.md).
+3. ``--measure``: the CPU rates, by CPU time on one thread, with the engine's own "exact" mixer on the FineWeb
+   sample val shard (else the embedded one, else Zipf ids): counting (prepare + commit of 131,072-token chunks),
+   the CPU part of full-vocabulary mixing (gathering every width's continuation counts: what stays on the CPU
+   when the scoring device is a GPU) and the whole mixing on the CPU (what a CPU-only run pays).
 """
 
 from __future__ import annotations
@@ -109,20 +113,70 @@ def evaluation_phases(config: ModelConfig, *, tokens: int = VAL_TOKENS, seq_len:
                               f"= {ttt_flops:.3g} FLOP at MFU {mfu_ttt:.0%}", ttt_flops / (peak * mfu_ttt)),
         Phase("n-gram counting", f"every rank counts all {tokens:,} tokens at {count_tok_s:,.0f} tok/s (CPU)",
               tokens / count_tok_s),
-        Phase("n-gram mixing", f"each rank mixes its {tokens // gpus:,} positions at {mix_tok_s:,.0f} tok/s (CPU)",
+        Phase("n-gram mixing", f"each rank gathers the counts of its {tokens // gpus:,} positions at "
+                               f"{mix_tok_s:,.0f} pos/s (CPU); the 1,024-wide mixing runs on the GPU",
               tokens / gpus / mix_tok_s),
         Phase("fixed", "process start, CUDA init, artifact and val load", fixed_s),
     ]
+
+
+def measure_cpu_rates(chunk: int = 131_072, chunks: int = 3, sample: int = 4096) -> dict[str, float]:
+    """tokens/s of counting and positions/s of count gathering and of full mixing, by CPU time."""
+    import time
+
+    import numpy as np
+    import torch
+
+    from service.engine.ngram import make_mixer
+    from trainer.data.shards import read_shard, shard_paths
+
+    torch.set_num_threads(1)
+    root = Path(__file__).resolve().parents[2] / "shared/data/fineweb_sample/datasets/fineweb10B_sp1024"
+    try:
+        tokens = read_shard(shard_paths(root, "val")[0]).astype(np.int64)
+    except (FileNotFoundError, OSError):  # no sample beside the project: Zipf ids keep the tables realistic-ish
+        tokens = np.minimum(np.random.default_rng(0).zipf(1.2, chunk * (chunks + 1)), 1023).astype(np.int64)
+    mixer = make_mixer("exact", 1024)
+    started = time.process_time()
+    for lo in range(0, chunk * chunks, chunk):
+        mixer.prepare(tokens, lo + chunk)
+        mixer.mark_scored(max(lo, 1), lo + chunk)
+        mixer.commit(tokens, lo + chunk)
+    counting = chunk * chunks / (time.process_time() - started)
+    end = chunk * (chunks + 1)
+    head, positions = tokens[:end], np.arange(chunk * chunks + 1, chunk * chunks + 1 + sample)
+    mixer.prepare(tokens, end)
+    logprobs = torch.log_softmax(torch.randn(sample, 1024), dim=-1)
+    started = time.process_time()
+    context, _ = mixer.statistics(positions, head)
+    for width in range(1, mixer.widths + 1):
+        seen = positions[context[width - 1] > 0]
+        for lo in range(0, seen.size, 1024):
+            mixer.counts.rows(width, seen[lo : lo + 1024])
+    gathering = sample / (time.process_time() - started)
+    started = time.process_time()
+    for lo in range(0, sample, 1024):
+        mixer.mix(positions[lo : lo + 1024], head, logprobs[lo : lo + 1024])
+    mixing = sample / (time.process_time() - started)
+    return {"counting_tok_s": counting, "gathering_pos_s": gathering, "cpu_mixing_pos_s": mixing}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mfu-score", type=float, default=0.12, help="eager sliding scoring (compiled: ~0.23)")
     parser.add_argument("--mfu-ttt", type=float, default=0.069, help="TTT training (upstream #761 implies 0.069)")
-    parser.add_argument("--count-tok-s", type=float, default=1.14e6, help="n-gram counting, tokens/s per rank")
-    parser.add_argument("--mix-tok-s", type=float, default=1.0e6, help="n-gram mixing, positions/s per rank")
+    parser.add_argument("--count-tok-s", type=float, default=1.6e6, help="n-gram counting, tokens/s per rank")
+    parser.add_argument("--mix-tok-s", type=float, default=8.5e4,
+                        help="CPU part of full-vocabulary mixing per rank, positions/s (arithmetic on the GPU)")
+    parser.add_argument("--measure", action="store_true", help="measure the two CPU rates here and use them")
     parser.add_argument("--fixed-s", type=float, default=15.0, help="start-up and loading")
     args = parser.parse_args()
+    if args.measure:
+        rates = measure_cpu_rates()
+        print(f"measured (CPU time, 1 thread): counting {rates['counting_tok_s']:,.0f} tok/s; count gathering "
+              f"{rates['gathering_pos_s']:,.0f} pos/s; whole full-vocabulary mixing on the CPU "
+              f"{rates['cpu_mixing_pos_s']:,.0f} pos/s")
+        args.count_tok_s, args.mix_tok_s = rates["counting_tok_s"], rates["gathering_pos_s"]
     config = ModelConfig()
     flops = flops_per_token(config, 2048)
     full = flops_per_token(config, 2048, causal=False)

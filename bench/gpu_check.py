@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from dataclasses import replace
@@ -53,6 +54,7 @@ DRY_RUN_PRESET = replace(
                       bigram_dim=16, xsa_last_n=2, rope_dims=16),
     train_batch_tokens=1024, train_seq_len=128, grad_accum_base=2, compile=True)
 DRY_RUN_EVAL = {"seq_len": 128, "stride": 64, "chunk_tokens": 512, "batch_windows": 8}
+CAP_SECONDS = 480.0  # bench/gpu_check.sh's cap on a GPU run
 
 
 def log(message: str) -> None:
@@ -208,20 +210,41 @@ def main(argv: list[str] | None = None) -> int:
         if not (data / "tokenizer.model").is_file():
             build_embedded(data, log=log)
     report: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                    "dry_run": args.dry_run, "torch": torch.__version__, "threads": threads.describe()}
-    train, model = check_training(config, device, steps)
-    report["train"] = train
-    sample = read_shard(shard_paths(data, "val")[0])
-    report["logits_bf16_vs_fp32"] = check_logits(model, sample, config.train_seq_len, device)
-    report["eval"] = check_eval(model, config.model, data, args.work, eval_tokens, device, overrides)
-    report["peak_memory_bytes"] = max((v for v in (report["train"]["peak_memory_bytes"],
-                                                   report["logits_bf16_vs_fp32"]["peak_memory_bytes"],
-                                                   report["eval"]["peak_memory_bytes"]) if v is not None),
-                                      default=None)
-    report["wall_s"] = round(time.perf_counter() - started, 1)
-    print(json.dumps(report, indent=2))
-    ok = train["compiled_matches_eager"] and report["eval"]["terminal"] == "end"
-    return 0 if ok else 1
+                    "dry_run": args.dry_run, "torch": torch.__version__, "threads": threads.describe(),
+                    "completed": False}
+    # `timeout` (bench/gpu_check.sh) sends SIGTERM at the cap: print what was measured so far, then exit 124.
+    signal.signal(signal.SIGTERM, _stop)
+    status = 124
+    try:
+        train, model = check_training(config, device, steps)
+        report["train"] = train
+        sample = read_shard(shard_paths(data, "val")[0])
+        report["logits_bf16_vs_fp32"] = check_logits(model, sample, config.train_seq_len, device)
+        # The engine's own budget stops the evaluation cleanly (a timeout event keeps per-phase figures) before
+        # the script's cap would kill it.
+        budget = (EvalOptions().max_seconds if args.dry_run
+                  else max(30.0, CAP_SECONDS - (time.perf_counter() - started) - 45.0))
+        report["eval"] = check_eval(model, config.model, data, args.work, eval_tokens, device,
+                                    {**overrides, "max_seconds": budget})
+        report["completed"] = True
+        ok = train["compiled_matches_eager"] and report["eval"]["terminal"] == "end"
+        status = 0 if ok else 1
+    except _Stopped:
+        log("stopped at the time cap; the report holds the steps that finished")
+    finally:
+        peaks = [section.get("peak_memory_bytes") for section in report.values() if isinstance(section, dict)]
+        report["peak_memory_bytes"] = max((v for v in peaks if v is not None), default=None)
+        report["wall_s"] = round(time.perf_counter() - started, 1)
+        print(json.dumps(report, indent=2), flush=True)
+    return status
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise _Stopped
 
 
 if __name__ == "__main__":

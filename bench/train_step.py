@@ -105,11 +105,11 @@ def thread_sweep(preset: str, steps: int, rounds: int) -> None:
                 competitor.kill()
                 competitor.wait()
     base = statistics.median(results[("alone", 1)])
-    print(f"{'load':<10} {'threads':>7} {'ms/step':>9} {'tokens/s':>9} {'vs idle 1-thread':>16}")
+    print(f"{'load':<10} {'threads':>12} {'ms/step':>9} {'tokens/s':>9} {'vs alone, 1 thread':>18}")
     for (load, threads), values in results.items():
         ms = statistics.median(values)
         label = f"{threads}{' (default)' if threads == default.threads else ''}"
-        print(f"{load:<10} {label:>7} {ms:>9.0f} {tokens / ms * 1000:>9,.0f} {base / ms:>17.2f}x")
+        print(f"{load:<10} {label:>12} {ms:>9.0f} {tokens / ms * 1000:>9,.0f} {base / ms:>17.2f}x")
 
 
 def main() -> None:

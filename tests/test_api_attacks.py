@@ -199,6 +199,7 @@ def test_a_body_shorter_than_its_content_length_ends_at_the_idle_limit(service: 
     sock.close()
     assert status == 408 and "no byte of the body arrived" in json.loads(body)["message"]
     assert closed and headers.get("connection") == "close"
+    print(f"Content-Length larger than the body: 408 and closed after {elapsed:.2f} s (idle {IDLE_SECONDS:g} s)")
     assert IDLE_SECONDS - 0.2 <= elapsed <= IDLE_SECONDS + 3
 
 
@@ -218,6 +219,7 @@ def test_a_request_head_sent_byte_by_byte_is_cut_at_the_header_deadline(service:
             break
     sock.close()
     assert closed_after is not None, "the server kept a connection that never finished its request head"
+    print(f"request head sent byte by byte: closed after {closed_after:.2f} s (deadline {HEADER_SECONDS:g} s)")
     assert HEADER_SECONDS - 0.2 <= closed_after <= HEADER_SECONDS + 3
 
 
@@ -239,6 +241,7 @@ def test_a_chunked_body_is_cut_at_the_cap_plus_framing(service: Service) -> None
     status, _headers, body, _closed = read_response(sock)
     sock.close()
     assert status == 413 and json.loads(body)["code"] in ("artifact_too_large", "body_too_large")
+    print(f"chunked body: {sent:,} bytes sent before the 413 (cap {16_000_000:,} + code + framing)")
     assert sent < 40 << 20, f"the server read {sent:,} bytes of a chunked body"
     assert files_under(service.process.storage_dir / "uploads") == []
     assert files_under(service.process.storage_dir / "artifacts") == before

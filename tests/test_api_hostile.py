@@ -13,6 +13,7 @@ import errno
 import json
 import math
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -34,7 +35,7 @@ from api_harness import (  # noqa: F401  (service_data and tiny_artifact are fix
     wait_for_status,
 )
 
-from service.api.limits import ResourceLimits, child_setup
+from service.api.limits import ResourceLimits, breach_reason, child_setup
 
 MiB = 1 << 20
 # Headroom above the measured footprint of reading the tiny artifact. Reading the big artifact below needs several
@@ -244,3 +245,28 @@ def test_a_non_finite_result_fails_the_job_and_every_stream_stays_strict_json(
 
 def _refuse(name: str) -> float:
     raise AssertionError(f"{name} in a stream: not JSON")
+
+
+def test_a_renewable_cpu_allowance_keeps_a_long_lived_helper_alive_and_still_stops_a_runaway() -> None:
+    """The validator renews its soft RLIMIT_CPU before each file: files that each fit the allowance never add up
+    to a kill, and one file that spins past it is ended by SIGXCPU, which the service names as the CPU limit."""
+    code = ("import time\n"
+            "from service.api.limits import renew_cpu_allowance\n"
+            "def spin(seconds):\n"  # pure user time; the clock is read only now and then
+            "    end = time.process_time() + seconds\n"
+            "    while time.process_time() < end:\n"
+            "        sum(range(20000))\n"
+            "for file in range(4):\n"
+            "    renew_cpu_allowance(1)\n"
+            "    spin(0.6)\n"
+            "    print('file', file, flush=True)\n"
+            "renew_cpu_allowance(1)\n"
+            "spin(5)\n"
+            "print('survived', flush=True)\n")
+    limits = ResourceLimits(cpu_seconds=1)
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                          preexec_fn=child_setup(limits, renewable_cpu=True))
+    assert done.stdout.split("\n")[:4] == [f"file {i}" for i in range(4)], done.stderr
+    assert "survived" not in done.stdout
+    assert done.returncode == -signal.SIGXCPU
+    assert "CPU-time limit of 1 s" in breach_reason(done.returncode, limits, "PGOLF_VALIDATOR")

@@ -94,8 +94,10 @@ def test_a_final_step_overshoot_is_warn_and_strict_fails_it(tmp_path: Path) -> N
 
 
 def test_minutes_over_is_fail(tmp_path: Path) -> None:
-    folder = make_record(tmp_path, {"train_seed1.log": march_log(1, 700_000, "1.11000000")}, {"val_bpb": 1.11})
+    folder = make_record(tmp_path, {"train_seed1.log": march_log(1, 700_000, "1.11000000")},
+                         {"val_bpb": 1.11, "track": "non-record-16mb"})
     status, _, reason = rows(folder)["train_time[train_seed1.log]"]
+    assert reason.endswith("submission.json declares track 'non-record-16mb', not the 10-minute record track")
     assert status == "FAIL" and reason.startswith("training wall-clock") is False
     assert "over the cap by 100000 ms: more than 2 steps at the run's pace of 100.0 ms/step" in reason
 

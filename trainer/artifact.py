@@ -95,7 +95,7 @@ MODEL_CONFIG_BOUNDS: dict[str, tuple[float, float]] = {
 }
 DEFAULT_FLOAT_BOUND = 1e6
 # Besides the dtype a tensor is restored to, the evaluation may compute in bf16 (CUDA autocast, see
-# trainer.evaluate.autocast_for; linear layers cast their weights to the activation dtype): a weight must be
+# trainer.model.autocast_for; linear layers cast their weights to the activation dtype): a weight must be
 # finite in every one of these, or the model would compute with inf.
 COMPUTE_DTYPES = (torch.bfloat16,)
 _DECOMPRESS_CHUNK = 1 << 20
@@ -284,7 +284,8 @@ def _read_header_and_manifest(data: bytes) -> tuple[dict[str, Any], int]:
 
 
 def _bounded_int(text: str) -> int:
-    # Python refuses int() of 4,300+ digits only after work quadratic in the length; refuse far earlier.
+    # No integer of the format needs more than 64 bits: refuse longer literals here, with the reader's own error,
+    # rather than at Python's 4,300-digit limit, and keep every later comparison on small integers.
     if len(text.lstrip("-")) > MAX_INT_DIGITS:
         raise ValueError(f"integer literal of {len(text)} characters (at most {MAX_INT_DIGITS} digits)")
     return int(text)

@@ -83,6 +83,7 @@ class SubmissionClaims:
     # Training times stated for the whole submission, by aggregate: "" (one run, or a nominal figure for every
     # seed), "mean", "max" or "min" (from key suffixes such as train_time_s_mean).
     train_times: dict[str, Claim] = field(default_factory=dict)
+    track: str | None = None  # as declared ("10min_16mb", "non-record-unlimited-compute-16mb", …)
 
 
 @dataclass
@@ -196,6 +197,8 @@ def read_claims(document: Any) -> SubmissionClaims:
             claims.headline_bpb = claim
             break
     claims.total_bytes = _count(document.get("bytes_total"))
+    if isinstance(document.get("track"), str):
+        claims.track = document["track"][:100]
     for key in _CODE_CLAIM_KEYS:
         claim = _claim(document.get(key), key)
         if claim is not None:
@@ -369,6 +372,9 @@ def _check_log_time(log: RecordLog, claims: SubmissionClaims | None, strict: boo
     figure = "; ".join(figures) if len(figures) == 1 else f"{len(figures)} runs: " + "; ".join(figures)
     reasons = [verdict.reason] if verdict.reason else []
     status = verdict.status
+    if status != PASS and claims is not None and claims.track and "non" in claims.track.replace("_", "-"):
+        # The verdict stays the 600 s one; the reader should know the submission does not claim that track.
+        reasons.append(f"submission.json declares track {claims.track!r}, not the 10-minute record track")
     seed_claim = claims.per_seed.get(log.seed) if claims and log.seed is not None else None
     if seed_claim and seed_claim.train_time_ms is not None:
         stated = timed[-1][0].final.time_ms  # type: ignore[union-attr]

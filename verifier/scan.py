@@ -35,6 +35,7 @@ from pathlib import Path
 
 from trainer.source_unwrap import UnwrapError, unwrap
 from verifier import scan_folder
+from verifier.scan_context import LogEvidence
 from verifier.scan_findings import CONFIDENCES, PATTERNS, Finding
 from verifier.scan_rules import analyse_source
 
@@ -73,7 +74,8 @@ class _Scanned:
     env: dict[str, str] = field(default_factory=dict)  # environment defaults its wrapper sets for what it runs
 
 
-def _scan_text(source: str, filename: str, run_env: dict[str, str] | None = None) -> _Scanned:
+def _scan_text(source: str, filename: str, run_env: dict[str, str] | None = None,
+               evidence: LogEvidence | None = None) -> _Scanned:
     report = FileReport(path=filename)
     scanned = _Scanned(report)
     try:
@@ -84,7 +86,7 @@ def _scan_text(source: str, filename: str, run_env: dict[str, str] | None = None
         # The run command's environment wins over a wrapper's os.environ.setdefault(...), as it does at run time.
         scanned.env = {**unwrapped.env_overrides, **(run_env or {})}
         scanned.tree = unwrapped.tree
-        report.findings = analyse_source(unwrapped.source, filename, origin, scanned.env, unwrapped.tree)
+        report.findings = analyse_source(unwrapped.source, filename, origin, scanned.env, unwrapped.tree, evidence)
     except SyntaxError as exc:
         report.error = f"file is not valid Python: {exc.msg} (line {exc.lineno})"
     except UnwrapError as exc:
@@ -113,11 +115,11 @@ def _read_source(path: Path) -> tuple[str | None, str | None]:
         return None, f"not UTF-8 text: {exc.reason} at byte {exc.start}"
 
 
-def _scan_path(path: Path, run_env: dict[str, str] | None = None) -> _Scanned:
+def _scan_path(path: Path, run_env: dict[str, str] | None = None, evidence: LogEvidence | None = None) -> _Scanned:
     source, error = _read_source(path)
     if source is None:
         return _Scanned(FileReport(path=str(path), error=error))
-    return _scan_text(source, str(path), run_env)
+    return _scan_text(source, str(path), run_env, evidence)
 
 
 def scan_file(path: Path) -> FileReport:
@@ -135,6 +137,8 @@ def scan_folder_reports(folder: Path) -> list[FileReport]:
         return [FileReport(path=str(folder), error=f"no entry point: no {scan_folder.ENTRY_POINT} and not exactly "
                                                      f"one top-level Python file (found: {names})")]
     run_env, env_sources = scan_folder.run_command_env(files)
+    log_files, log_lines = scan_folder.record_log_lines(files)
+    evidence = LogEvidence(log_lines) if log_lines else None
     siblings: dict[str, Path] = {}
     for path in python_files:
         siblings.setdefault(path.name, path)
@@ -145,7 +149,7 @@ def scan_folder_reports(folder: Path) -> list[FileReport]:
     seen = {entry}
     while pending:
         path, via, env = pending.pop(0)
-        scanned = _scan_path(path, env)
+        scanned = _scan_path(path, env, evidence)
         scanned.report.via = via
         reports.append(scanned.report)
         if scanned.tree is None:
@@ -158,6 +162,8 @@ def scan_folder_reports(folder: Path) -> list[FileReport]:
                 seen.add(target)
                 pending.append((target, f"{how} by {path.name} line {line}", scanned.env))
     head = reports[0]
+    if log_files:
+        head.notes.append(f"training logs read for evidence of what ran: {len(log_files)} file(s)")
     if env_sources:
         settings = " ".join(f"{name}={value}" for name, value in sorted(run_env.items()))
         head.notes.append(f"run command ({', '.join(env_sources)}): {settings or 'no environment settings'}")
@@ -165,6 +171,11 @@ def scan_folder_reports(folder: Path) -> list[FileReport]:
     if unreached:
         head.notes.append("not reached from the entry point, not scanned: "
                           + ", ".join(str(path.relative_to(folder)) for path in unreached))
+    for name, value in scan_folder.run_data_files(run_env):
+        head.findings.append(scan_folder.not_analysed(
+            str(folder / env_sources[0]), 0, f"{name}={value}",
+            f"the data file the run command passes in {name}={value} (supplied at run time; a file built from "
+            "validation tokens would be a paid prefix)"))
     for path in files:
         if path.suffix.lower() in scan_folder.FOREIGN_SOURCE:
             head.findings.append(scan_folder.not_analysed(

@@ -42,7 +42,7 @@ class ConfigDefaults:
         A name counts as configuration only if *all* its bindings are literals or environment reads that agree;
         one computed assignment anywhere (``flag = measure()``, ``args.x = 65536``) makes its default unknown.
         """
-        for node in ast.walk(self.index.tree):
+        for node in self.index.nodes:
             if isinstance(node, ast.Assign) and len(node.targets) == 1:
                 target, value = node.targets[0], node.value
             elif isinstance(node, ast.AnnAssign) and node.value is not None:
@@ -55,7 +55,7 @@ class ConfigDefaults:
                 else None
             if name is None:
                 continue
-            literal = isinstance(value, ast.Constant) or (value is not None and _reads_environment(value))
+            literal = isinstance(value, ast.Constant) or (value is not None and reads_environment(value))
             yield name, value if literal else None
 
     def evaluate(self, node: ast.expr | None) -> object:
@@ -137,11 +137,15 @@ class ConfigDefaults:
             return None
 
 
-def _reads_environment(node: ast.expr) -> bool:
+def reads_environment(node: ast.expr) -> bool:
     return any(
         isinstance(sub, ast.Call) and dotted_name(sub.func).endswith(("environ.get", "getenv"))
         for sub in ast.walk(node)
     )
+
+
+def _contains(root: ast.AST, node: ast.AST) -> bool:
+    return any(sub is node for sub in ast.walk(root))
 
 
 def _compare(op: ast.cmpop, left: object, right: object) -> object:
@@ -168,13 +172,99 @@ def _compare(op: ast.cmpop, left: object, right: object) -> object:
     return UNKNOWN
 
 
+class LogEvidence:
+    """Which of the script's own log lines the record's training logs contain.
+
+    A branch that the defaults switch off may still be what produced the reported number when the run command
+    switched it on; the logs show it when the lines the branch prints are there. Only log lines are compared, at
+    the start of a line (an upstream ``logs/*.txt`` opens with the script source, where the same text sits inside
+    a ``print(...)`` call mid-line), and only literal prefixes of at least ``MIN_PREFIX`` characters count.
+    """
+
+    MIN_PREFIX = 10
+    MAX_PREFIX = 40
+
+    def __init__(self, lines: list[str]) -> None:
+        self._starts: dict[int, set[str]] = {}
+        self._lines = [line.lstrip() for line in lines if line.strip()]
+
+    def printed(self, prefix: str) -> bool:
+        prefix = prefix[:self.MAX_PREFIX]
+        if len(prefix) < self.MIN_PREFIX:
+            return False
+        starts = self._starts.get(len(prefix))
+        if starts is None:
+            starts = {line[:len(prefix)] for line in self._lines}
+            self._starts[len(prefix)] = starts
+        return prefix in starts
+
+
+_LOG_FUNCTIONS = frozenset({"print", "log", "log0", "info", "warning", "print0", "logger", "_log", "log_rank0"})
+
+
+def log_prefix(call: ast.Call) -> str | None:
+    """The literal text a print / log call starts its line with (``"ngram_chunk ["`` for
+    ``log0(f"  ngram_chunk [{i}/{n}] ...")``), or None."""
+    func = call.func
+    name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+    if name not in _LOG_FUNCTIONS or not call.args:
+        return None
+    first = call.args[0]
+    if isinstance(first, ast.Call) and isinstance(first.func, ast.Attribute) and first.func.attr == "format":
+        first = first.func.value  # "template {}".format(...) from a normalised 3.12 f-string
+    text = None
+    if isinstance(first, ast.Constant) and isinstance(first.value, str):
+        text = first.value.split("{")[0]
+    elif isinstance(first, ast.JoinedStr) and first.values and isinstance(first.values[0], ast.Constant):
+        text = str(first.values[0].value)
+    if text is None:
+        return None
+    text = text.lstrip().split("\n")[0]
+    return text if any(char.isalpha() for char in text) else None
+
+
 class RunContext:
     """Answers "does this node run under the default configuration?" for the detectors."""
 
-    def __init__(self, index: ModuleIndex, defaults: ConfigDefaults) -> None:
+    def __init__(self, index: ModuleIndex, defaults: ConfigDefaults, evidence: LogEvidence | None = None) -> None:
         self.index = index
         self.defaults = defaults
+        self.evidence = evidence
         self._reachable_default, self._reachable_any, self._has_entry = self._reachability()
+        self._ran = self._functions_shown_to_run()
+
+    def _logged_in(self, nodes: list[ast.AST]) -> bool:
+        if self.evidence is None:
+            return False
+        for node in nodes:
+            if isinstance(node, ast.Call):
+                prefix = log_prefix(node)
+                if prefix is not None and self.evidence.printed(prefix):
+                    return True
+        return False
+
+    def _functions_shown_to_run(self) -> set[FunctionInfo]:
+        """Functions whose own log lines are in the record's logs, and everything they call."""
+        if self.evidence is None:
+            return set()
+        ran = {info for info in self.index.functions if self._logged_in(self.index.local_nodes(info.node.body))}
+        pending = list(ran)
+        while pending:
+            owner = pending.pop()
+            for target, _ in self._references(owner, owner.node.body):
+                if target not in ran:
+                    ran.add(target)
+                    pending.append(target)
+        return ran
+
+    def _branch_ran(self, branch: ast.If, node: ast.AST) -> bool:
+        """Did the logs show the side of ``branch`` that holds ``node`` running?"""
+        side = branch.body if any(_contains(stmt, node) for stmt in branch.body) else branch.orelse
+        nodes = [sub for stmt in side for sub in ast.walk(stmt)]
+        if self._logged_in(nodes):
+            return True
+        called = {target for stmt in side for target, _ in self._references(None, [stmt])}
+        return any(info in self._ran and self._logged_in(self.index.local_nodes(info.node.body)) for info in called)
 
     def shadowing_branch(self, node: ast.AST) -> ast.If | None:
         """The ``if`` whose default outcome sends control to a different, non-empty branch than ``node``'s."""
@@ -198,9 +288,10 @@ class RunContext:
         if self._has_entry and function is not None and function not in self._reachable_any:
             return 2, f"in {function.qualname}, which nothing in the script calls"
         branch = self.shadowing_branch(node)
-        if branch is not None:
+        if branch is not None and not self._branch_ran(branch, node):
             return 1, f"only when `{ast.unparse(branch.test)}` differs from its default (line {branch.lineno})"
-        if self._has_entry and function is not None and function not in self._reachable_default:
+        if self._has_entry and function is not None and function not in self._reachable_default \
+                and function not in self._ran:
             return 1, f"{function.qualname} is only called from branches that are off by default"
         return 0, ""
 

@@ -37,12 +37,13 @@ TOK = "tok"  # per-token (not yet reduced) values
 MIXED = "mixed"  # the gold probability blended with another quantity
 LOCAL = "local"  # a throwaway object made inside the function (LoRA, deep copy, fresh delta tensor)
 OPTIM = "optim"  # an optimizer
+SPREAD = "spread"  # a token's gold log-probability divided by its byte length: a per-byte share of it
 STAT = "stat"  # a per-position statistic of a full distribution (its entropy, its max): no token's probability
 PARAM = "param:"  # prefix: depends on the function parameter of that name
 
 GOLD_FAMILY = frozenset({GOLD, GOLDP, GOLDLP})
 # Labels a callee parameter inherits from its call sites (the content of a value, never its provenance).
-SEEDABLE = frozenset({TGT, HKEY, NGOLD, GOLD, GOLDP, GOLDLP, PROB, LOGP, MIXED, STAT})
+SEEDABLE = frozenset({TGT, HKEY, NGOLD, GOLD, GOLDP, GOLDLP, PROB, LOGP, MIXED, STAT, SPREAD})
 # Labels that describe a value's shape, not what it carries; a value with only these is as good as a constant.
 SHAPE_ONLY = frozenset({TOK})
 
@@ -252,9 +253,11 @@ class ModuleIndex:
         self.source = source
         self.lines = source.splitlines()
         self.parents: dict[ast.AST, ast.AST] = {}
-        for node in ast.walk(tree):
+        self.nodes: list[ast.AST] = list(ast.walk(tree))  # every node, walked once for all the rules
+        for node in self.nodes:
             for child in ast.iter_child_nodes(node):
                 self.parents[child] = node
+        self._local_nodes: dict[int, tuple[list[ast.stmt], list[ast.AST]]] = {}
         self.functions: list[FunctionInfo] = []
         self.by_node: dict[ast.AST, FunctionInfo] = {}
         self.classes: dict[str, ast.ClassDef] = {}
@@ -284,6 +287,16 @@ class ModuleIndex:
             else:
                 for block in statement_children(stmt):
                     self._collect(block, parent, class_name, prefix)
+
+    def local_nodes(self, body: list[ast.stmt]) -> list[ast.AST]:
+        """Every node of ``body`` outside nested functions / classes / lambdas, computed once per body: the flow
+        and order analyses iterate to a fixed point and would otherwise re-walk every function each round."""
+        cached = self._local_nodes.get(id(body))
+        if cached is None or cached[0] is not body:
+            # The body is stored with its nodes so that its id cannot be reused by another list.
+            cached = (body, [node for stmt in body for node in walk_local(stmt)])
+            self._local_nodes[id(body)] = cached
+        return cached[1]
 
     def line(self, lineno: int) -> str:
         return self.lines[lineno - 1].strip() if 0 < lineno <= len(self.lines) else ""
@@ -665,7 +678,12 @@ class FunctionFlow:
                 or (TGT in left and TGT not in right and self._rolling_hash_step(node, right_node))
             ):
                 labels.add(HKEY)
-        if isinstance(op, (ast.Add, ast.Sub)) and (_mixes_gold(left, right) or _mixes_gold(right, left)):
+        if isinstance(op, ast.Div) and GOLDLP in left and GOLD in right and not right & {GOLDLP, GOLDP, LOSS}:
+            labels.add(SPREAD)  # log p(token) / bytes(token): the token's probability spread over its bytes
+        if isinstance(op, (ast.Add, ast.Sub)) and (
+            _mixes_gold(left, right) or _mixes_gold(right, left) or _mixes_spread(left, right)
+            or _mixes_spread(right, left)
+        ):
             labels.add(MIXED)
             self.mix_sites.append(node)
         return frozenset(labels)
@@ -729,6 +747,9 @@ class FunctionFlow:
             # Whether its parameters are a throwaway (LOCAL) or belong to a caller's model (param:...). Only the
             # parameter argument says so: hyperparameters (lr=h.lr) come from a config, not from a model.
             params = arg_labels[0] if arg_labels else kw_labels.get("params", EMPTY)
+            listed = _listed(node.args[0]) if node.args else []
+            if listed and all(LOCAL in self.labels.get(element, EMPTY) for element in listed):
+                params = frozenset({LOCAL})  # SGD([delta, bias]): tensors made here, whatever their bounds came from
             return frozenset({OPTIM, *(label for label in params if label == LOCAL or label.startswith(PARAM))})
         if name in _CONSTRUCTORS:
             grad = keyword(node, "requires_grad")
@@ -855,7 +876,7 @@ class FunctionFlow:
         read too, e.g. ``val_np[jv]`` next to the context reads ``val_np[jv - w + k]``."""
         plain: dict[str, set[str]] = {}
         shifted: dict[str, set[str]] = {}
-        for node in walk_local(ast.Module(body=self.body, type_ignores=[])):
+        for node in self.index.local_nodes(self.body):
             if not (isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name)):
                 continue
             index = node.slice
@@ -875,7 +896,7 @@ class FunctionFlow:
     def _subscript_updates(self) -> set[tuple[str, str]]:
         """``table[key]`` expressions that are also assigned in this function: reading them is a count update."""
         updates = set()
-        for node in walk_local(ast.Module(body=self.body, type_ignores=[])):
+        for node in self.index.local_nodes(self.body):
             targets: list[ast.expr] = []
             if isinstance(node, ast.Assign):
                 targets = node.targets
@@ -980,6 +1001,13 @@ def _mixes_gold(gold_side: Labels, other_side: Labels) -> bool:
     return _is_other_probability(other_side)
 
 
+def _mixes_spread(spread_side: Labels, other_side: Labels) -> bool:
+    """λ·exp(log p(token) / bytes) + (1-λ)·q(byte): per-byte shares of a token's probability mixed with a byte
+    model. The shares of one token are not a distribution over the next byte, so the mixture is not normalised."""
+    return SPREAD in spread_side and GOLDP in spread_side and SPREAD not in other_side and \
+        bool(other_side - SHAPE_ONLY)
+
+
 def _exp_log(labels: Labels, is_log: bool) -> Labels:
     result = set(labels)
     if is_log:
@@ -1013,7 +1041,7 @@ def _library_roots(index: ModuleIndex) -> set[str]:
     cached = getattr(index, "_library_roots", None)
     if cached is None:
         cached = set()
-        for node in ast.walk(index.tree):
+        for node in index.nodes:
             if isinstance(node, ast.Import):
                 for alias in node.names:
                     cached.add(alias.asname or alias.name.split(".")[0])

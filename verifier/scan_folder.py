@@ -32,8 +32,12 @@ FOREIGN_SOURCE = (".c", ".cc", ".cpp", ".cxx", ".cu", ".cuh", ".h", ".hpp")
 # Record folders are small; a bound keeps a hostile folder from making the scanner walk a large tree.
 MAX_FOLDER_FILES = 2000
 MAX_RUN_COMMAND_BYTES = 1_000_000
+MAX_LOG_FILE_BYTES = 4_000_000
+MAX_LOG_BYTES = 16_000_000
 
 _ENV_ASSIGNMENT = re.compile(r"(?:^|\s)(?:export\s+)?([A-Z][A-Z0-9_]*)=(\"[^\"]*\"|'[^']*'|[^\s\"';|&]+)")
+_ONLY_ASSIGNMENTS = re.compile(r"(?:export\s+)?(?:[A-Z][A-Z0-9_]*=(?:\"[^\"]*\"|'[^']*'|[^\s\"';|&]+)\s*)+")
+_DATA_FILE = re.compile(r"\.(xz|lzma|gz|zst|bz2|npy|npz|pt|pth|ptz|pkl|pickle|bin|safetensors|h5)$", re.IGNORECASE)
 _SHELL_DEFAULT = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*:?[-=]([^}]*)\}")
 _LAUNCH = re.compile(r"\b(torchrun|python3?|accelerate\s+launch|deepspeed)\b[^\n]*\.py\b")
 _FOREIGN_TEXT = re.compile(
@@ -101,8 +105,8 @@ def _shell_value(text: str) -> str | None:
 def run_command_env(files: list[Path]) -> tuple[dict[str, str], list[str]]:
     """Environment assignments of the record's documented launch commands (README / *.sh / *.md).
 
-    Only assignments on a line that launches a Python script, or ``export`` lines of a launch script, count: a
-    README's prose and tables are not configuration.
+    Only assignments on a line that launches a Python script, ``export`` lines of a launch script, and lines of
+    a README code block that hold nothing but assignments count: a README's prose and tables are not configuration.
     """
     values: dict[str, set[str]] = {}
     sources: list[str] = []
@@ -117,12 +121,18 @@ def run_command_env(files: list[Path]) -> tuple[dict[str, str], list[str]]:
             continue
         is_script = path.suffix.lower() == ".sh"
         used = False
+        in_code_block = False
         for line in _logical_lines(text):
             launch = _LAUNCH.search(line)
             stripped = line.strip()
+            if stripped.startswith("```"):
+                in_code_block = not in_code_block
+                continue
             if launch is not None:
                 scope = line[:launch.start()]
-            elif is_script and stripped.startswith("export "):
+            elif (is_script or in_code_block) and (stripped.startswith("export ") or _ONLY_ASSIGNMENTS.fullmatch(
+                    stripped)):
+                # A launch script's exports, or a README code block that lists the run's settings one per line.
                 scope = stripped
             else:
                 continue
@@ -190,6 +200,41 @@ def foreign_strings(tree: ast.Module) -> list[tuple[int, str]]:
         if isinstance(node, ast.Constant) and isinstance(node.value, str) and len(node.value) > 80 and \
                 _FOREIGN_TEXT.search(node.value):
             found.append((node.lineno, node.value.strip().splitlines()[0][:60]))
+    return found
+
+
+def record_log_lines(files: list[Path]) -> tuple[list[Path], list[str]]:
+    """The record's training logs (``*.log``, ``*.txt`` other than requirements / notes) and their lines, bounded."""
+    logs: list[Path] = []
+    lines: list[str] = []
+    budget = MAX_LOG_BYTES
+    for path in files:
+        name = path.name.lower()
+        if path.suffix.lower() not in {".log", ".txt"} or name.startswith(("requirements", "readme", "license")):
+            continue
+        try:
+            with path.open("rb") as handle:
+                data = handle.read(min(budget, MAX_LOG_FILE_BYTES))
+        except OSError:
+            continue
+        budget -= len(data)
+        logs.append(path)
+        lines += data.decode("utf-8", errors="replace").splitlines()
+        if budget <= 0:
+            break
+    return logs, lines
+
+
+def run_data_files(run_env: dict[str, str]) -> list[tuple[str, str]]:
+    """(name, value) of run-command settings that hand the run a data file (``PAID_PREFIX_FILE=prefix.xz``).
+
+    Dataset shards, the tokenizer and the run's own model output (``final_model.*``) are the standard inputs of
+    every record, not extra data."""
+    found = []
+    for name, value in sorted(run_env.items()):
+        base = value.rsplit("/", 1)[-1]
+        if _DATA_FILE.search(base) and not base.startswith(("final_model", "fineweb_")) and "*" not in base:
+            found.append((name, value))
     return found
 
 

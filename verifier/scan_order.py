@@ -188,6 +188,8 @@ class OrderAnalysis:
         self.index = index
         self.flow = module_flow
         self.positions = Positions(index)
+        self._top_level = top_level_code(index.tree, with_classes=False)
+        self._reported_cache: dict[FunctionInfo | None, tuple[set[str], set[str]]] = {}
         self.summaries: dict[FunctionInfo, OrderSummary] = {info: OrderSummary() for info in index.functions}
         self.val_params: dict[FunctionInfo, set[str]] = {info: set() for info in index.functions}
         self.callers: dict[FunctionInfo, set[FunctionInfo | None]] = {info: set() for info in index.functions}
@@ -217,11 +219,11 @@ class OrderAnalysis:
 
     def _body(self, info: FunctionInfo | None) -> list[ast.stmt]:
         if info is None:
-            return top_level_code(self.index.tree, with_classes=False)
+            return self._top_level
         return info.node.body
 
     def _nodes(self, info: FunctionInfo | None) -> list[ast.AST]:
-        return [node for stmt in self._body(info) for node in walk_local(stmt)]
+        return self.index.local_nodes(self._body(info))
 
     def _reported_names(self, info: FunctionInfo | None) -> tuple[set[str], set[str]]:
         """Names whose value reaches the function's return value or a log line mentioning bpb / val_loss, and
@@ -233,6 +235,8 @@ class OrderAnalysis:
         outermost = info
         while outermost is not None and outermost.parent is not None:
             outermost = outermost.parent
+        if outermost in self._reported_cache:
+            return self._reported_cache[outermost]
         body = self._body(outermost)
         flows_to: dict[str, set[str]] = {}
         returned: set[str] = set()
@@ -276,7 +280,8 @@ class OrderAnalysis:
             return reached
 
         via_log = sources_of(logged)
-        return sources_of(returned) | via_log, via_log
+        self._reported_cache[outermost] = (sources_of(returned) | via_log, via_log)
+        return self._reported_cache[outermost]
 
     # -- extraction --------------------------------------------------------------------------------------------
 
@@ -538,24 +543,53 @@ class OrderRules:
                             "P3", "C3/C4", score.node, "high",
                             f"the score is taken only on the final epoch of a multi-epoch adaptation loop "
                             f"(line {epoch_loop.lineno}): every scored token was trained on in earlier epochs",
+                            related=train.node,
                         ))
                     else:
                         found.append(self.finding(
                             "P3", "C3/C4", score.node, "high",
                             f"scores are accumulated inside the multi-epoch adaptation loop at line "
                             f"{epoch_loop.lineno}: tokens are scored again after the model trained on them",
+                            related=train.node,
                         ))
                     continue
                 if self.positions.order(train.node, score.node) == -1:
                     if _trains_previous_chunk(train.node, common[0], self.a.index):
                         continue  # train on chunk c-1, then score chunk c: score-first, shifted by one
+                    if self._fits_scored_prefix(info, train, score):
+                        continue  # fit on y[:s], score [s:]: the fitted positions were scored by earlier windows
                     seen.add(id(common[0]))
                     found.append(self.finding(
                         "P3", "C3", score.node, "high",
                         f"validation tokens are scored after an update at line {_line(train.node)} in the same "
                         f"iteration of the loop at line {common[0].lineno} (adapt-then-score / rescoring)",
+                        related=train.node,
                     ))
         return found
+
+    def _fits_scored_prefix(self, info: FunctionInfo | None, train: Event, score: Event) -> bool:
+        """Is the update fitted only on the positions before the ones scored next (``loss(logits[:s], y[:s])``
+        then ``nll(logits[s:wlen], y[s:wlen])``)? In a sliding window the prefix ``[:s]`` is context that earlier
+        windows already scored, so this is score-before-update, not adapt-then-score. Fitting on ``[s:wlen]``
+        itself (SLOT) is not exempt."""
+        definitions: dict[str, list[ast.expr]] = {}
+        for node in self.a._nodes(info):
+            if isinstance(node, ast.Assign):
+                for target in node.targets:
+                    for name in names_in(target):
+                        definitions.setdefault(name, []).append(node.value)
+        train_slices = _slices_feeding(_train_source(train.node, self.a._nodes(info)), definitions)
+        score_value = score.node.value if isinstance(score.node, (ast.AugAssign, ast.Assign)) else score.node
+        score_slices = _slices_feeding(score_value, definitions)
+        scored_starts = {ast.dump(s.lower) for s in score_slices if s.lower is not None}
+        if not train_slices or not scored_starts:
+            return False
+        for piece in train_slices:
+            if piece.lower is not None and ast.dump(piece.lower) in scored_starts:
+                return False  # trains on the scored range
+            if piece.upper is None or ast.dump(piece.upper) not in scored_starts:
+                return False
+        return True
 
     def _epoch_guard(self, score: ast.AST, loop: ast.For | ast.While | ast.AsyncFor) -> str:
         """"first" if the score is taken only when the epoch counter is 0, "last" if only on the final epoch."""
@@ -600,6 +634,7 @@ class OrderRules:
                     f"a 'score' forward pass on validation data whose output is discarded, followed by training "
                     f"at line {_line(train.node)}: nothing is scored before the update, so any reported score "
                     f"comes from the adapted model",
+                    related=train.node,
                 ))
         return found
 
@@ -802,6 +837,39 @@ def _trains_previous_chunk(train: ast.AST, loop: ast.For | ast.While | ast.Async
                 and isinstance(node.comparators[0], ast.Constant) and node.comparators[0].value in (0, 1):
             return True
     return False
+
+
+def _train_source(train: ast.AST, nodes: list[ast.AST]) -> ast.AST | None:
+    """The loss whose backward pass feeds the update at ``train``: the nearest ``x.backward()`` before it."""
+    backwards = [node for node in nodes if isinstance(node, ast.Call) and call_basename(node) == "backward"
+                 and receiver(node) is not None and _line(node) <= _line(train)]
+    if not backwards:
+        return None
+    return receiver(max(backwards, key=_line))
+
+
+def _slices_feeding(node: ast.AST | None, definitions: dict[str, list[ast.expr]], depth: int = 0) -> list[ast.Slice]:
+    """The position slices (``a[:s]``, ``y[s:wlen]``) an expression selects, through the names it is computed
+    from. A sliced array is not followed further: its own history (``x = chunk[:-1]``) says which stream it came
+    from, not which positions this expression reads."""
+    if node is None or depth > 4:
+        return []
+    found: list[ast.Slice] = []
+    pending: list[ast.AST] = [node]
+    while pending:
+        sub = pending.pop()
+        if isinstance(sub, ast.Subscript):
+            index = sub.slice.elts[-1] if isinstance(sub.slice, ast.Tuple) and sub.slice.elts else sub.slice
+            if isinstance(index, ast.Slice) and (index.lower is not None or index.upper is not None):
+                found.append(index)
+                continue
+        if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Load):
+            for value in definitions.get(sub.id, [])[:3]:
+                if value is not node:
+                    found += _slices_feeding(value, definitions, depth + 1)
+            continue
+        pending.extend(ast.iter_child_nodes(sub))
+    return found
 
 
 def _is_no_grad(block: ast.With | ast.AsyncWith) -> bool:

@@ -21,12 +21,13 @@ import re
 from collections.abc import Callable
 
 from trainer.source_syntax import parse_python
-from verifier.scan_context import UNKNOWN, ConfigDefaults, RunContext
+from verifier.scan_context import UNKNOWN, ConfigDefaults, LogEvidence, RunContext, reads_environment
 from verifier.scan_findings import Finding
 from verifier.scan_flow import (
     HKEY,
     MIXED,
     NGOLD,
+    SPREAD,
     STAT,
     TGT,
     VAL,
@@ -37,12 +38,14 @@ from verifier.scan_flow import (
     call_basename,
     dotted_name,
     is_val_name,
+    is_val_string,
     keyword,
     names_in,
 )
 from verifier.scan_order import OrderAnalysis, OrderRules
+from verifier.scan_shapes import byte_table, pooled_positions
 
-MakeFinding = Callable[[str, str, ast.AST, str, str], Finding]
+MakeFinding = Callable[..., Finding]  # (pattern, condition, node, confidence, explanation, related=None)
 
 _CALIBRATION = re.compile(
     r"gptq|hessian|calib|awq|smoothquant|act(ivation)?_?stat|collect_(stats|acts|activations|inputs|hess)",
@@ -70,32 +73,44 @@ def analyse_source(
     origin: str | None = None,
     env_overrides: dict[str, str] | None = None,
     tree: ast.Module | None = None,
+    evidence: LogEvidence | None = None,
 ) -> list[Finding]:
-    """Run every detector over one (already unwrapped) source text, parsed with the Python 3.12 grammar."""
+    """Run every detector over one (already unwrapped) source text, parsed with the Python 3.12 grammar.
+    ``evidence``: the record's training logs, which show branches that ran although the defaults switch them off."""
     tree = tree if tree is not None else parse_python(source)
     index = ModuleIndex(tree, source)
     flow = ModuleFlow(index)
     defaults = ConfigDefaults(index, env_overrides or {})
-    context = RunContext(index, defaults)
+    context = RunContext(index, defaults, evidence)
 
-    def make_finding(pattern: str, condition: str, node: ast.AST, confidence: str, explanation: str) -> Finding:
+    def make_finding(pattern: str, condition: str, node: ast.AST, confidence: str, explanation: str,
+                     related: ast.AST | None = None) -> Finding:
+        """A finding at ``node``; ``related`` is the other half of a two-event violation (the update of an
+        adapt-then-score pair): when either half sits in code the defaults do not run, the finding is lowered."""
         line = getattr(node, "lineno", 0)
         finding = Finding(pattern, condition, filename, line, index.line(line), confidence, explanation, origin)
-        steps, reason = context.downgrade(node)
+        steps, reason = max(context.downgrade(node), context.downgrade(related) if related is not None else (0, ""),
+                            key=lambda step: step[0])
         return finding.downgraded(steps, reason)
 
     findings: list[Finding] = []
     for function_flow in flow.flows.values():
         findings += target_in_key(function_flow, make_finding)
         findings += gold_only_mixing(function_flow, make_finding)
-        findings += validation_calibration(function_flow, index, make_finding)
+        findings += validation_calibration(function_flow, index, defaults, make_finding)
         findings += bytes_per_token_constant(function_flow, defaults, make_finding)
     findings += OrderRules(OrderAnalysis(index, flow), make_finding).findings()
+    findings += byte_table(index.nodes, make_finding)
+    findings += pooled_positions(index.nodes, make_finding)
     return _deduplicate(findings)
 
 
 def _nodes(flow: FunctionFlow) -> list[ast.AST]:
-    """Every node of the flow's own code: nested functions excluded, class bodies (configuration) included."""
+    """Every node of the flow's own code: nested functions excluded, class bodies (configuration) included.
+    Computed once per flow (several rules walk it)."""
+    cached = getattr(flow, "_rule_nodes", None)
+    if cached is not None:
+        return cached
     found: list[ast.AST] = []
     pending: list[ast.AST] = list(flow.body)
     while pending:
@@ -104,6 +119,7 @@ def _nodes(flow: FunctionFlow) -> list[ast.AST]:
         for child in ast.iter_child_nodes(node):
             if not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
                 pending.append(child)
+    flow._rule_nodes = found  # type: ignore[attr-defined]
     return found
 
 
@@ -207,6 +223,9 @@ def gold_only_mixing(flow: FunctionFlow, make_finding: MakeFinding) -> list[Find
         labels = flow.of(site)
         if NGOLD in labels:
             other = "an n-gram estimate read with a target-keyed hash"
+        elif SPREAD in labels:
+            other = ("a byte-level model, per byte, after spreading the token's probability evenly over its bytes "
+                     "(those per-byte shares are not a distribution over the next byte)")
         elif STAT in labels:
             other = "a statistic of the model's distribution (such as its entropy) used as an 'expert'"
         else:
@@ -225,7 +244,9 @@ def gold_only_mixing(flow: FunctionFlow, make_finding: MakeFinding) -> list[Find
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def validation_calibration(flow: FunctionFlow, index: ModuleIndex, make_finding: MakeFinding) -> list[Finding]:
+def validation_calibration(
+    flow: FunctionFlow, index: ModuleIndex, defaults: ConfigDefaults, make_finding: MakeFinding
+) -> list[Finding]:
     findings: list[Finding] = []
     params = set(flow.info.all_params) if flow.info is not None else set()
     in_calibration = flow.info is not None and bool(_CALIBRATION.search(flow.info.name))
@@ -253,6 +274,16 @@ def validation_calibration(flow: FunctionFlow, index: ModuleIndex, make_finding:
         elif isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
             names = assigned_names(node)
             value_labels = flow.of(node.value)
+            configured = defaults.evaluate(node.value) if reads_environment(node.value) else UNKNOWN
+            if isinstance(configured, str) and is_val_string(configured) and \
+                    any(_TRAIN_DATA_NAME.fullmatch(name) for name in names):
+                # TRAIN_FILES=fineweb_val_*.bin in the run command: the default says train, the run said val.
+                findings.append(make_finding(
+                    "P4", "data", node, "high",
+                    f"training data `{names[0]}` is taken from the validation split as configured for the run "
+                    f"(`{configured}`)",
+                ))
+                continue
             if VAL not in value_labels:
                 continue
             if any(_TRAIN_DATA_NAME.fullmatch(name) for name in names):
@@ -279,8 +310,11 @@ def bytes_per_token_constant(flow: FunctionFlow, defaults: ConfigDefaults, make_
         if not isinstance(node, (ast.Assign, ast.AnnAssign, ast.Return)) or node.value is None:
             continue
         names = ["return"] if isinstance(node, ast.Return) else assigned_names(node)
+        operands = _scaling_operands(node.value)
+        if not operands:
+            continue
         bpb_context = any(_BPB_NAME.search(name) for name in names) or bool(_BPB_NAME.search(ast.unparse(node.value)))
-        for operand, partner, divides in _scaling_operands(node.value):
+        for operand, partner, divides in operands:
             constant = _constant_factor(operand, defaults)
             if constant is None:
                 continue

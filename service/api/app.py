@@ -24,7 +24,7 @@ from service.api.public_events import PathRedactor
 from service.api.routes import evaluate, evaluations, meta
 from service.api.settings import Settings
 from service.api.state import ServiceState
-from service.api.storage import Store
+from service.api.storage import StorageError, Store
 from service.api.validation import ArtifactValidator, TokenizerIdentity
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
@@ -64,7 +64,10 @@ def create_app(settings: Settings) -> FastAPI:
             await app.state.service.begin_shutdown()
             await queue.stop(wait_seconds=min(3.0, settings.shutdown_grace_seconds / 4))
             await validator.close()
-            store.mark_interrupted()  # now, rather than at the next start: the record is true while we are down
+            try:  # now, rather than at the next start: the record is true while we are down
+                store.mark_interrupted()
+            except StorageError as error:  # the next start marks them; shutdown must not wait for the database
+                log.warning("could not mark running jobs interrupted at shutdown (%s)", error)
             store.close()
 
     app = FastAPI(

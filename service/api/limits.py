@@ -47,12 +47,6 @@ class ResourceLimits:
         if self.open_files:
             _lower(resource.RLIMIT_NOFILE, self.open_files, self.open_files)
 
-    def describe(self) -> str:
-        parts = [f"address space {_bytes(self.address_space_bytes)}" if self.address_space_bytes else None,
-                 f"CPU {self.cpu_seconds} s" if self.cpu_seconds else None,
-                 f"open files {self.open_files}" if self.open_files else None]
-        return ", ".join(p for p in parts if p) or "no limits"
-
 
 def _lower(which: int, soft: int, hard: int | None) -> None:
     """Set (soft, hard), hard None meaning "keep the current hard limit"; never above the current hard limit."""
@@ -73,10 +67,6 @@ def renew_cpu_allowance(seconds: int) -> None:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     used = math.ceil(usage.ru_utime + usage.ru_stime)
     _lower(resource.RLIMIT_CPU, used + seconds, None)
-
-
-def _bytes(n: int) -> str:
-    return f"{n / (1 << 30):g} GiB" if n >= 1 << 30 else f"{n / (1 << 20):g} MiB"
 
 
 def child_setup(limits: ResourceLimits, *also: Callable[[], None], renewable_cpu: bool = False

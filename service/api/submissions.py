@@ -29,7 +29,7 @@ from service.api.jobs import QueueFull
 from service.api.schemas import EvaluationOptions
 from service.api.settings import Settings
 from service.api.state import ServiceState
-from service.api.storage import JobRecord
+from service.api.storage import JobRecord, StorageError
 from service.api.uploads import (
     CodeTooLarge,
     Upload,
@@ -151,7 +151,11 @@ async def _queue_upload(state: ServiceState, upload: Upload, *, user: User, forc
         settings.artifacts_dir.mkdir(parents=True, exist_ok=True)
         stored_path = settings.artifacts_dir / f"{upload.sha256}{'.ptz' if upstream else '.pgolf'}"
         os.replace(upload.path, stored_path)
-        store.put_artifact(upload.sha256, upload.size_bytes, stored_path, manifest)
+        try:
+            store.put_artifact(upload.sha256, upload.size_bytes, stored_path, manifest)
+        except StorageError:  # no record refers to the file: it must not stay (507/503 say nothing was stored)
+            stored_path.unlink(missing_ok=True)
+            raise
     if upstream and upload.code is not None:
         _store_code(settings.artifacts_dir, options["code_sha256"], upload.code)
     return Submission(state.queue.submit(upload.sha256, options, owner=user.name), reused=False)
