@@ -182,10 +182,30 @@ def test_decompression_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     assert report.error is not None and "decompression bomb" in report.error
 
 
-def test_brotli_payload_is_reported_not_skipped() -> None:
+def test_brotli_payload_that_does_not_decode_is_reported_not_skipped() -> None:
     source = "import brotli,base64\nexec(brotli.decompress(base64.b85decode('VPa!sWoBj')))\n"
     report = scan_source(source, "train_gpt.py")
     assert report.error is not None and "brotli" in report.error
+
+
+def brotli_b85_wrapper(inner: str) -> str:
+    import brotli
+
+    blob = base64.b85encode(brotli.compress(inner.encode())).decode()
+    return f"import brotli,base64\nexec(brotli.decompress(base64.b85decode('{blob}')))\n"
+
+
+def test_brotli_wrapper_is_decoded_and_scanned() -> None:
+    inner = (FIXTURES / "p3_pre_eval_ttt.py").read_text()
+    report = scan_source(brotli_b85_wrapper(inner), "train_gpt.py")
+    assert report.error is None and len(report.layers) == 1
+    assert any(f.pattern == "P3" and f.confidence == "high" for f in report.findings)
+
+
+def test_brotli_decompression_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(scan_unwrap, "MAX_DECODED_BYTES", 10_000)
+    report = scan_source(brotli_b85_wrapper("#" * 50_000), "bomb.py")
+    assert report.error is not None and "expands beyond 10000 bytes" in report.error
 
 
 # -- precision: the same code shape, legal vs illegal -----------------------------------------------------------

@@ -159,7 +159,7 @@ def hostile_payloads(canary: Path, config: ModelConfig, good: dict) -> dict[str,
         "unexpected_tensors": compress(torch_zip(extra), "zstd"),
         "shape_mismatch": compress(torch_zip(wrong_shape), "zstd"),
         "unknown_upstream_format": compress(torch_zip({"state": good["w"]}), "zstd"),
-        "unknown_compression": b"\x13\x37" + os.urandom(200),
+        "unknown_compression": b"\x13\x37" + bytes(range(200)),
     }
 
 
@@ -226,3 +226,15 @@ def test_a_plain_unpickler_would_have_run_the_canary(tmp_path):
     canary = tmp_path / "canary"
     pickle.loads(pickle.dumps(_Canary(canary)))
     assert canary.exists()
+
+
+def test_config_is_read_from_code_in_python_312_fstring_syntax():
+    # Records written on Python 3.12 reuse quotes inside f-string fields; pgolf runs on 3.11 and must still read
+    # their Hyperparameters (the same static parser as the scanner's, not ast.parse alone).
+    code = PR940_CODE.read_text() + '\nprint(f"{os.environ.get("NUM_LAYERS", "11")} layers")\n'
+    try:
+        compile(code, "train_gpt.py", "exec")
+        pytest.skip("this interpreter already parses PEP 701 f-strings natively")
+    except SyntaxError:
+        pass
+    assert resolve_upstream_config(code, PR940_ENV).model_config == config_of(PR940_CODE, PR940_ENV)

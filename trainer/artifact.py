@@ -95,7 +95,7 @@ MODEL_CONFIG_BOUNDS: dict[str, tuple[float, float]] = {
 }
 DEFAULT_FLOAT_BOUND = 1e6
 # Besides the dtype a tensor is restored to, the evaluation may compute in bf16 (CUDA autocast, see
-# trainer.evaluate.autocast_for; linear layers cast their weights to the activation dtype): a weight must be
+# trainer.model.autocast_for; linear layers cast their weights to the activation dtype): a weight must be
 # finite in every one of these, or the model would compute with inf.
 COMPUTE_DTYPES = (torch.bfloat16,)
 _DECOMPRESS_CHUNK = 1 << 20

@@ -114,8 +114,17 @@ def _bz2(args: list[object], kwargs: dict[str, object]) -> bytes:
 
 
 def _brotli(args: list[object], kwargs: dict[str, object]) -> bytes:
-    # brotli is not a dependency; refusing is better than silently scanning only the shell.
-    raise UnwrapError("brotli payload: decoding it needs the 'brotli' package, which is not installed")
+    import brotli  # a dependency for upstream .ptz artifacts; imported here so plain scans do not load it
+
+    decompressor = brotli.Decompressor()
+    try:
+        # output_buffer_limit stops the expansion one byte past the bound instead of after the bomb has landed.
+        out = decompressor.process(_as_bytes(args[0]), output_buffer_limit=MAX_DECODED_BYTES + 1)
+    except brotli.error as exc:
+        raise UnwrapError(f"brotli payload does not decode: {exc}") from exc
+    if len(out) > MAX_DECODED_BYTES or not decompressor.is_finished():
+        raise UnwrapError(f"brotli payload expands beyond {MAX_DECODED_BYTES} bytes or is truncated")
+    return out
 
 
 def _base(decoder: Callable[[bytes], bytes], name: str) -> _Decoder:

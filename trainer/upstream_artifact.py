@@ -289,8 +289,9 @@ def _brotli(data: bytes, limit: int) -> bytes:
             if decompressor.is_finished():
                 break
             if not chunk and decompressor.can_accept_more_data():
-                raise PayloadCorrupt("brotli stream is truncated")
+                raise brotli.error("truncated stream")
     except brotli.error:
+        # Brotli is only the guess for a file without a known magic: failing it means "unknown", not "corrupt".
         raise UnknownCompression(
             f"the file starts with {data[:8].hex()}: not zstd, xz/lzma, zlib or a torch zip, and it does not "
             f"decode as brotli") from None

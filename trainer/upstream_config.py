@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from trainer.artifact import ArtifactError
 from trainer.model import ModelConfig
+from trainer.source_syntax import parse_python
 from trainer.source_unwrap import UnwrapError, unwrap
 from trainer.upstream_env import ARCHITECTURE_NAMES, NON_ARCHITECTURE_NAMES, env_reads, parse_env_assignments
 
@@ -107,7 +108,7 @@ def decode_source(code: str | bytes) -> tuple[str, dict[str, str], list[str]]:
 def resolve_upstream_config(code: str | bytes, env: Mapping[str, str] | None = None) -> UpstreamConfig:
     source, wrapper_env, notes = decode_source(code)
     try:
-        tree = ast.parse(source)
+        tree = parse_python(source)  # Python 3.12 f-strings too, whatever interpreter runs pgolf
     except (SyntaxError, ValueError, RecursionError) as exc:
         raise BadSubmissionCode(f"train_gpt.py does not parse: {exc}") from None
     reads = env_reads(tree)

@@ -1,24 +1,19 @@
 """Causal n-gram mixing over the whole vocabulary: at every scored position the mixer builds the complete mixed
-distribution (batched, as torch ops on the scoring device) and the target is scored from that vector.
+distribution (batched torch ops on the scoring device), and the engine scores the target from that vector.
 
-Legality by construction (compliance-rules.md §1 and the 2026-04-02 ruling of §3.1):
+Legal by construction (compliance-rules.md §1, and the 2026-04-02 ruling of §3.1 that a blend must be computed
+and renormalised over the whole vocabulary):
 
-* C1: every count used at target t comes from tokens before t (`service.engine.ngram_counts`, exact prefix
-  counts; a mixer reads tokens[:max position + 1] and x_t only to read its own entry of the vector).
-* C2: the vector is built for every candidate v from exact continuation counts, p_ng(v) = count(ctx, v) /
-  count(ctx), so it is a distribution over the real vocabulary, and the mixture with the model softmax is one
-  too. The engine sums every vector and also compares its x_t entry with the mixer's closed-form shortcut
-  (`Mixed.shortcut`, computed from the gold token's counts alone): a mixer that scores only the target, or
-  whose vector is not the one it scores from, shows up in these two figures.
+* C1: every count used at target t comes from tokens before t (exact prefix counts, `ngram_counts`).
+* C2: p_ng(v) = count(ctx, v)/count(ctx) for every candidate v is a distribution over the real vocabulary, and
+  so is its mixture with the model softmax. The engine sums every vector and compares its x_t entry with the
+  mixer's closed form from the gold token's counts (`Mixed.shortcut`): a mixer that mixes the target only, or
+  scores from another distribution than the one it states, shows in these two figures.
 * C3: the persistent counts hold only tokens folded in by `commit`, which refuses targets without a score.
 
-Modes (reference-stack.md §8): `exact` (backoff to the widest context seen `min_count` times, entropy-adaptive
-α of the upstream cache, exact counts), `smoothed` (every order interpolated with the one below, ending in the
-model), `tilt` (`service.engine.ngram_tilt`, the accepted token-only tilt) and `hashed-940` (the upstream
-hashed cache, `service.engine.ngram_hashed`, non-compliant: loaded only when chosen).
-
-Engine use, per chunk: `prepare(tokens, chunk_end)` (one pass over the chunk's counts), `mix(positions,
-tokens, logprobs)` per batch, then after the chunk's scores are committed `mark_scored` / `commit`.
+Modes: `exact` and `smoothed` here, `tilt` in `ngram_tilt`, and the non-compliant upstream `hashed-940` in
+`ngram_hashed`, imported only when chosen. Per chunk the engine calls `prepare(tokens, chunk_end)` (one pass),
+`mix(positions, tokens, logprobs)` per batch, and once the chunk's scores are committed `mark_scored`/`commit`.
 """
 
 from __future__ import annotations
@@ -74,9 +69,8 @@ def as_token_array(tokens: np.ndarray | torch.Tensor, end: int) -> np.ndarray:
 
 def model_distribution(logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(n, V) float64 softmax of logits or log-probabilities (re-normalised), and its entropy in nats."""
-    logp = torch.log_softmax(logprobs.detach().to(torch.float64), dim=-1)
-    p = logp.exp()
-    return p, -torch.where(p > 0, p * logp, 0.0).sum(dim=-1)
+    p = torch.softmax(logprobs.detach().to(torch.float64), dim=-1)
+    return p, torch.special.entr(p).sum(dim=-1)
 
 
 class ScoredPositions:
@@ -99,11 +93,10 @@ class ScoredPositions:
 
     def require(self, upto: int) -> None:
         first = max(self.start, 1)
-        have = np.zeros(max(upto - first, 0), bool)
-        known = self._scored[first - self.start: upto - self.start]
-        have[: known.size] = known
-        if not have.all():
-            raise ScoreOrderError(f"refusing to commit tokens up to {upto}: position {first + int(np.argmin(have))} "
+        have = np.append(self._scored, np.zeros(max(upto - self.start - self._scored.size, 0), bool))
+        missing = np.flatnonzero(~have[first - self.start: upto - self.start])
+        if missing.size:
+            raise ScoreOrderError(f"refusing to commit tokens up to {upto}: position {first + int(missing[0])} "
                                   "has no committed score yet (score before update)")
 
     def advance(self, upto: int) -> None:
@@ -136,12 +129,8 @@ class NgramMixer:
         """The mixed distributions at target positions (all ≥ committed_upto) from the model's (n, V) logits or
         log-probabilities there; marks the positions as scored by this process."""
         pos = np.asarray(positions, np.int64).reshape(-1)
-        if pos.size and pos.min() < max(self.committed_upto, 1):
-            raise ScoreOrderError(f"position {int(pos.min())} is already committed (or is not a target): "
-                                  "a committed position cannot be scored again")
-        mixed = self._mix(pos, as_token_array(tokens, int(pos.max()) + 1 if pos.size else 0), logprobs)
-        self.ledger.mark(pos)
-        return mixed
+        self.ledger.mark(pos)  # refuses committed positions before anything is mixed
+        return self._mix(pos, as_token_array(tokens, int(pos.max()) + 1 if pos.size else 0), logprobs)
 
     def full_distribution(self, position: int, tokens: np.ndarray | torch.Tensor,
                           logprobs: torch.Tensor) -> torch.Tensor:
@@ -242,9 +231,10 @@ class BackoffNgramMixer(CountingMixer):
         for w in range(1, self.widths + 1):
             at = np.flatnonzero(width == w)
             if at.size:
-                row = self.rows(w, pos[at], device) / torch.from_numpy(context[w - 1, at]).to(device)[:, None]
                 index = torch.from_numpy(at).to(device)
-                probs[index] += alpha[index, None] * (row - p[index])
+                model = p.index_select(0, index)
+                row = self.rows(w, pos[at], device).div_(torch.from_numpy(context[w - 1, at]).to(device)[:, None])
+                probs.index_copy_(0, index, row.sub_(model).mul_(alpha[index, None]).add_(model))
         column = np.maximum(width - 1, 0), np.arange(pos.size)
         p_ngram = torch.from_numpy(pair[column] / np.maximum(context[column], 1)).to(device)
         p_target = p.gather(1, self.targets(pos, head, device)[:, None]).squeeze(1)
@@ -280,14 +270,18 @@ class SmoothedNgramMixer(CountingMixer):
         p_target = p.gather(1, self.targets(pos, head, device)[:, None]).squeeze(1)
         level_target = p_target
         for w in range(1, self.widths + 1):
-            at = np.flatnonzero(context[w - 1] > 0)
+            at = np.flatnonzero(context[w - 1] > 0)  # an unseen context leaves its level as it is
             if at.size:
-                index = torch.from_numpy(at).to(device)
-                seen = torch.from_numpy(context[w - 1, at]).to(device, torch.float64)[:, None]
-                level[index] = (self.rows(w, pos[at], device) + beta * level[index]) / (seen + beta)
+                seen = torch.from_numpy(context[w - 1, at]).to(device, torch.float64)[:, None] + beta
+                if at.size == pos.size:
+                    level = self.rows(w, pos, device).add_(level, alpha=beta).div_(seen)
+                else:
+                    index = torch.from_numpy(at).to(device)
+                    row = self.rows(w, pos[at], device).add_(level.index_select(0, index), alpha=beta)
+                    level.index_copy_(0, index, row.div_(seen))
             c, n = (torch.from_numpy(a[w - 1]).to(device, torch.float64) for a in (context, pair))
             level_target = (n + beta * level_target) / (c + beta)
-        return Mixed(p + alpha[:, None] * (level - p), p_target + alpha * (level_target - p_target))
+        return Mixed(level.sub_(p).mul_(alpha[:, None]).add_(p), p_target + alpha * (level_target - p_target))
 
 
 def make_mixer(mode: str, vocab_size: int) -> NgramMixer | None:

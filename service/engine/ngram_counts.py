@@ -1,26 +1,22 @@
 """Exact causal counts of every k-gram (k = 1..K) of a token stream, and the count rows of all continuations.
 
-For a position u and length k, inc_k(u) is the number of occurrences of the k-gram x[u−k+1..u] that end at or
-before u (0 while u < k − 1). For a target t and context width w (context x[t−w..t−1]):
+For a position u and length k, inc_k(u) counts the occurrences of the k-gram x[u−k+1..u] ending at or before u.
+For a target t and context width w (ctx = x[t−w..t−1]): count(ctx) = inc_w(t − 1) − 1, count(ctx, x_t) =
+inc_{w+1}(t) − 1, and row(ctx)[v] = occurrences of ctx·v ending before t, for every v (Σ_v row = count(ctx)).
 
-    count(ctx)      = inc_w(t − 1) − 1          (earlier occurrences of the context, each followed by a token < t)
-    count(ctx, x_t) = inc_{w+1}(t) − 1
-    row(ctx)[v]     = occurrences of ctx·v ending at or before t − 1, for every v     (Σ_v row = count(ctx))
+Exact keys: a gram is named by the position where it first ends (its id); a (w+1)-gram is keyed by (id of its
+w-gram prefix)·V + last token. Lengths with V^k ≤ 2^22 use direct-address tables; longer ones keep disjoint
+sorted runs of (key, id, count), merged geometrically, so the continuations of a context are one key range
+[id·V, id·V + V) per run.
 
-All are exact: a gram is named by the position where it first ends (its id), and a (w+1)-gram is keyed by
-(id of its w-gram prefix)·V + last token, compared in full. Lengths with V^k ≤ 2^22 use direct-address
-tables; longer ones keep disjoint sorted runs (key, id, count), merged geometrically, so all continuations
-of a context are one key range [id·V, id·V + V) per run.
+Lean storage: an occurrence whose prefix ends for the first time just before it is that gram's first occurrence
+(the prefix's "primary" continuation x[p + 1], p = the prefix's id). A primary gram seen once is not stored;
+lookups and rows add it back from the token stream. Long grams are mostly such singletons, so the tables hold
+about one entry per token for orders up to 7.
 
-Lean storage: an occurrence at u whose (k−1)-prefix ends for the first time at u − 1 is a first occurrence
-("primary" continuation of that prefix, id u). A primary gram seen once is not stored: it is x[p + 1] after
-its prefix's first occurrence p, so lookups and rows add it back from the token stream. Long grams are
-mostly primary singletons, which keeps the tables at about one entry per token for orders up to 7.
-
-Causality: `prepare(head, end)` reads head = tokens[:end] only, and every value at a position is a function
-of the tokens up to it (the set of keys a chunk holds may reflect later tokens of the chunk, but a key not
-yet seen at t contributes a count of 0). `commit(head, upto)` folds tokens[committed_upto:upto] into the
-persistent tables; the mixers call it only for scored targets.
+Causality: `prepare(head, end)` reads head = tokens[:end] only; each value at a position depends on the tokens
+up to it (a key first seen after t is in the chunk's tables but counts 0 at t). `commit(head, upto)` folds
+tokens[committed_upto:upto] into the persistent tables; the mixers call it for scored targets only.
 """
 
 from __future__ import annotations
@@ -77,13 +73,12 @@ class SortedRuns:
         return parts
 
     def insert(self, keys: np.ndarray, ids: np.ndarray, counts: np.ndarray) -> None:
-        """Add keys that no run holds; runs stay sorted, each under a quarter of the one before it."""
+        """Add sorted keys that no run holds; runs stay sorted, each under a quarter of the one before it."""
         if keys.size == 0:
             return
-        order = np.argsort(keys)
-        self.keys.append(keys[order])
-        self.ids.append(ids[order].astype(np.int32))
-        self.counts.append(counts[order].astype(np.int32))
+        self.keys.append(keys)
+        self.ids.append(ids.astype(np.int32))
+        self.counts.append(counts.astype(np.int32))
         while len(self.keys) > 1 and MERGE_RATIO * self.keys[-1].size > self.keys[-2].size:
             taken = np.zeros(self.keys[-1].size + self.keys[-2].size, bool)
             taken[np.searchsorted(self.keys[-2], self.keys[-1]) + np.arange(self.keys[-1].size)] = True
@@ -134,6 +129,7 @@ class PrefixCounts:
         self.inc = self.ids = np.zeros((max_gram, 1), np.int64)  # column j: position committed_upto − 1 + j
         self.lengths: list[_Length] = []
         self._head = np.zeros(0, np.int64)
+        self._before: dict[int, tuple[int, np.ndarray]] = {}
 
     @property
     def nbytes(self) -> int:
@@ -157,15 +153,14 @@ class PrefixCounts:
         inc[:, 0], ids[:, 0] = self.tail
         self.lengths = []
         for k in range(1, self.max_gram + 1):
-            local = np.arange(max(0, k - 1 - c0), n)
+            lo = max(0, k - 1 - c0)  # local positions u − c0 from lo on end a k-gram
             if k <= self.dense:
-                processed = local
+                processed = np.arange(lo, n)
                 keys = _dense_value(head, c0 + processed, k, V)
-            else:  # the prefix ends at u − 1, in column u − c0 = local
-                repeated = inc[k - 2, local] >= 2
-                fresh = local[~repeated]  # prefix seen for the first time: a primary first occurrence, id u
-                inc[k - 1, fresh + 1], ids[k - 1, fresh + 1] = 1, c0 + fresh
-                processed = local[repeated]
+            else:  # the prefix ends at u − 1, in column u − c0
+                # a prefix seen for the first time makes a primary first occurrence: count 1, id u
+                inc[k - 1, lo + 1:], ids[k - 1, lo + 1:] = 1, np.arange(c0 + lo, end)
+                processed = lo + np.flatnonzero(inc[k - 2, lo:n] >= 2)
                 keys = ids[k - 2, processed] * V + region[processed]
             length, group = self._group(k, keys, processed, c0, n)
             rank = np.empty(processed.size, np.int64)
@@ -175,6 +170,7 @@ class PrefixCounts:
             ids[k - 1, processed + 1] = length.ids[group]
             self.lengths.append(length)
         self.inc, self.ids, self.end = inc, ids, end
+        self._before: dict[int, tuple[int, np.ndarray]] = {}
 
     def _group(self, k: int, keys: np.ndarray, processed: np.ndarray, c0: int, n: int
                ) -> tuple[_Length, np.ndarray]:
@@ -215,22 +211,32 @@ class PrefixCounts:
 
     def context_counts(self, positions: np.ndarray) -> np.ndarray:
         """(W, n) count(ctx_w) at targets t (committed_upto ≤ t < end), w = 1..max_gram − 1."""
-        return np.maximum(self.inc[: self.max_gram - 1, positions - self.committed_upto] - 1, 0)
+        return np.maximum(_columns(self.inc[: self.max_gram - 1], positions - self.committed_upto) - 1, 0)
 
     def pair_counts(self, positions: np.ndarray) -> np.ndarray:
         """(W, n) count(ctx_w, x_t) at targets t."""
-        return np.maximum(self.inc[1:, positions - self.committed_upto + 1] - 1, 0)
+        return np.maximum(_columns(self.inc[1:], positions - self.committed_upto + 1) - 1, 0)
 
     def rows(self, width: int, positions: np.ndarray
              ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray, np.ndarray]:
         """Continuation counts of ctx_width at targets t whose context occurred before (count(ctx) ≥ 1): an
         optional dense (n, V) block plus (query, token, count) entries to add to it."""
         c0, V, k = self.committed_upto, self.vocab, width + 1
+        if not positions.size:
+            return None, *(np.zeros(0, np.int64) for _ in range(3))
         column = positions - c0  # the column of position t − 1, and the local bound of positions < t
         parts = []
-        if k <= self.dense:
+        if k <= self.dense:  # committed and region counts before the first query, then the queries' own span
+            first = int(positions.min())
             handle = _dense_value(self._head, positions - 1, width, V)
-            block = self.dense_counts[k - 1].reshape(-1, V)[handle]
+            block = self._dense_before(k, first).reshape(-1, V)[handle]
+            ends = np.arange(max(first, width), int(positions.max()))
+            bits = _bits(ends.size)
+            span = np.sort((_dense_value(self._head, ends - 1, width, V) << bits) | (ends - first))
+            query, index = expand(np.searchsorted(span, handle << bits),
+                                  np.searchsorted(span, (handle << bits) | (positions - first)))
+            token = self._head[first + (span[index] & ((1 << bits) - 1))].astype(np.int64)
+            return block, query, token, np.ones(query.size, np.int64)
         else:
             handle = self.ids[width - 1, column]
             block = None
@@ -251,6 +257,17 @@ class PrefixCounts:
         parts.append((query, length.keys[group] % V, seen))
         query, token, count = (np.concatenate(column) for column in zip(*parts, strict=False))
         return block, query, token, count
+
+    def _dense_before(self, k: int, before: int) -> np.ndarray:
+        """Counts of the direct-addressed k-grams ending before `before`, cached for the batches that follow."""
+        start, counts = self._before.get(k, (self.committed_upto, None))
+        if counts is None or start > before:
+            start, counts = self.committed_upto, self.dense_counts[k - 1].copy()
+        ends = np.arange(max(start, k - 1), before)
+        if ends.size:
+            counts += np.bincount(_dense_value(self._head, ends, k, self.vocab), minlength=counts.size)
+        self._before[k] = (before, counts)
+        return counts
 
     # -- committing ---------------------------------------------------------------------------------------------
 
@@ -275,7 +292,14 @@ class PrefixCounts:
             runs.insert(length.keys[new], length.ids[new], length.before[new] + length.sizes[new])
         self.tail = np.stack([self.inc[:, upto - c0], self.ids[:, upto - c0]])
         self.committed_upto = self.end = upto
-        self.lengths = []
+        self.lengths, self._before = [], {}
+
+
+def _columns(array: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """array[:, columns], as a slice when the columns are consecutive (the engine's batches are)."""
+    if columns.size and columns[-1] - columns[0] == columns.size - 1:
+        return array[:, columns[0]: columns[-1] + 1]
+    return array[:, columns]
 
 
 def _bits(n: int) -> int:
