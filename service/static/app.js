@@ -433,9 +433,10 @@ async function init() {
   await loadLimits().catch(() => { $("limits").textContent = "limits unavailable"; });
   await refreshQueue();
   setInterval(refreshQueue, 3000);
-  if (window.pgolfCompare) await window.pgolfCompare.init();
   const requested = new URLSearchParams(location.search).get("job");
   if (requested) selectJob(requested);
+  // The comparison panel is independent: whatever it meets (private reads, no jobs) must not stop the page.
+  if (window.pgolfCompare) await window.pgolfCompare.init().catch(() => {});
 }
 
 init();

@@ -15,7 +15,9 @@ window.pgolfCompare = (() => {
   async function fillJobChoices(selected) {
     let jobs = [];
     try {
-      jobs = await (await api("/evaluations?limit=100&status=completed")).json();
+      const response = await api("/evaluations?limit=100&status=completed");
+      if (!response.ok) return; // e.g. private reads without a token: nothing to choose from
+      jobs = await response.json();
     } catch (error) {
       return;
     }
