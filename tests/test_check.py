@@ -345,6 +345,17 @@ def test_training_on_a_chunk_not_yet_scored_fails(demo: Demo, tmp_path: Path) ->
     assert "the last chunk (2) was trained on" in by_name(results, "eval_score_before_update").reason
 
 
+@pytest.mark.parametrize("field, value", [("positions", 7), ("scored_from_vector", False), ("sum_error_max", 0.5),
+                                          ("scored_gap_max", 1e-3)])
+def test_a_report_whose_own_c2_figures_do_not_hold_fails(demo: Demo, tmp_path: Path, field: str, value) -> None:
+    # The engine's flags stay true: the check must re-judge the figures themselves, not trust the flags.
+    def edit(events: list[dict]) -> None:
+        events[-1]["compliance"]["ngram"][field] = value
+
+    results, _ = run_checks(demo.artifact, eval_report=edited_report(demo, tmp_path, edit))
+    assert failing(results) == {"eval_mode"}
+
+
 def test_the_hashed_940_mode_fails(demo: Demo, tmp_path: Path) -> None:
     evaluated = run_module("service", "evaluate", demo.artifact, "--data", demo.data, "--tokenizer", demo.tokenizer,
                            *EVAL, "--ngram", "hashed-940")

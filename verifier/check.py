@@ -470,6 +470,12 @@ def _eval_order(start: dict[str, Any], chunks: list[dict[str, Any]], terminal: d
     return CheckResult("eval_score_before_update", FAIL if problems else PASS, figure, "; ".join(problems[:4]))
 
 
+def _number_within(value: object, bound: object) -> bool:
+    numbers = (int, float)
+    return (isinstance(value, numbers) and isinstance(bound, numbers) and not isinstance(value, bool)
+            and 0 <= value <= bound)
+
+
 def _eval_mode(start: dict[str, Any], terminal: dict[str, Any]) -> CheckResult:
     from service.engine.ngram import NGRAM_MODES
 
@@ -479,9 +485,22 @@ def _eval_mode(start: dict[str, Any], terminal: dict[str, Any]) -> CheckResult:
     mode = config.get("ngram")
     sums = ngram.get("probability_sum") or {}
     ttt = f"ttt {config.get('ttt_recipe')}" if config.get("ttt") else "no ttt"
-    figure = (f"ngram={mode}, {ttt}; sampled sum p in [{sums.get('min')}, {sums.get('max')}] "
-              f"at {sums.get('positions')} positions")
+    positions, targets = ngram.get("positions"), ngram.get("targets")
+    figure = (f"ngram={mode}, {ttt}; sum p in [{sums.get('min')}, {sums.get('max')}] at {positions} of {targets} "
+              f"scored positions, max |p_vector(x_t) - p_scored(x_t)| = {ngram.get('scored_gap_max')}")
     problems = []
+    # Re-judge C2 from the report's own figures instead of trusting the engine's flag alone: every scored position
+    # checked, each score taken from its full vector, sums and gaps within the tolerances the report states.
+    if not isinstance(positions, int) or positions <= 0 or positions != targets:
+        problems.append(f"the distribution was checked at {positions} of {targets} scored positions, not all")
+    if ngram.get("scored_from_vector") is not True:
+        problems.append("the scores were not taken from the full distribution vectors")
+    sum_error, tolerance = ngram.get("sum_error_max"), ngram.get("tolerance")
+    if not _number_within(sum_error, tolerance):
+        problems.append(f"max |sum p - 1| = {sum_error} is not within the stated tolerance {tolerance}")
+    gap, gap_tolerance = ngram.get("scored_gap_max"), ngram.get("shortcut_tolerance")
+    if gap is not None and not _number_within(gap, gap_tolerance):
+        problems.append(f"max |p_vector(x_t) - p_scored(x_t)| = {gap} is not within {gap_tolerance}")
     if mode not in NGRAM_MODES:
         problems.append(f"unknown n-gram mode {mode!r}")
     if mode in NON_COMPLIANT_NGRAM_MODES:
