@@ -243,3 +243,17 @@ def wait_for_status(client: httpx.Client, job_id: str, statuses: set[str], timeo
 
 def files_under(directory: Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*") if p.is_file()) if directory.exists() else []
+
+
+def process_gone(pid: int, timeout: float = 10.0) -> bool:
+    """True once `pid` has exited (a zombie awaiting its reaper counts as gone)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return True
+        if state == "Z":
+            return True
+        time.sleep(0.05)
+    return False

@@ -28,6 +28,7 @@ from api_harness import (  # noqa: F401  (service_data and tiny_artifact are fix
     ServiceProcess,
     fake_evaluator_env,
     files_under,
+    process_gone,
     service_data,
     set_fake_behaviour,
     tiny_artifact,
@@ -46,19 +47,6 @@ def child_with(process: ServiceProcess, marker: bytes) -> int:
         if marker in Path(f"/proc/{pid}/cmdline").read_bytes():
             return pid
     raise AssertionError(f"no child process with {marker!r}")
-
-
-def gone(pid: int, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except FileNotFoundError:
-            return True
-        if state == "Z":
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def start_running_job(client: httpx.Client, artifact: Path) -> str:
@@ -125,7 +113,7 @@ def test_sigterm_stops_the_service_within_its_grace_whatever_is_in_flight(
     took = time.monotonic() - sent
     print(f"SIGTERM to exit: {took:.2f} s (grace {grace:g} s)")
     assert took <= grace + 1.0
-    assert gone(evaluator) and gone(validator)
+    assert process_gone(evaluator) and process_gone(validator)
     for thread in (*threads, stuck):
         thread.join(10)
     assert answers["half"] == b"HTTP/1.1 503 Service Unavailable", answers  # refused, not left hanging
@@ -170,7 +158,7 @@ def test_a_locked_database_fails_the_job_with_a_reason_and_the_api_keeps_answeri
             assert client.get(f"/evaluations/{job_id}").status_code == 200
             slowest = max(slowest, time.monotonic() - started)
             time.sleep(0.2)
-        assert gone(evaluator), "a job whose events cannot be stored must not keep running"
+        assert process_gone(evaluator), "a job whose events cannot be stored must not keep running"
         refused = upload(client, tiny_artifact, params={"wait": "false", "force": "true"})
         assert (refused.status_code, refused.json()["code"]) == (503, "storage_unavailable")
         assert "retry-after" in refused.headers
@@ -245,7 +233,7 @@ def test_a_full_disk_is_507_for_uploads_and_a_failed_job_for_running_ones(
         with filler.open("ab") as handle:  # now truly full: the next event cannot be stored
             handle.write(b"\0" * shutil.disk_usage(small_disk).free)
         assert client.get("/healthz").status_code == 200
-        assert gone(evaluator, timeout=RETRY_SECONDS * 2 + 10), "the job kept running on a full disk"
+        assert process_gone(evaluator, timeout=RETRY_SECONDS * 2 + 10), "the job kept running on a full disk"
         assert client.get(f"/evaluations/{job_id}").status_code == 200
         filler.unlink()  # room again: the watchdog writes the outcome the full disk refused
         job = wait_for_status(client, job_id, TERMINAL, timeout=20)

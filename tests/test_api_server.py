@@ -24,6 +24,7 @@ from api_harness import (  # noqa: F401  (service_data and tiny_artifact are fix
     ServiceProcess,
     fake_evaluator_env,
     files_under,
+    process_gone,
     service_data,
     set_fake_behaviour,
     stream_events,
@@ -262,7 +263,7 @@ def test_cancel_kills_a_running_job_and_drops_a_queued_one(idle: FakeService, ti
     assert cancelled_queued.status_code == 200 and cancelled_queued.json()["status"] == "cancelled"
     cancelled_running = idle.client.delete(f"/evaluations/{running_id}")
     assert cancelled_running.json()["status"] == "cancelled"
-    assert _gone(evaluator)
+    assert process_gone(evaluator)
     assert idle.client.delete(f"/evaluations/{running_id}").status_code == 409
     assert idle.client.delete("/evaluations/no-such-job").status_code == 404
 
@@ -305,20 +306,6 @@ def test_listing_health_limits_and_docs(idle: FakeService) -> None:
     assert idle.client.get("/docs").status_code == 200
 
 
-def _gone(pid: int, timeout: float = 10.0) -> bool:
-    """True once `pid` has exited (a zombie awaiting its reaper counts as gone)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except FileNotFoundError:
-            return True
-        if state == "Z":
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_restart_keeps_history_and_fails_the_interrupted_job(
     service_data: ServiceData, tiny_artifact: Path, tmp_path: Path  # noqa: F811
 ) -> None:
@@ -339,7 +326,7 @@ def test_restart_keeps_history_and_fails_the_interrupted_job(
                              if b"fake_evaluator" in Path(f"/proc/{pid}/cmdline").read_bytes())
     finally:
         first.kill()
-    assert _gone(evaluator)  # the kernel took the evaluator down with the service (PR_SET_PDEATHSIG)
+    assert process_gone(evaluator)  # the kernel took the evaluator down with the service (PR_SET_PDEATHSIG)
 
     second = ServiceProcess(storage, service_data, **env)
     with second, httpx.Client(base_url=second.url, timeout=60, headers=AUTH) as client:
