@@ -42,8 +42,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from service.engine.ngram import NgramMixer, SmoothedNgramMixer, make_mixer  # noqa: E402
-from service.engine.ngram_tilt import TiltMixer  # noqa: E402
+from service.engine.ngram import NgramMixer, SmoothedNgramMixer, TiltMixer, make_mixer  # noqa: E402
 from trainer.data.shards import read_shard  # noqa: E402
 
 VOCAB = 1024
@@ -117,12 +116,12 @@ def run_mode(mode: str, tokens: np.ndarray, chunk: int, mix_batch: int) -> dict[
             mix_wall += time.perf_counter() - wall
             mixed += sample.size
         wall, cpu = time.perf_counter(), cpu_seconds()
-        mixer.mark_scored(start, end)
         mixer.commit(tokens, end)
         count_wall, count_cpu = count_wall + time.perf_counter() - wall, count_cpu + cpu_seconds() - cpu
-    tables = getattr(getattr(mixer, "counts", None), "nbytes", None)
-    if tables is None:
+    if mode == "hashed-940":
         tables = mixer.ctx_counts.nbytes + mixer.full_counts.nbytes
+    else:
+        tables = sum(a.nbytes for runs in mixer.counts.runs for a in (*runs.keys, *runs.ids, *runs.counts))
     return {"count_wall": count_wall, "count_cpu": count_cpu, "mix_wall": mix_wall, "mixed": mixed,
             "tables": tables}
 

@@ -105,9 +105,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
                 if speaks:
                     print(final_score_line(start, event), file=sys.stderr, flush=True)
                     if event["compliance"]["ngram"]["mode"] == "tilt":  # upstream's tilt counters, in its format
-                        from service.engine.ngram_tilt import log_line
+                        from service.engine.ngram import tilt_log_line
 
-                        print(log_line(event["compliance"]["ngram"]["stats"]), file=sys.stderr, flush=True)
+                        print(tilt_log_line(event["compliance"]["ngram"]["stats"]), file=sys.stderr, flush=True)
             elif event["type"] == "timeout":
                 status = EXIT_TIMEOUT
             elif event["type"] == "error":

@@ -448,7 +448,6 @@ def evaluate_model(model: ScoringModel, tokens: np.ndarray, tables: ByteTables, 
             if mixer is not None:
                 commit_started = time.perf_counter()
                 # The ledger has just committed every target of the chunk (whichever rank scored it).
-                mixer.mark_scored(chunk.target_lo, chunk.target_hi)
                 mixer.commit(tokens, ledger.frontier)
                 mix_commit_seconds = time.perf_counter() - commit_started
             trained_range = None
