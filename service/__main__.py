@@ -105,8 +105,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
                 if speaks:
                     print(final_score_line(start, event), file=sys.stderr, flush=True)
                     if event["compliance"]["ngram"]["mode"] == "tilt":  # upstream's tilt counters, in its format
-                        from service.engine.ngram import tilt_log_line
-
                         print(tilt_log_line(event["compliance"]["ngram"]["stats"]), file=sys.stderr, flush=True)
             elif event["type"] == "timeout":
                 status = EXIT_TIMEOUT
@@ -118,6 +116,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
     finally:
         _leave_process_group(wait_for_peers=False)
     return status
+
+
+def tilt_log_line(stats: dict[str, int | float]) -> str:
+    """Upstream's accepted-log line (`ngram_tilt:hints total=… gated=… …`) for a run's summed tilt counters."""
+    from service.engine.ngram import TILT_STATS
+
+    counts = " ".join(f"{name}={int(stats.get(name, 0))}" for name in TILT_STATS[1:6])
+    return f"ngram_tilt:hints total={int(stats.get('total', 0))} {counts}"
 
 
 def _leave_process_group(wait_for_peers: bool) -> None:

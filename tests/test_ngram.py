@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from service.__main__ import tilt_log_line
 from service.engine.ngram import (
     BackoffNgramMixer,
     EntropyAlpha,
@@ -26,7 +27,6 @@ from service.engine.ngram import (
     TiltMixer,
     make_mixer,
     model_distribution,
-    tilt_log_line,
 )
 from service.engine.ngram_counts import PrefixCounts
 from service.engine.ngram_hashed import HASH_PRIMES, Hashed940Mixer

@@ -1,19 +1,13 @@
-"""Causal n-gram mixing over the whole vocabulary: at every scored position a mixer builds the complete mixed
-distribution (torch ops on the scoring device), and the engine scores the target from that vector.
-
-Legal by construction (compliance-rules.md §1; §3.1: a blend is computed and renormalised over the vocabulary):
-C1, every count used at target t comes from tokens before t (`ngram_counts`); C2, each mode's vector is a
-convex combination or a renormalised tilt of distributions, and the engine sums every vector and compares its
-x_t entry with the mixer's closed form from the gold token's counts (`Mixed.shortcut`); C3, the counts hold
-only tokens that `commit` folded in, which the engine calls after its ledger committed their scores.
-
-Modes: `exact`, `smoothed`, `tilt`; the non-compliant upstream `hashed-940` lives in `ngram_hashed`, imported only
-when chosen. Per chunk the engine calls `prepare(tokens, chunk_end)` (one pass), `mix` per batch, then `commit`.
+"""Causal n-gram mixing over the whole vocabulary: a mixer builds the full mixed distribution at every scored
+position and the engine scores the target from it (compliance-rules.md §1, §3.1). C1: counts at t come from
+tokens before t. C2: every vector is a convex combination or a renormalised tilt; the engine sums each one and
+compares its x_t entry with the mixer's closed form (`Mixed.shortcut`). C3: the counts hold only what `commit`
+folded in after the engine's ledger committed the scores. `hashed-940` (non-compliant) is imported only when chosen.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -26,13 +20,12 @@ DEFAULT_MIN_COUNT = 2
 
 
 class ScoreOrderError(RuntimeError):
-    """A request that would let a token influence a score that is not yet fixed (C3), or rescore a position."""
+    """A token would influence a score not yet fixed (C3), or a position would be scored again."""
 
 
 @dataclass(frozen=True)
 class EntropyAlpha:
-    """α(H) = base + span·σ(slope·(H − center)), H the model's entropy (nats): trust the n-gram more where the
-    model is unsure, without looking at the target (reference §8.1)."""
+    """α(H) = base + span·σ(slope·(H − center)) of the model's entropy H (nats), never of the target (§8.1)."""
 
     base: float = 0.05
     span: float = 0.55
@@ -47,13 +40,14 @@ class EntropyAlpha:
 class Mixed:
     """A batch's mixed distributions and the mixer's closed-form probability of each target."""
 
-    probs: torch.Tensor  # (m, V) float64: the full distribution at each covered position
-    shortcut: torch.Tensor  # (n,) float64: p(x_t) from the gold token's counts (a separate code path)
-    rows: torch.Tensor | None = None  # positions (batch indices) that `probs` covers; None: all n, in order
+    probs: torch.Tensor  # (m, V) float64 distributions
+    shortcut: torch.Tensor  # (n,) float64 p(x_t) from the gold token's counts (a separate code path)
+    rows: torch.Tensor | None = None  # batch indices that `probs` covers; None: all n, in order
+    stats: dict[str, int | float] = field(default_factory=dict)
 
 
 def as_token_array(tokens: np.ndarray | torch.Tensor, end: int) -> np.ndarray:
-    """tokens[:end] as a numpy array: nothing at or after `end` is ever copied or read."""
+    """tokens[:end] as a numpy array: nothing at or after `end` is read."""
     if end > len(tokens):
         raise ValueError(f"position {end - 1} is outside the token stream of length {len(tokens)}")
     head = tokens[:end]
@@ -61,72 +55,65 @@ def as_token_array(tokens: np.ndarray | torch.Tensor, end: int) -> np.ndarray:
 
 
 def model_distribution(logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n, V) float64 softmax of logits or log-probabilities (re-normalised), and its entropy in nats."""
+    """(n, V) float64 softmax of logits (or log-probabilities) and its entropy in nats."""
     p = torch.softmax(logprobs.detach().to(torch.float64), dim=-1)
     return p, torch.special.entr(p).sum(dim=-1)
 
 
 class NgramMixer:
-    """What the engine relies on. Subclasses implement `_mix`, `_commit` and optionally `_prepare`."""
+    """What the engine relies on; subclasses implement `_prepare`, `_mix` and `_commit`."""
 
     mode = ""
     compliant = False
-    scores_from_vector = True  # the engine scores −ln probs[x_t]; False: it scores the shortcut (hashed-940)
+    scores_from_vector = True  # False: the engine scores the shortcut (hashed-940)
+    stat_names: tuple[str, ...] = ()
 
     def __init__(self, vocab_size: int) -> None:
         self.vocab_size = vocab_size
         self.committed_upto = 0
+        self._stats = dict.fromkeys(self.stat_names, 0)
 
     def prepare(self, tokens: np.ndarray | torch.Tensor, end: int) -> None:
-        """Count the targets up to end − 1 in one pass (a chunk), so that each batch is a gather. Nothing is
-        committed and each count is a prefix count, so no score changes."""
+        """Count the targets up to end − 1 in one pass (a chunk; prefix counts, nothing committed)."""
         if end > self.committed_upto:
             self._prepare(as_token_array(tokens, end), end)
 
     def mix(self, positions: np.ndarray, tokens: np.ndarray | torch.Tensor, logprobs: torch.Tensor) -> Mixed:
-        """The mixed distributions at target positions (all ≥ committed_upto) from the model's (n, V) logits or
-        log-probabilities there."""
+        """The mixed distributions at uncommitted target positions from the model's (n, V) logits there."""
         pos = self.open_positions(positions)
-        return self._mix(pos, as_token_array(tokens, int(pos.max()) + 1 if pos.size else 0), logprobs)
+        mixed = self._mix(pos, as_token_array(tokens, int(pos.max()) + 1 if pos.size else 0), logprobs)
+        for name, value in mixed.stats.items():
+            self._stats[name] += value
+        return mixed
 
     def open_positions(self, positions: np.ndarray) -> np.ndarray:
-        """The positions as int64, refused if one is committed (its score is fixed: it cannot be scored again)."""
+        """The positions as int64; a committed one (its score is fixed) is refused."""
         pos = np.asarray(positions, np.int64).reshape(-1)
         if pos.size and pos.min() < max(self.committed_upto, 1):
-            raise ScoreOrderError(f"position {int(pos.min())} is already committed (or is not a target): "
-                                  "a committed position cannot be scored again")
+            raise ScoreOrderError(f"position {int(pos.min())} is already committed (or is not a target)")
         return pos
 
     def full_distribution(self, position: int, tokens: np.ndarray | torch.Tensor,
                           logprobs: torch.Tensor) -> torch.Tensor:
-        """The (V,) float64 distribution the mixer commits to at `position` (probes)."""
+        """The (V,) float64 distribution at `position` (probes)."""
         pos = self.open_positions(np.array([position]))
         return self._mix(pos, as_token_array(tokens, position + 1), logprobs.reshape(1, -1)).probs[0]
 
     def commit(self, tokens: np.ndarray | torch.Tensor, upto: int) -> None:
-        """Fold tokens[committed_upto:upto] into the persistent state. The engine calls it once its ledger has
-        committed every target there (scoring.ScoreLedger: each scored once, left to right)."""
+        """Fold tokens[committed_upto:upto] in; the engine calls it once its ledger committed those targets."""
         if upto < self.committed_upto:
-            raise ScoreOrderError(f"commit({upto}) goes backwards: already committed up to {self.committed_upto}")
+            raise ScoreOrderError(f"commit({upto}) goes backwards from {self.committed_upto}")
         self._commit(as_token_array(tokens, upto), upto)
         self.committed_upto = upto
 
     def take_stats(self) -> dict[str, int | float]:
-        """Counters since the last call (summed over ranks by the engine); {} for modes without any."""
-        return {}
-
-    def _prepare(self, head: np.ndarray, end: int) -> None:
-        pass
-
-    def _mix(self, pos: np.ndarray, head: np.ndarray, logprobs: torch.Tensor) -> Mixed:
-        raise NotImplementedError
-
-    def _commit(self, head: np.ndarray, upto: int) -> None:
-        raise NotImplementedError
+        """Counters of the scored batches since the last call (the engine sums them over ranks)."""
+        stats, self._stats = self._stats, dict.fromkeys(self.stat_names, 0)
+        return stats
 
 
 class CountingMixer(NgramMixer):
-    """Shared by the compliant modes: exact prefix counts and dense continuation rows on the scoring device."""
+    """The compliant modes' base: exact prefix counts, continuation rows on the scoring device."""
 
     compliant = True
 
@@ -137,13 +124,7 @@ class CountingMixer(NgramMixer):
         super().__init__(vocab_size)
         self.widths = max_order - 1
         self.counts = PrefixCounts(vocab_size, max_order)
-        self.alpha = alpha
-
-    def _prepare(self, head: np.ndarray, end: int) -> None:
-        self.counts.prepare(head, end)
-
-    def _commit(self, head: np.ndarray, upto: int) -> None:
-        self.counts.commit(head, upto)
+        self._prepare, self._commit, self.alpha = self.counts.prepare, self.counts.commit, alpha
 
     def statistics(self, pos: np.ndarray, head: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(W, n) count(ctx_w) and count(ctx_w, x_t) at the targets."""
@@ -151,7 +132,7 @@ class CountingMixer(NgramMixer):
         return self.counts.context_counts(pos), self.counts.pair_counts(pos)
 
     def rows(self, width: int, pos: np.ndarray, device: torch.device) -> torch.Tensor:
-        """(n, V) float64 count(ctx_width, v) for every v at targets whose context occurred before t."""
+        """(n, V) float64 count(ctx_width, v) at targets whose context occurred before t."""
         query, token, count = (torch.from_numpy(a).to(device) for a in self.counts.rows(width, pos))
         out = torch.zeros(pos.size, self.vocab_size, dtype=torch.float64, device=device)
         return out.index_put_((query, token), count.to(torch.float64), accumulate=True)
@@ -162,8 +143,7 @@ class CountingMixer(NgramMixer):
 
 
 class BackoffNgramMixer(CountingMixer):
-    """Mode "exact": the widest context seen at least min_count times, p_ng(v) = count(ctx, v)/count(ctx),
-    mixed as (1 − α)·p_model + α·p_ng (reference §8.1, over exact counts)."""
+    """Mode "exact": with the widest context seen ≥ min_count times, (1 − α)·p_model + α·count(ctx, ·)/count(ctx)."""
 
     mode = "exact"
 
@@ -171,14 +151,14 @@ class BackoffNgramMixer(CountingMixer):
                  alpha: EntropyAlpha = EntropyAlpha()) -> None:
         super().__init__(vocab_size, max_order=max_order, alpha=alpha)
         if min_count < 1:
-            raise ValueError("min_count must be at least 1 (a context never seen has no distribution)")
+            raise ValueError("min_count must be at least 1")
         self.min_count = min_count
 
     def _mix(self, pos: np.ndarray, head: np.ndarray, logprobs: torch.Tensor) -> Mixed:
         device = logprobs.device
         p, entropy = model_distribution(logprobs)
         context, pair = self.statistics(pos, head)
-        # A context never occurs more often than its suffix, so the eligible widths are 1..width (0: the model).
+        # A context never occurs more often than its suffix: the eligible widths are 1..width (0: the model).
         width = (context >= self.min_count).sum(axis=0)
         alpha = torch.where(torch.from_numpy(width > 0).to(device), self.alpha(entropy), 0.0)
         probs = p.clone()
@@ -196,10 +176,8 @@ class BackoffNgramMixer(CountingMixer):
 
 
 class SmoothedNgramMixer(CountingMixer):
-    """Mode "smoothed": every order interpolated with the one below, the chain ending in the model:
-    p_0 = p_model, p_w = (count(ctx_w, ·) + β·p_{w−1}) / (count(ctx_w) + β), p_mix = (1 − α)·p_model + α·p_W.
-    Each level is a convex combination of two distributions; an unseen context leaves its level unchanged.
-    β = 2 was chosen on the sample *train* shard (bench/ngram.py --quality --swap-roles)."""
+    """Mode "smoothed": p_0 = p_model, p_w = (count(ctx_w, ·) + β·p_{w−1}) / (count(ctx_w) + β), p_mix =
+    (1 − α)·p_model + α·p_W: convex combinations only. β = 2 was chosen on the sample *train* shard."""
 
     mode = "smoothed"
 
@@ -233,30 +211,27 @@ class SmoothedNgramMixer(CountingMixer):
         return Mixed(level.sub_(p).mul_(alpha[:, None]).add_(p), p_target + alpha * (level_target - p_target))
 
 
-# The counters of upstream's accepted tilt logs (`ngram_tilt:hints total=… gated=… token_gate=… within_gate=…
-# word_gate=… agree2plus=…`), plus how often the hint was the target and the summed β.
+# The counters of upstream's accepted tilt logs, plus how often the hint was the target and the summed β.
 TILT_STATS = ("total", "gated", "token_gate", "within_gate", "word_gate", "agree2plus", "hint_hits", "beta_sum")
 
 
 class TiltMixer(CountingMixer):
-    """Mode "tilt", the token-only causal tilt the organisers accepted (compliance-rules.md §3.1, reference §8.2).
-
-    Hint at t: from the widest context, the first seen ≥ min_count times whose most frequent continuation (ties:
-    the smallest id) holds a share conf ≥ threshold; β = base_beta·conf. p'(v) = p(v)·e^{β·1[v = hint]}/Z with
-    Z = 1 + p(hint)(e^β − 1); the shortcut is the reference's nll' = nll + ln Z − β·1[x_t = hint]. There is no
-    within-word or word-start expert (their gates read the realised target, ruled C1 on 2026-05-02), so those
-    gate counters are zero by construction."""
+    """Mode "tilt", the token-only tilt the organisers accepted (reference §8.2). Hint: from the widest context,
+    the first seen ≥ min_count times whose top continuation (ties: smallest id) has share conf ≥ threshold;
+    β = base_beta·conf; p'(v) = p(v)·e^{β·1[v = hint]}/Z, Z = 1 + p(hint)(e^β − 1). No within-word or word-start
+    expert (their gates read the target, ruled C1), so those counters are zero by construction."""
 
     mode = "tilt"
+    stat_names = TILT_STATS
 
     def __init__(self, vocab_size: int, *, max_order: int = DEFAULT_MAX_ORDER, base_beta: float = 2.0,
                  threshold: float = 0.5, min_count: int = DEFAULT_MIN_COUNT) -> None:
         super().__init__(vocab_size, max_order=max_order)
         self.base_beta, self.threshold, self.min_count = base_beta, threshold, min_count
-        self._stats = dict.fromkeys(TILT_STATS, 0)
 
-    def hints(self, pos: np.ndarray, head: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(hint token or −1, β) per target, from the counts of tokens before each target."""
+    def _mix(self, pos: np.ndarray, head: np.ndarray, logprobs: torch.Tensor) -> Mixed:
+        device = logprobs.device
+        p, _ = model_distribution(logprobs)
         context, _ = self.statistics(pos, head)
         hint = torch.full((pos.size,), -1, dtype=torch.long, device=device)
         beta = torch.zeros(pos.size, dtype=torch.float64, device=device)
@@ -271,12 +246,6 @@ class TiltMixer(CountingMixer):
             index = torch.from_numpy(at).to(device)[chosen]
             hint[index], beta[index] = token[chosen], self.base_beta * conf[chosen]
             open_[at[chosen.cpu().numpy()]] = False
-        return hint, beta
-
-    def _mix(self, pos: np.ndarray, head: np.ndarray, logprobs: torch.Tensor) -> Mixed:
-        device = logprobs.device
-        p, _ = model_distribution(logprobs)
-        hint, beta = self.hints(pos, head, device)
         has, rows, on_hint = hint >= 0, torch.arange(pos.size, device=device), hint.clamp_min(0)
         boost = torch.where(has, beta.exp(), 1.0)
         z = 1.0 + p[rows, on_hint] * (boost - 1.0)
@@ -285,40 +254,20 @@ class TiltMixer(CountingMixer):
         targets = self.targets(pos, head, device)
         logp_target = p.gather(1, targets[:, None]).squeeze(1).log()
         nll = -logp_target + torch.where(has, z.log() - beta * (targets == hint), 0.0)
-        gated = int(has.sum())  # counted after the scores are fixed: they only record what happened
-        for name, value in (("total", pos.size), ("gated", gated), ("token_gate", gated),
-                            ("hint_hits", int((has & (targets == hint)).sum())), ("beta_sum", float(beta.sum()))):
-            self._stats[name] += value
-        return Mixed(tilted / z[:, None], torch.exp(-nll))
-
-    def full_distribution(self, position: int, tokens: np.ndarray | torch.Tensor,
-                          logprobs: torch.Tensor) -> torch.Tensor:
-        stats = dict(self._stats)  # a probe's look at a distribution is not a scored position
-        try:
-            return super().full_distribution(position, tokens, logprobs)
-        finally:
-            self._stats = stats
-
-    def take_stats(self) -> dict[str, int | float]:
-        stats, self._stats = self._stats, dict.fromkeys(TILT_STATS, 0)
-        return stats
-
-
-def tilt_log_line(stats: dict[str, int | float]) -> str:
-    """The upstream log line for a run's summed tilt counters."""
-    counts = " ".join(f"{name}={int(stats.get(name, 0))}" for name in TILT_STATS[1:6])
-    return f"ngram_tilt:hints total={int(stats.get('total', 0))} {counts}"
+        gated = int(has.sum())
+        stats = {"total": pos.size, "gated": gated, "token_gate": gated,
+                 "hint_hits": int((has & (targets == hint)).sum()), "beta_sum": float(beta.sum())}
+        return Mixed(tilted / z[:, None], torch.exp(-nll), stats=stats)
 
 
 def make_mixer(mode: str, vocab_size: int) -> NgramMixer | None:
     """The mixer for a `--ngram` mode with its default settings (None for "off")."""
-    modes = {"exact": BackoffNgramMixer, "smoothed": SmoothedNgramMixer, "tilt": TiltMixer}
-    if mode == "off":
-        return None
-    if mode in modes:
-        return modes[mode](vocab_size)
     if mode == "hashed-940":  # the non-compliant reproduction: never imported by a compliant evaluation
         from service.engine.ngram_hashed import Hashed940Mixer
 
         return Hashed940Mixer(vocab_size)
-    raise ValueError(f"unknown n-gram mode {mode!r}; expected one of {', '.join(NGRAM_MODES)}")
+    if mode not in NGRAM_MODES:
+        raise ValueError(f"unknown n-gram mode {mode!r}; expected one of {', '.join(NGRAM_MODES)}")
+    if mode == "off":
+        return None
+    return {"exact": BackoffNgramMixer, "smoothed": SmoothedNgramMixer, "tilt": TiltMixer}[mode](vocab_size)

@@ -1,16 +1,12 @@
 """Exact causal counts of every k-gram (k = 1..K) of a token stream, and the counts of all continuations.
 
-inc_k(u) counts the occurrences of the k-gram ending at u, at or before u. At target t, for the context
-ctx_w = x[t−w..t−1]: count(ctx_w) = inc_w(t − 1) − 1, count(ctx_w, x_t) = inc_{w+1}(t) − 1, and row_w[v] =
-occurrences of ctx_w·v ending before t.
-
-Keys: a gram's id is the position where it first ends; a k-gram is keyed by (id of its (k−1)-prefix + 1)·V + its
-last token (the empty prefix has id −1): exact for any order and vocabulary. Per length, disjoint sorted runs of
-(key, id, count) merged geometrically, so a context's continuations are one key range per run. Lean storage:
-the gram that first follows its prefix's first occurrence p (it ends at p + 1: "primary") is not stored while
-seen once, and lookups add it back from the token stream; so a position whose prefix is new needs no lookup and
-the runs hold about one entry per token. `prepare(head, end)` reads head = tokens[:end] only; `commit` folds
-tokens[committed_upto:upto] in (the mixers: scored targets only).
+inc_k(u) counts the k-gram ending at u at or before u; at target t, count(ctx_w) = inc_w(t − 1) − 1 and
+count(ctx_w, x_t) = inc_{w+1}(t) − 1. A gram's id is the position where it first ends; a k-gram is keyed by
+(id of its (k−1)-prefix + 1)·V + last token (empty prefix: id −1), exact for any order and vocabulary. Per
+length, disjoint sorted runs merged geometrically: a context's continuations are one key range per run.
+Lean storage: the gram that first follows its prefix's first occurrence p (ending at p + 1, "primary") is not
+stored while seen once; lookups add it back from the stream, so a position whose prefix is new needs no lookup.
+`prepare(head, end)` reads head = tokens[:end] only; `commit` folds tokens[committed_upto:upto] in.
 """
 
 from __future__ import annotations
@@ -19,56 +15,49 @@ from dataclasses import dataclass
 
 import numpy as np
 
-MAX_STREAM = 1 << 31  # ids and counts are stored in 32 bits
+MAX_STREAM = 1 << 31  # ids and counts are packed in 32 bits each
+LOW = 0xFFFFFFFF
 MERGE_RATIO = 4  # a run is merged into the one before it once it holds more than a quarter of its entries
 
 
 class SortedRuns:
-    """Disjoint sorted runs of key → (id, count) for one gram length; a key lives in at most one run."""
+    """Disjoint sorted runs of key → id << 32 | count for one gram length; a key lives in at most one run."""
 
     def __init__(self) -> None:
         self.keys: list[np.ndarray] = []
-        self.ids: list[np.ndarray] = []
-        self.counts: list[np.ndarray] = []
+        self.values: list[np.ndarray] = []
 
-    def find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(run, index) of each key; run −1 where absent."""
-        run, index = np.full(keys.size, -1, np.int64), np.zeros(keys.size, np.int64)
-        for r, stored in enumerate(self.keys):
+    def find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(run, index, value) of each key; run −1 (value 0) where absent."""
+        run, index, value = np.full(keys.size, -1, np.int64), *np.zeros((2, keys.size), np.int64)
+        for r, (stored, values) in enumerate(zip(self.keys, self.values, strict=True)):
             at = np.minimum(np.searchsorted(stored, keys), stored.size - 1)
             hit = stored[at] == keys
-            run[hit], index[hit] = r, at[hit]
-        return run, index
-
-    def gather(self, field: list[np.ndarray], run: np.ndarray, index: np.ndarray) -> np.ndarray:
-        out = np.zeros(run.size, np.int64)
-        for r, values in enumerate(field):
-            out[run == r] = values[index[run == r]]
-        return out
+            run[hit], index[hit], value[hit] = r, at[hit], values[at[hit]]
+        return run, index, value
 
     def add(self, run: np.ndarray, index: np.ndarray, amounts: np.ndarray) -> None:
-        for r, counts in enumerate(self.counts):
-            counts[index[run == r]] += amounts[run == r].astype(np.int32)  # distinct indices: no lost updates
+        for r, values in enumerate(self.values):
+            values[index[run == r]] += amounts[run == r]  # distinct indices: no lost updates
 
     def ranges(self, lo: np.ndarray, span: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Every stored key in [lo_i, lo_i + span), per run: (query i, key, count)."""
         parts = []
-        for keys, counts in zip(self.keys, self.counts, strict=True):
+        for keys, values in zip(self.keys, self.values, strict=True):
             query, index = expand(np.searchsorted(keys, lo), np.searchsorted(keys, lo + span))
-            parts.append((query, keys[index], counts[index].astype(np.int64)))
+            parts.append((query, keys[index], values[index] & LOW))
         return parts
 
-    def insert(self, keys: np.ndarray, ids: np.ndarray, counts: np.ndarray) -> None:
+    def insert(self, keys: np.ndarray, values: np.ndarray) -> None:
         """Add sorted keys that no run holds; runs stay sorted, each under a quarter of the one before it."""
         if not keys.size:
             return
         self.keys.append(keys)
-        self.ids.append(ids.astype(np.int32))
-        self.counts.append(counts.astype(np.int32))
+        self.values.append(values)
         while len(self.keys) > 1 and MERGE_RATIO * self.keys[-1].size > self.keys[-2].size:
             taken = np.zeros(self.keys[-1].size + self.keys[-2].size, bool)
             taken[np.searchsorted(self.keys[-2], self.keys[-1]) + np.arange(self.keys[-1].size)] = True
-            for field in (self.keys, self.ids, self.counts):
+            for field in (self.keys, self.values):
                 b, a = field.pop(), field.pop()
                 merged = np.empty(taken.size, a.dtype)
                 merged[taken], merged[~taken] = b, a
@@ -89,12 +78,12 @@ class _Region:
 
     processed: np.ndarray  # local positions u − committed_upto, ascending
     keys: np.ndarray  # distinct keys, ascending
-    composite: np.ndarray  # ascending (group << bits) | index into `processed`: each key's occurrences in order
+    composite: np.ndarray  # ascending (group << bits) | index into `processed`
     starts: np.ndarray  # offset of each group in `composite`
     sizes: np.ndarray
     before: np.ndarray  # committed count of each key (a primary singleton included)
     ids: np.ndarray
-    where: tuple[np.ndarray, np.ndarray]  # (run, index) of each key in the committed runs, run −1 if not stored
+    where: tuple[np.ndarray, np.ndarray]  # (run, index) in the committed runs; run −1: not stored
 
 
 class PrefixCounts:
@@ -110,7 +99,7 @@ class PrefixCounts:
         self._head = np.zeros(0, np.int64)
 
     def prepare(self, head: np.ndarray, end: int) -> None:
-        """Counts and ids of every gram ending in [committed_upto, end), from head = tokens[:end]."""
+        """Counts and ids of the grams ending in [committed_upto, end), from head = tokens[:end]."""
         if self.regions and end <= self.end:
             return
         if end >= MAX_STREAM:
@@ -120,12 +109,12 @@ class PrefixCounts:
         if n and (region.max() >= V or region.min() < 0):
             raise ValueError(f"token ids must lie in [0, {V}): found {region.min()}..{region.max()}")
         self._head, bits = head, _bits(n)
-        inc = np.ones((self.max_gram, n + 1), np.int64)  # a gram whose prefix is new: seen once, id u
+        inc = np.ones((self.max_gram, n + 1), np.int64)  # a gram after a new prefix: seen once, id u
         ids = np.tile(np.arange(c0 - 1, end), (self.max_gram, 1))
         inc[:, 0], ids[:, 0] = self.tail
         self.regions = []
         for k in range(1, self.max_gram + 1):
-            lo = max(0, k - 1 - c0)  # local positions from lo on end a k-gram; its prefix ends in column u − c0
+            lo = max(0, k - 1 - c0)  # local positions from lo end a k-gram, whose prefix ends in column u − c0
             processed = lo + np.flatnonzero(inc[k - 2, lo:n] >= 2) if k > 1 else np.arange(n)
             keys = ((ids[k - 2, processed] if k > 1 else -1) + 1) * V + region[processed]
             index = np.arange(keys.size)
@@ -140,17 +129,16 @@ class PrefixCounts:
             starts = np.flatnonzero(new_key)
             distinct, in_group = sorted_keys[starts], np.cumsum(new_key) - 1
             parent, first = distinct // V - 1, c0 + processed[order[starts]]
-            runs = self.runs[k - 1]
-            where = runs.find(distinct)
-            stored = where[0] >= 0
-            # not stored: the prefix's primary continuation if it follows the prefix's first occurrence
+            run, at, value = self.runs[k - 1].find(distinct)
+            stored = run >= 0
+            # not stored: primary if it follows the prefix's first occurrence
             primary = ~stored & (parent >= 0) & (head[parent + 1] == distinct % V)
-            before = np.where(stored, runs.gather(runs.counts, *where), primary)
-            gram_ids = np.where(stored, runs.gather(runs.ids, *where), np.where(primary, parent + 1, first))
+            before = np.where(stored, value & LOW, primary)
+            gram_ids = np.where(stored, value >> 32, np.where(primary, parent + 1, first))
             inc[k - 1, processed[order] + 1] = before[in_group] + index - starts[in_group] + 1
             ids[k - 1, processed[order] + 1] = gram_ids[in_group]
             self.regions.append(_Region(processed, distinct, (in_group << bits) | order, starts,
-                                        np.diff(np.append(starts, keys.size)), before, gram_ids, where))
+                                        np.diff(np.append(starts, keys.size)), before, gram_ids, (run, at)))
         self.inc, self.ids, self.end = inc, ids, end
 
     def context_counts(self, positions: np.ndarray) -> np.ndarray:
@@ -162,8 +150,8 @@ class PrefixCounts:
         return np.maximum(_columns(self.inc[1:], positions - self.committed_upto + 1) - 1, 0)
 
     def rows(self, width: int, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Continuations of ctx_width at targets t whose context occurred before t: (query, token, count) entries
-        (a token may repeat for a query: the counts add up)."""
+        """Continuations of ctx_width at targets t whose context occurred before t: (query, token, count), the
+        counts of a repeated (query, token) adding up."""
         c0, V, column = self.committed_upto, self.vocab, positions - self.committed_upto
         lo = (self.ids[width - 1, column] + 1) * V  # the context's continuations: keys [lo, lo + V)
         runs, region = self.runs[width], self.regions[width]
@@ -189,7 +177,7 @@ class PrefixCounts:
         for runs, region in zip(self.runs, self.regions, strict=True):
             runs.add(*region.where, region.sizes)
             new = region.where[0] < 0
-            runs.insert(region.keys[new], region.ids[new], region.before[new] + region.sizes[new])
+            runs.insert(region.keys[new], (region.ids[new] << 32) | (region.before[new] + region.sizes[new]))
         self.tail = np.stack([self.inc[:, upto - c0], self.ids[:, upto - c0]])
         self.committed_upto = self.end = upto
         self.regions = []
