@@ -9,7 +9,6 @@ The validation split (reference-stack §7.1) is all val shards concatenated in o
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,6 @@ MAGIC = 20240520
 VERSION = 1
 HEADER_WORDS = 256
 HEADER_BYTES = HEADER_WORDS * 4
-MAX_TOKENS = 2**31 - 1
 
 
 class ShardError(ValueError):
@@ -81,26 +79,6 @@ def read_shard(path: Path | str, vocab_size: int | None = None, *, mmap: bool = 
             raise ShardError(path, f"token id {top} at position {position} is outside the vocabulary "
                                    f"(size {vocab_size})")
     return tokens
-
-
-def write_shard(path: Path | str, tokens: np.ndarray) -> int:
-    """Write tokens in the official format atomically (temporary name, then rename). Returns bytes written."""
-    path = Path(path)
-    tokens = np.asarray(tokens)
-    if tokens.ndim != 1 or tokens.size == 0:
-        raise ValueError(f"{path}: a shard needs a non-empty 1-D token array, got shape {tokens.shape}")
-    if tokens.size > MAX_TOKENS:
-        raise ValueError(f"{path}: {tokens.size} tokens exceed the format's limit of {MAX_TOKENS}")
-    if tokens.min() < 0 or tokens.max() >= 2**16:
-        raise ValueError(f"{path}: token ids must fit in uint16")
-    header = np.zeros(HEADER_WORDS, dtype="<i4")
-    header[:3] = (MAGIC, VERSION, tokens.size)
-    tmp = path.with_name(path.name + ".partial")
-    with tmp.open("wb") as f:
-        f.write(header.tobytes())
-        f.write(tokens.astype("<u2", copy=False).tobytes())
-    os.replace(tmp, path)
-    return HEADER_BYTES + 2 * tokens.size
 
 
 def shard_paths(data_dir: Path | str, split: str) -> list[Path]:
