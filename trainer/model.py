@@ -69,11 +69,6 @@ class ModelConfig:
         return asdict(self)
 
 
-# sum(p.numel() for p in GPT(ModelConfig()).parameters()). Breakdown: 11 blocks × (2,359,296 matrix + 2,056
-# scales/mix/q_gain + 2 vr_lambda + 4,104 attn_gate) + tok_emb 524,288 + BigramHash 589,825 (4096×128 embed,
-# 128→512 proj, scale) + skip_weights 2,560 + smear 512. Upstream logs never printed it ("about 27.14M").
-PR940_PARAMETER_COUNT = 27_137_223
-
 def rms_norm(x: Tensor) -> Tensor:
     """RMSNorm over the last dim with no learned weight (used everywhere in the stack, default eps)."""
     return F.rms_norm(x, (x.size(-1),))
