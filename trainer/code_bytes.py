@@ -40,6 +40,7 @@ NOT_COUNTED: dict[str, str] = {
     # for them is never loaded by the evaluation of a .pgolf submission.
     "trainer.upstream_artifact": "the reader of upstream .ptz artifacts; only a .ptz evaluation loads it",
     "trainer.upstream_config": "reads an upstream train_gpt.py's config; only a .ptz evaluation loads it",
+    "service.engine.upstream_inputs": "loads a .ptz submission for the engine; only a .ptz evaluation loads it",
 }
 
 

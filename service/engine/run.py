@@ -1,17 +1,7 @@
 """The evaluation loop: chunk by chunk, score → commit → (n-gram commit) → (train), streaming events.
 
-``evaluate(options)`` loads and cross-checks the inputs (artifact, tokenizer, validation shards) and then runs
-``evaluate_model``, which is the loop itself and can also be driven with an in-memory model (tests, benches).
-
-Per chunk c, in this order and on every rank:
-1. score this rank's share of chunk c's windows under ``torch.inference_mode`` (model and optional n-gram mixer,
-   whose state holds only targets of chunks < c);
-2. all-reduce the per-position NLL and scored-count vectors (SUM, float64) and commit them to the ledger, which
-   checks that every target of the chunk was scored exactly once and counts its bytes;
-3. only then let the n-gram mixer absorb chunk c's tokens and, with TTT and unless c is the last chunk, train on
-   the span the ledger hands out for chunk c;
-4. emit the chunk event.
-The wall-clock budget is checked between chunks; the decision is taken jointly so all ranks stop together.
+``evaluate(options)`` loads and cross-checks the inputs, then runs ``evaluate_model``, the loop itself (also
+driven with in-memory models by tests and benches). The order per chunk and the budget: docs/evaluation.md §2.
 """
 
 from __future__ import annotations
@@ -92,6 +82,10 @@ class SubmissionSize:
                 "within_limit": total <= SUBMISSION_LIMIT_BYTES}
 
 
+# model, model config, artifact sha256, size, training sequence length (None: not recorded), notes
+LoadedModel = tuple[torch.nn.Module, dict[str, Any], str, SubmissionSize, int | None, list[str]]
+
+
 @dataclass(frozen=True)
 class LoadedInputs:
     model: ScoringModel
@@ -162,19 +156,12 @@ def load_inputs(options: EvalOptions, device: torch.device) -> LoadedInputs:
         raise EvalInputError("bad_tokenizer", f"cannot read tokenizer {tokenizer_path}: {exc}") from exc
     artifact_path = Path(options.artifact)
     if is_upstream_artifact(artifact_path):
-        model, model_config, artifact_sha256, notes, size = _load_upstream(options, artifact_path, device)
-        train_seq_len = _upstream_train_seq_len(options.env)
-        if model_config["vocab_size"] != tables.vocab_size:
-            raise EvalInputError(
-                "tokenizer_mismatch",
-                f"the upstream model has a vocabulary of {model_config['vocab_size']} tokens, but the data's "
-                f"tokenizer {tokenizer_path} has {tables.vocab_size}; refusing to score it on this data")
+        from service.engine.upstream_inputs import load_upstream  # not counted: only a .ptz evaluation needs it
+
+        loaded = load_upstream(options, artifact_path, device, tables, tokenizer_path)
     else:
-        model, model_config, artifact_sha256, size, train_seq_len = _load_pgolf(artifact_path, device, tables,
-                                                                                tokenizer_path)
-        ignored = [flag for flag, given in (("--code", options.code is not None), ("--env", bool(options.env)))
-                   if given]
-        notes = [f"{' and '.join(ignored)} ignored: a .pgolf artifact carries its own model config"] if ignored else []
+        loaded = _load_pgolf(options, artifact_path, device, tables, tokenizer_path)
+    model, model_config, artifact_sha256, size, train_seq_len, notes = loaded
     model_vocab = int(model_config.get("vocab_size", tables.vocab_size))
     if model_vocab < tables.vocab_size:
         raise EvalInputError("tokenizer_mismatch", f"the model's output vocabulary ({model_vocab}) is smaller than "
@@ -192,10 +179,10 @@ def load_inputs(options: EvalOptions, device: torch.device) -> LoadedInputs:
                         train_seq_len, recorded_val_sha256(options.data_dir), tuple(notes))
 
 
-def _load_pgolf(artifact_path: Path, device: torch.device, tables: ByteTables, tokenizer_path: Path
-                ) -> tuple[torch.nn.Module, dict[str, Any], str, SubmissionSize, int | None]:
-    """A .pgolf artifact: model, model config, sha256, size with code, and the training sequence length its
-    manifest records (None when it records none)."""
+def _load_pgolf(options: EvalOptions, artifact_path: Path, device: torch.device, tables: ByteTables,
+                tokenizer_path: Path) -> LoadedModel:
+    """A .pgolf artifact: model, model config, sha256, size with code, the training sequence length its manifest
+    records (None when it records none) and notes."""
     from trainer.artifact import ArtifactError, load_model
 
     try:
@@ -219,52 +206,9 @@ def _load_pgolf(artifact_path: Path, device: torch.device, tables: ByteTables, t
                           "manifest code_bytes.total")
     recorded = artifact.manifest.get("training", {}).get("train_seq_len")
     train_seq_len = recorded if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded > 0 else None
-    return model, dict(artifact.manifest.get("model_config", {})), artifact.file_sha256, size, train_seq_len
-
-
-def _upstream_train_seq_len(env: tuple[str, ...]) -> int | None:
-    """TRAIN_SEQ_LEN of the run's env, when it sets one (else upstream's own default of 2048 applies)."""
-    from trainer.upstream_config import parse_run_env
-
-    value = parse_run_env(list(env)).get("TRAIN_SEQ_LEN", "")
-    return int(value) if value.isdigit() and int(value) > 0 else None
-
-
-def _load_upstream(options: EvalOptions, artifact_path: Path,
-                   device: torch.device) -> tuple[torch.nn.Module, dict[str, Any], str, list[str], SubmissionSize]:
-    """An upstream .ptz: the config from the submission's code and run env, the weights through the safe reader.
-
-    Upstream artifacts carry no tokenizer identity; the vocabulary size is the only check possible (upstream's
-    own scripts make the same one against the tokenizer they are given).
-    """
-    from trainer.artifact import ArtifactError
-    from trainer.upstream_artifact import load_upstream_model
-    from trainer.upstream_config import parse_run_env, resolve_upstream_config
-
-    if options.code is None:
-        raise EvalInputError("code_required", f"{artifact_path.name} is an upstream artifact: pass the submission's "
-                                              f"train_gpt.py (--code) so its model config can be read")
-    try:
-        code = Path(options.code).read_bytes()
-        config = resolve_upstream_config(code, parse_run_env(list(options.env)))
-        model, artifact = load_upstream_model(artifact_path, config.model_config, device=device)
-    except OSError as exc:
-        raise EvalInputError("bad_artifact", f"cannot read {exc.filename}: {exc.strerror}") from exc
-    except ArtifactError as exc:
-        raise EvalInputError(exc.code, f"upstream artifact refused: {exc}") from exc
-    notes = [f"upstream artifact: {artifact.quant_format} + {artifact.compression}", *config.notes]
-    # The rule counts bytes(train_gpt.py) + bytes(compressed model) (compliance-rules §7.1).
-    size = SubmissionSize(artifact.file_nbytes, len(code), f"{Path(options.code).name} (--code)")
-    return model, artifact.model_config.to_dict(), artifact.file_sha256, notes, size
-
-
-def total_target_bytes(tables: ByteTables, tokens: np.ndarray, block: int = 1 << 22) -> int:
-    """Σ bytes of targets 1..N−1, in blocks so a 62M-token stream needs no 500 MB temporary."""
-    total = 0
-    for lo in range(1, len(tokens), block):
-        hi = min(lo + block, len(tokens))
-        total += int(tables.target_bytes(tokens[lo - 1 : hi - 1], tokens[lo:hi]).sum())
-    return total
+    ignored = [flag for flag, given in (("--code", options.code is not None), ("--env", bool(options.env))) if given]
+    notes = [f"{' and '.join(ignored)} ignored: a .pgolf artifact carries its own model config"] if ignored else []
+    return model, dict(artifact.manifest["model_config"]), artifact.file_sha256, size, train_seq_len, notes
 
 
 class _Budget:
@@ -406,7 +350,7 @@ def evaluate_model(model: ScoringModel, tokens: np.ndarray, tables: ByteTables, 
                   "ttt_recipe_settings": recipe.to_dict() if recipe is not None else None,
                   **(extra_config or {})}
         yield start_event(config=config, artifact_sha256=artifact_sha256, tokens=len(tokens),
-                          targets=len(tokens) - 1, bytes_total=total_target_bytes(tables, tokens),
+                          targets=len(tokens) - 1, bytes_total=tables.total_bytes(tokens),
                           chunks=len(chunks), val_tokens_sha256=val_tokens_sha256,
                           validation_manifest_sha256=validation_manifest_sha256)
     except EvalInputError as exc:
@@ -476,26 +420,3 @@ def evaluate_model(model: ScoringModel, tokens: np.ndarray, tables: ByteTables, 
         yield _failure_event(exc, totals=ledger.totals, elapsed_s=budget.elapsed())
         return
     yield end_event(totals=ledger.totals, elapsed_s=budget.elapsed(), compliance=summary())
-
-
-CLASSIC_SCORE_LINE = "final_int6_sliding_window_exact"
-
-
-def final_score_line(start: Event, end: Event) -> str:
-    """The reference's final score line (reference §11), which log parsers and leaderboards read, but only for a
-    run that is a submission score: compliant, a sliding-window evaluation, over the full validation set. Any
-    other run gets a line that says what it is not, so no parser can take it for a score."""
-    compliance = end.get("compliance") or {}
-    figures = f"val_loss:{end['val_loss']:.8f} val_bpb:{end['val_bpb']:.8f}"
-    reasons = []
-    if compliance.get("compliant") is not True:
-        reasons.append(f"not compliant (ngram={compliance.get('ngram', {}).get('mode')})")
-    if compliance.get("full_validation_set") is not True:
-        reasons.append("not the full validation set (its tokens do not hash to the data manifest's val sha256)")
-    if compliance.get("sliding_window") is not True:
-        config = start.get("config") or {}
-        reasons.append(f"not a sliding-window evaluation (stride {config.get('stride')} = seq_len "
-                       f"{config.get('seq_len')})")
-    if not reasons:
-        return f"{CLASSIC_SCORE_LINE} {figures}"
-    return f"not_a_submission_score {figures} because: {'; '.join(reasons)}"

@@ -1,17 +1,8 @@
 """Scoring windows and committing scores: the ledger that makes score-before-update structural.
 
-``score_chunk`` runs the model (under ``torch.inference_mode``) over one rank's share of a chunk's windows and
-returns, per target position of the chunk, the NLL sum and the number of times it was scored. After the
-cross-rank sum, ``ScoreLedger.commit`` checks that every position was scored exactly once, counts bytes with the
-tokenizer tables and adds the chunk to the running float64 totals.
-
-``ScoreOrderError`` (shared with the n-gram mixers) is raised on any attempt to commit out of order or to train on
-a target whose score is not committed.
-
-The ledger is also the only source of training data for test-time training: ``ScoreLedger.committed_span``
-hands out a copy of a token range only when every target in it is already committed, and the TTT updater
-accepts nothing else. Every commit and every optimizer step is written to an ``OrderTrace`` whose digest goes in
-the final report, so the ordering can be audited after the fact.
+``score_chunk`` scores one rank's share of a chunk; ``ScoreLedger.commit`` checks and commits the all-reduced
+scores and is the only source of test-time training data; ``OrderTrace`` records every commit and step for the
+report (docs/evaluation.md §3).
 """
 
 from __future__ import annotations
