@@ -46,11 +46,9 @@ from trainer.threads import apply_thread_policy
 
 log = logging.getLogger(__name__)
 
-# A distribution counts as normalised when every Σ_v p(v) is within this of 1. Sums are taken in float64; without a
-# mixer over fp32 log-probabilities, whose rounding alone stays around 1e-7 for a 1024-token vocabulary (mixers
-# work in float64 and stay near 1e-15).
+# C2 tolerances (docs/evaluation.md §3): |Σ_v p(v) − 1| (fp32 log-softmax rounding alone is ~1e-7), and
+# |p_vector(x_t) − p_shortcut(x_t)| (both float64 from the same counts: rounding only).
 NORMALISATION_TOLERANCE = 1e-5
-# |p_vector(x_t) − p_shortcut(x_t)|: both in float64 from the same counts, so they differ by rounding only.
 SHORTCUT_TOLERANCE = 1e-9
 # The challenge's evaluation limit (compliance-rules §7: "Evaluation ≤ 600 s"), in the verdict whatever the budget.
 EVAL_TIME_LIMIT_SECONDS = 600.0
@@ -112,15 +110,8 @@ def evaluate(options: EvalOptions, *, started: float | None = None) -> Iterator[
         device = resolve_device(options.device, local_rank_from_env())
         dist = init_from_env(device)
         inputs = load_inputs(options, device)
-    except EvalInputError as exc:
-        yield error_event(code=exc.code, reason=str(exc), elapsed_s=time.perf_counter() - started)
-        return
-    except ValueError as exc:
-        yield error_event(code="bad_options", reason=str(exc), elapsed_s=time.perf_counter() - started)
-        return
-    except Exception as exc:  # e.g. a CUDA or process-group failure while setting up: still one error event
-        log.exception("evaluation setup failed")
-        yield _failure_event(exc, elapsed_s=time.perf_counter() - started)
+    except Exception as exc:  # bad inputs, or e.g. a CUDA or process-group failure: still one error event
+        yield _error_of(exc, time.perf_counter() - started, setting_up=True)
         return
     seq_len_source = "option" if options.seq_len is not None else (
         "artifact training.train_seq_len" if inputs.train_seq_len else f"default {FALLBACK_SEQ_LEN}")
@@ -133,14 +124,21 @@ def evaluate(options: EvalOptions, *, started: float | None = None) -> Iterator[
                               started=started, validation_manifest_sha256=inputs.validation_manifest_sha256)
 
 
-def _failure_event(exc: Exception, *, elapsed_s: float, totals: Totals | None = None) -> Event:
-    """The error event of an unexpected exception: `resource_limit` when an allocation failed (the service runs
-    evaluators under an address-space rlimit), else `internal`."""
+def _error_of(exc: Exception, elapsed_s: float, totals: Totals | None = None, *, setting_up: bool = False) -> Event:
+    """The error event of an exception: an input error's own code, `bad_options` for a ValueError while setting
+    up, `order_violation`, `resource_limit` when an allocation failed (the service runs evaluators under an
+    address-space rlimit), else `internal`."""
+    if isinstance(exc, EvalInputError) or (setting_up and isinstance(exc, ValueError)):
+        return error_event(code=getattr(exc, "code", "bad_options"), reason=str(exc), elapsed_s=elapsed_s)
+    log.exception("evaluation failed")
     allocation = allocation_failure_reason(exc)
-    if allocation is not None:
-        return error_event(code="resource_limit", reason=f"{allocation}: {type(exc).__name__}: {exc}"[:2000],
-                           totals=totals, elapsed_s=elapsed_s)
-    return error_event(code="internal", reason=f"{type(exc).__name__}: {exc}", totals=totals, elapsed_s=elapsed_s)
+    if isinstance(exc, ScoreOrderError):
+        code, reason = "order_violation", str(exc)
+    elif allocation is not None:
+        code, reason = "resource_limit", f"{allocation}: {type(exc).__name__}: {exc}"[:2000]
+    else:
+        code, reason = "internal", f"{type(exc).__name__}: {exc}"
+    return error_event(code=code, reason=reason, totals=totals, elapsed_s=elapsed_s)
 
 
 def load_inputs(options: EvalOptions, device: torch.device) -> LoadedInputs:
@@ -162,19 +160,12 @@ def load_inputs(options: EvalOptions, device: torch.device) -> LoadedInputs:
     else:
         loaded = _load_pgolf(options, artifact_path, device, tables, tokenizer_path)
     model, model_config, artifact_sha256, size, train_seq_len, notes = loaded
-    model_vocab = int(model_config.get("vocab_size", tables.vocab_size))
-    if model_vocab < tables.vocab_size:
-        raise EvalInputError("tokenizer_mismatch", f"the model's output vocabulary ({model_vocab}) is smaller than "
-                                                   f"the tokenizer's ({tables.vocab_size})")
-    tables = ByteTables.from_model_file(tokenizer_path, vocab_size=model_vocab)
-    try:
-        tokens = load_validation_tokens(options.data_dir, vocab_size=model_vocab)
+    try:  # both loaders checked that the model's vocabulary is the tokenizer's
+        tokens = load_validation_tokens(options.data_dir, vocab_size=tables.vocab_size)
     except (OSError, ShardError) as exc:
         raise EvalInputError("bad_data", f"cannot load validation data from {options.data_dir}: {exc}") from exc
     if options.max_tokens is not None:
         tokens = tokens[: options.max_tokens]
-    if len(tokens) < 2:
-        raise EvalInputError("bad_data", f"the validation stream has {len(tokens)} tokens; nothing to score")
     return LoadedInputs(model, np.ascontiguousarray(tokens), tables, artifact_sha256, model_config, size,
                         train_seq_len, recorded_val_sha256(options.data_dir), tuple(notes))
 
@@ -191,24 +182,24 @@ def _load_pgolf(options: EvalOptions, artifact_path: Path, device: torch.device,
         raise EvalInputError("bad_artifact", f"cannot read artifact {artifact_path}: {exc}") from exc
     except ArtifactError as exc:
         raise EvalInputError(getattr(exc, "code", "bad_artifact"), f"artifact refused: {exc}") from exc
-    manifest_tokenizer = artifact.manifest.get("tokenizer", {})
-    if manifest_tokenizer.get("sha256") != tables.sha256:
+    manifest = artifact.manifest  # validated: the tokenizer's vocab_size is the model's
+    tokenizer = manifest["tokenizer"]
+    if tokenizer["sha256"] != tables.sha256:
         raise EvalInputError(
             "tokenizer_mismatch",
-            f"the artifact was trained with tokenizer sha256 {manifest_tokenizer.get('sha256')}, but the data's "
+            f"the artifact was trained with tokenizer sha256 {tokenizer['sha256']}, but the data's "
             f"tokenizer {tokenizer_path} has sha256 {tables.sha256}; refusing to score it on this data")
-    if manifest_tokenizer.get("vocab_size") != tables.vocab_size:
+    if tokenizer["vocab_size"] != tables.vocab_size:
         raise EvalInputError(
             "tokenizer_mismatch",
-            f"the artifact declares a vocabulary of {manifest_tokenizer.get('vocab_size')} tokens, but the data's "
+            f"the artifact declares a vocabulary of {tokenizer['vocab_size']} tokens, but the data's "
             f"tokenizer {tokenizer_path} has {tables.vocab_size}; refusing to score it on this data")
-    size = SubmissionSize(artifact.file_nbytes, int(artifact.manifest["code_bytes"]["total"]),
-                          "manifest code_bytes.total")
-    recorded = artifact.manifest.get("training", {}).get("train_seq_len")
+    size = SubmissionSize(artifact.file_nbytes, manifest["code_bytes"]["total"], "manifest code_bytes.total")
+    recorded = manifest["training"].get("train_seq_len")
     train_seq_len = recorded if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded > 0 else None
     ignored = [flag for flag, given in (("--code", options.code is not None), ("--env", bool(options.env))) if given]
     notes = [f"{' and '.join(ignored)} ignored: a .pgolf artifact carries its own model config"] if ignored else []
-    return model, dict(artifact.manifest["model_config"]), artifact.file_sha256, size, train_seq_len, notes
+    return model, dict(manifest["model_config"]), artifact.file_sha256, size, train_seq_len, notes
 
 
 class _Budget:
@@ -253,11 +244,8 @@ def compliance_summary(ledger: ScoreLedger, options: EvalOptions, check: Distrib
                        elapsed_s: float, val_tokens_sha256: str, validation_manifest_sha256: str | None,
                        ngram_stats: dict[str, float] | None = None, submission: SubmissionSize | None = None
                        ) -> dict[str, Any]:
-    """The verdict: C1–C4 as far as the engine can check them, the size rule and the evaluation time limit.
-
-    The time limit is the challenge's 600 s, not the run's own budget (``--max-seconds`` may be larger). The size
-    rule needs an artifact: for an in-memory model (``submission`` None) ``size`` is null and not part of it.
-    """
+    """The verdict: C1–C4 as far as the engine can check them, the size rule (null for an in-memory model) and
+    the challenge's 600 s limit, whatever the run's own budget (docs/evaluation.md §5)."""
     normalised = check.within(NORMALISATION_TOLERANCE, SHORTCUT_TOLERANCE)
     sums = {"min": check.sum_min, "max": check.sum_max, "positions": check.positions} if check.positions else \
         {"min": None, "max": None, "positions": 0}
@@ -266,8 +254,7 @@ def compliance_summary(ledger: ScoreLedger, options: EvalOptions, check: Distrib
     size = submission.verdict() if submission is not None else None
     within_time_limit = elapsed_s <= EVAL_TIME_LIMIT_SECONDS
     return {
-        # C1–C4 as far as they can be checked; a mixer that declares itself non-compliant (hashed-940, which
-        # only ever evaluates the realised token) never is, whatever its sampled sums show.
+        # A mixer that declares itself non-compliant (hashed-940) never is, whatever its sums show.
         "compliant": (scored_once and score_before_update and normalised and mixer_compliant and within_time_limit
                       and (size is None or size["within_limit"])),
         "scored_once": scored_once,
@@ -276,8 +263,6 @@ def compliance_summary(ledger: ScoreLedger, options: EvalOptions, check: Distrib
         "positions_not_scored_once": ledger.positions_not_scored_once,
         "score_before_update": score_before_update,
         "ttt": updater.summary() if updater is not None else None,
-        # C2 over every scored position: each score is −ln p(x_t) of a full vector that sums to 1 and whose
-        # x_t entry equals the mixer's closed-form shortcut.
         "ngram": {"mode": options.ngram, "mixer_compliant": mixer_compliant, "normalised": normalised,
                   "probability_sum": sums, "tolerance": NORMALISATION_TOLERANCE, **check.as_dict(),
                   "shortcut_tolerance": SHORTCUT_TOLERANCE, "stats": ngram_stats or None},
@@ -286,8 +271,7 @@ def compliance_summary(ledger: ScoreLedger, options: EvalOptions, check: Distrib
         "within_time_limit": within_time_limit,
         "time_limit_seconds": EVAL_TIME_LIMIT_SECONDS,
         "size": size,
-        # The stream scored is the data's whole val set only if its digest is the one the data's manifest records
-        # (a max_tokens prefix, a truncated shard or data without a manifest all fail this).
+        # A max_tokens prefix, a truncated shard or data without a manifest all fail this.
         "full_validation_set": val_tokens_sha256 == validation_manifest_sha256,
         "val_tokens_sha256": val_tokens_sha256,
         "validation_manifest_sha256": validation_manifest_sha256,
@@ -304,15 +288,11 @@ def evaluate_model(model: ScoringModel, tokens: np.ndarray, tables: ByteTables, 
                    started: float | None = None, clock: Callable[[], float] = time.perf_counter,
                    observer: ChunkObserver | None = None, ttt_recipe: TTTRecipe | None = None,
                    validation_manifest_sha256: str | None = None) -> Iterator[Event]:
-    """The evaluation loop over an in-memory model and token stream (see the module docstring).
+    """The evaluation loop over an in-memory model and token stream (docs/evaluation.md §2).
 
-    ``validation_manifest_sha256`` is the val digest the data's manifest records; the run counts as a full
-    validation-set score only when the tokens evaluated hash to it.
-
-    ``ttt_recipe`` replaces the named recipe of ``options.ttt_recipe`` (benches and tests explore others).
-
-    ``observer`` is called after each chunk's commit with the chunk and its per-position NLL (float64, one
-    entry per target position of the chunk); tests use it to compare individual scores.
+    ``validation_manifest_sha256``: the val digest the data's manifest records (a full-val score needs the tokens
+    to hash to it). ``ttt_recipe`` replaces ``options.ttt_recipe``'s recipe (benches). ``observer`` gets each
+    committed chunk and its per-position float64 NLL (tests).
     """
     dist = dist or DistContext()
     device = torch.device(device)
@@ -353,11 +333,8 @@ def evaluate_model(model: ScoringModel, tokens: np.ndarray, tables: ByteTables, 
                           targets=len(tokens) - 1, bytes_total=tables.total_bytes(tokens),
                           chunks=len(chunks), val_tokens_sha256=val_tokens_sha256,
                           validation_manifest_sha256=validation_manifest_sha256)
-    except EvalInputError as exc:
-        yield error_event(code=exc.code, reason=str(exc), elapsed_s=budget.elapsed())
-        return
-    except ValueError as exc:
-        yield error_event(code="bad_options", reason=str(exc), elapsed_s=budget.elapsed())
+    except Exception as exc:
+        yield _error_of(exc, budget.elapsed(), setting_up=True)
         return
 
     model.eval()
@@ -411,12 +388,7 @@ def evaluate_model(model: ScoringModel, tokens: np.ndarray, tables: ByteTables, 
                                              "train": train_seconds},
                               order_trace=dict(ledger.trace.chunks[-1]),
                               distribution=chunk_check.as_dict(), ngram_stats=chunk_stats or None)
-    except ScoreOrderError as exc:
-        log.exception("score-before-update violation")
-        yield error_event(code="order_violation", reason=str(exc), totals=ledger.totals, elapsed_s=budget.elapsed())
-        return
-    except Exception as exc:  # an engine or model failure mid-run: report what was committed, then the reason
-        log.exception("evaluation failed")
-        yield _failure_event(exc, totals=ledger.totals, elapsed_s=budget.elapsed())
+    except Exception as exc:  # a failure mid-run: report what was committed, then the reason
+        yield _error_of(exc, budget.elapsed(), ledger.totals)
         return
     yield end_event(totals=ledger.totals, elapsed_s=budget.elapsed(), compliance=summary())

@@ -21,9 +21,8 @@ from service.engine.windows import Chunk, WindowPlan, build_batch, rank_share
 from trainer.data.byte_accounting import ByteTables
 from trainer.model import autocast_for  # noqa: F401  (re-exported: ttt and the probes use it from here)
 
-# What the engine needs from a model (trainer.model.GPT has it): an nn.Module with ``forward_logits(ids)`` giving
-# (B, T, V) float logits, ``forward(ids, targets)`` giving the mean cross-entropy, and ``blocks`` (an
-# nn.ModuleList, so TTT can freeze the first ones).
+# An nn.Module with ``forward_logits(ids)`` (B, T, V logits), ``forward(ids, targets)`` (mean cross-entropy) and
+# ``blocks`` (TTT freezes the first ones), as trainer.model.GPT.
 ScoringModel = nn.Module
 
 
@@ -34,13 +33,8 @@ def synchronize(device: torch.device) -> None:
 
 @dataclass
 class DistributionCheck:
-    """C2, measured on the distributions the scores came from, at every scored position.
-
-    ``sum_min``/``sum_max``: Σ_v p(v) of each full vector; ``gap_max``: max |p_vector(x_t) − p_shortcut(x_t)|, the
-    vector's target entry against the mixer's closed form from the gold token's counts (None without a mixer).
-    ``positions`` counts the vectors summed, ``targets`` the positions scored; ``from_vector`` is False once a
-    score did not come from its vector (the hashed-940 reproduction scores the target's formula value).
-    """
+    """C2, measured on the distributions the scores came from, at every scored position (docs/evaluation.md §3):
+    extremes of Σ_v p(v), the largest |p_vector(x_t) − p_shortcut(x_t)|, vectors summed and positions scored."""
 
     positions: int = 0
     targets: int = 0
@@ -95,11 +89,8 @@ class ChunkScores:
 
 def score_chunk(model: ScoringModel, tokens: np.ndarray, windows: WindowPlan, chunk: Chunk, *, rank: int,
                 world_size: int, batch_windows: int, device: torch.device, mixer: NgramMixer | None) -> ChunkScores:
-    """Score this rank's contiguous share of the chunk's windows, ``batch_windows`` at a time.
-
-    Every scored position's full distribution is summed over the vocabulary (the model softmax, or the mixer's
-    vector, whose target entry is the score), which measures C2 on the distributions actually used.
-    """
+    """Score this rank's contiguous share of the chunk's windows, ``batch_windows`` at a time, summing every
+    scored position's full distribution (the model softmax, or the mixer's vector whose target entry is scored)."""
     sums = torch.zeros(2, chunk.num_targets, dtype=torch.float64, device=device)
     scores = ChunkScores(chunk, sums)
     lo, hi = rank_share(chunk.window_lo, chunk.window_hi, rank, world_size)
@@ -144,10 +135,8 @@ def score_chunk(model: ScoringModel, tokens: np.ndarray, windows: WindowPlan, ch
 
 @dataclass(frozen=True)
 class CommittedSpan:
-    """A copy of tokens[token_lo:token_hi] whose every target (positions token_lo+1 .. token_hi−1) is committed.
-
-    Only ``ScoreLedger.committed_span`` creates these; the TTT updater refuses spans from any other ledger.
-    """
+    """A copy of tokens[token_lo:token_hi] whose every target (token_lo+1 .. token_hi−1) is committed; only
+    ``ScoreLedger.committed_span`` creates these, and the TTT updater refuses those of any other ledger."""
 
     token_lo: int
     token_hi: int

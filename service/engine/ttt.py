@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from service.engine.dist import DistContext
 from service.engine.scoring import CommittedSpan, ScoreLedger, ScoreOrderError, ScoringModel, autocast_for
@@ -41,7 +40,7 @@ class TTTRecipe:
         return self.lr * 0.5 * (1.0 + math.cos(math.pi * chunk_index / (num_chunks - 1)))
 
 
-RECIPES: dict[str, TTTRecipe] = {
+RECIPES: dict[str, TTTRecipe] = {  # docs/evaluation.md §4
     # One step per epoch over a whole 131,072-token chunk (64 sequences: 8 per rank on 8 GPUs, as the fork).
     "pr940": TTTRecipe(name="pr940", optimizer="adamw", lr=1e-4, epochs=4, freeze_blocks=2, grad_clip=1.0,
                        lr_schedule="constant", weight_decay=0.0, batch_sequences=64),
@@ -50,9 +49,7 @@ RECIPES: dict[str, TTTRecipe] = {
                            lr_schedule="cosine", momentum=0.9, batch_sequences=32),
 }
 
-# Sequences per forward/backward pass on one rank. A step's share is accumulated in micro-batches of this size,
-# which bounds activation memory (64 × 2048 tokens at once would not fit beside the 11-layer model on one GPU)
-# without changing the gradient.
+# Sequences per forward/backward pass on one rank: bounds activation memory without changing the gradient.
 MICRO_BATCH_SEQUENCES = 16
 
 
