@@ -1,9 +1,6 @@
-"""The tensor encodings of artifact format v1 and their decoding (docs/artifact-format.md §3).
-
-Each stored tensor has one encoding: "fp16" or "fp32" passthrough, "raw" (non-float tensors, bit-exact), or a
-symmetric per-row int8/int6/int5 quantisation ("int8_row", "int6_row", "int5_row") with one fp16 scale per row,
-decoded exactly as ``w = q * scale[row]`` in fp32 and cast back to the dtype the tensor had at export. The
-strings are part of the format. Choosing an encoding and computing ``q`` (writing) is ``trainer/quant.py``.
+"""The tensor encodings of artifact format v1 and their decoding (docs/artifact-format.md §3): fp16/fp32
+passthrough, "raw" (non-float, bit-exact) and per-row int8/int6/int5 with one fp16 scale per row, decoded as
+``q * scale[row]`` in fp32 and cast back. Choosing an encoding and computing ``q`` (writing) is trainer/quant.py.
 """
 
 from __future__ import annotations

@@ -326,28 +326,10 @@ class GPT(nn.Module):
             if self.num_encoder_layers
             else None
         )
-        self._init_weights()
+        if not self.tok_emb.weight.is_meta:  # the artifact reader builds on meta and assigns the stored weights
+            from trainer.init import init_weights  # training only: not counted code (trainer/code_bytes.py)
 
-    def _init_weights(self) -> None:
-        """Reference init: tok_emb N(0, std); zero-init layers stay zero; other linears with both dims >= 64
-        orthogonal, "*.proj" among them (only bigram.proj) scaled by 1/sqrt(2L); smaller ones PyTorch's default.
-
-        Unlike upstream, only BigramHash's table starts at zero, not its projection: same init at PR #940's
-        128→512, but below 64 dims upstream's two zero factors would never get a gradient."""
-        nn.init.normal_(self.tok_emb.weight, mean=0.0, std=self.config.tied_embed_init_std)
-        if self.bigram is not None:
-            nn.init.zeros_(self.bigram.embed.weight)
-        depth_scale = 1.0 / math.sqrt(2 * self.config.num_layers)
-        for name, module in self.named_modules():
-            if not isinstance(module, CastedLinear):
-                continue
-            if module.zero_init:
-                nn.init.zeros_(module.weight)
-            elif min(module.weight.shape) >= 64:
-                nn.init.orthogonal_(module.weight, gain=1.0)
-                if name.endswith(".proj"):
-                    with torch.no_grad():
-                        module.weight.mul_(depth_scale)
+            init_weights(self)
 
     # ---- forward -------------------------------------------------------------------------------------------
 

@@ -20,7 +20,6 @@ from service.engine.dist import DistContext, init_from_env, local_rank_from_env,
 from service.engine.events import (
     Event,
     Totals,
-    allocation_failure_reason,
     chunk_event,
     end_event,
     error_event,
@@ -33,7 +32,6 @@ from service.engine.options import FALLBACK_SEQ_LEN, EvalOptions, is_upstream_ar
 from service.engine.scoring import (
     DistributionCheck,
     ScoreLedger,
-    ScoreOrderError,
     ScoringModel,
     score_chunk,
 )
@@ -81,26 +79,13 @@ class SubmissionSize:
 
 
 # model, model config, artifact sha256, size, training sequence length (None: not recorded), notes
-LoadedModel = tuple[torch.nn.Module, dict[str, Any], str, SubmissionSize, int | None, list[str]]
-
-
-@dataclass(frozen=True)
-class LoadedInputs:
-    model: ScoringModel
-    tokens: np.ndarray
-    tables: ByteTables
-    artifact_sha256: str
-    model_config: dict[str, Any]
-    size: SubmissionSize
-    train_seq_len: int | None  # the sequence length the model was trained at, when the artifact says
-    validation_manifest_sha256: str | None  # the val digest the data directory's manifest records
-    notes: tuple[str, ...] = ()
+LoadedModel = tuple[ScoringModel, dict[str, Any], str, SubmissionSize, int | None, list[str]]
 
 
 def evaluate(options: EvalOptions, *, started: float | None = None) -> Iterator[Event]:
     """Evaluate an artifact file on the validation shards; yields start, chunk…, then end | timeout | error.
 
-    ``started`` is the ``time.perf_counter()`` at which the evaluation's clock started; the command line takes it
+    ``started``: the ``time.perf_counter()`` at which the evaluation's clock started; the command line takes it
     before it imports torch and the engine, so the 600 s budget includes those imports.
     """
     started = time.perf_counter() if started is None else started
@@ -109,39 +94,33 @@ def evaluate(options: EvalOptions, *, started: float | None = None) -> Iterator[
         threads = apply_thread_policy()  # CPU scoring and the n-gram mixer share the cores with local peers
         device = resolve_device(options.device, local_rank_from_env())
         dist = init_from_env(device)
-        inputs = load_inputs(options, device)
+        (model, model_config, artifact_sha256, size, train_seq_len, notes), tables, tokens = load_inputs(options,
+                                                                                                         device)
     except Exception as exc:  # bad inputs, or e.g. a CUDA or process-group failure: still one error event
         yield _error_of(exc, time.perf_counter() - started, setting_up=True)
         return
     seq_len_source = "option" if options.seq_len is not None else (
-        "artifact training.train_seq_len" if inputs.train_seq_len else f"default {FALLBACK_SEQ_LEN}")
-    yield from evaluate_model(inputs.model, inputs.tokens, inputs.tables, options.resolved(inputs.train_seq_len),
-                              dist=dist, device=device, artifact_sha256=inputs.artifact_sha256,
-                              submission=inputs.size,
-                              extra_config={"model_config": inputs.model_config, "seq_len_source": seq_len_source,
+        "artifact training.train_seq_len" if train_seq_len else f"default {FALLBACK_SEQ_LEN}")
+    yield from evaluate_model(model, tokens, tables, options.resolved(train_seq_len), dist=dist, device=device,
+                              artifact_sha256=artifact_sha256, submission=size,
+                              extra_config={"model_config": model_config, "seq_len_source": seq_len_source,
                                             "cpu_threads": {"intra_op": threads.threads, "reason": threads.reason},
-                                            **({"notes": list(inputs.notes)} if inputs.notes else {})},
-                              started=started, validation_manifest_sha256=inputs.validation_manifest_sha256)
+                                            **({"notes": notes} if notes else {})},
+                              started=started, validation_manifest_sha256=recorded_val_sha256(options.data_dir))
 
 
 def _error_of(exc: Exception, elapsed_s: float, totals: Totals | None = None, *, setting_up: bool = False) -> Event:
     """The error event of an exception: an input error's own code, `bad_options` for a ValueError while setting
-    up, `order_violation`, `resource_limit` when an allocation failed (the service runs evaluators under an
-    address-space rlimit), else `internal`."""
+    up, else what ``failures.failure_event`` makes of it."""
     if isinstance(exc, EvalInputError) or (setting_up and isinstance(exc, ValueError)):
         return error_event(code=getattr(exc, "code", "bad_options"), reason=str(exc), elapsed_s=elapsed_s)
     log.exception("evaluation failed")
-    allocation = allocation_failure_reason(exc)
-    if isinstance(exc, ScoreOrderError):
-        code, reason = "order_violation", str(exc)
-    elif allocation is not None:
-        code, reason = "resource_limit", f"{allocation}: {type(exc).__name__}: {exc}"[:2000]
-    else:
-        code, reason = "internal", f"{type(exc).__name__}: {exc}"
-    return error_event(code=code, reason=reason, totals=totals, elapsed_s=elapsed_s)
+    from service.engine.failures import failure_event  # not counted: only a failing run needs it
+
+    return failure_event(exc, elapsed_s, totals)
 
 
-def load_inputs(options: EvalOptions, device: torch.device) -> LoadedInputs:
+def load_inputs(options: EvalOptions, device: torch.device) -> tuple[LoadedModel, ByteTables, np.ndarray]:
     """Load tokenizer tables, artifact and validation tokens, refusing any combination that does not match."""
     from trainer.data.shards import ShardError, load_validation_tokens
 
@@ -159,21 +138,15 @@ def load_inputs(options: EvalOptions, device: torch.device) -> LoadedInputs:
         loaded = load_upstream(options, artifact_path, device, tables, tokenizer_path)
     else:
         loaded = _load_pgolf(options, artifact_path, device, tables, tokenizer_path)
-    model, model_config, artifact_sha256, size, train_seq_len, notes = loaded
     try:  # both loaders checked that the model's vocabulary is the tokenizer's
         tokens = load_validation_tokens(options.data_dir, vocab_size=tables.vocab_size)
     except (OSError, ShardError) as exc:
         raise EvalInputError("bad_data", f"cannot load validation data from {options.data_dir}: {exc}") from exc
-    if options.max_tokens is not None:
-        tokens = tokens[: options.max_tokens]
-    return LoadedInputs(model, np.ascontiguousarray(tokens), tables, artifact_sha256, model_config, size,
-                        train_seq_len, recorded_val_sha256(options.data_dir), tuple(notes))
+    return loaded, tables, np.ascontiguousarray(tokens[: options.max_tokens])
 
 
 def _load_pgolf(options: EvalOptions, artifact_path: Path, device: torch.device, tables: ByteTables,
                 tokenizer_path: Path) -> LoadedModel:
-    """A .pgolf artifact: model, model config, sha256, size with code, the training sequence length its manifest
-    records (None when it records none) and notes."""
     from trainer.artifact import ArtifactError, load_model
 
     try:
@@ -181,19 +154,15 @@ def _load_pgolf(options: EvalOptions, artifact_path: Path, device: torch.device,
     except OSError as exc:
         raise EvalInputError("bad_artifact", f"cannot read artifact {artifact_path}: {exc}") from exc
     except ArtifactError as exc:
-        raise EvalInputError(getattr(exc, "code", "bad_artifact"), f"artifact refused: {exc}") from exc
-    manifest = artifact.manifest  # validated: the tokenizer's vocab_size is the model's
-    tokenizer = manifest["tokenizer"]
-    if tokenizer["sha256"] != tables.sha256:
+        raise EvalInputError(exc.code, f"artifact refused: {exc}") from exc
+    manifest = artifact.manifest  # validated: its tokenizer's vocab_size is the model's
+    trained_with = (manifest["tokenizer"]["sha256"], manifest["tokenizer"]["vocab_size"])
+    if trained_with != (tables.sha256, tables.vocab_size):
         raise EvalInputError(
             "tokenizer_mismatch",
-            f"the artifact was trained with tokenizer sha256 {tokenizer['sha256']}, but the data's "
-            f"tokenizer {tokenizer_path} has sha256 {tables.sha256}; refusing to score it on this data")
-    if tokenizer["vocab_size"] != tables.vocab_size:
-        raise EvalInputError(
-            "tokenizer_mismatch",
-            f"the artifact declares a vocabulary of {tokenizer['vocab_size']} tokens, but the data's "
-            f"tokenizer {tokenizer_path} has {tables.vocab_size}; refusing to score it on this data")
+            f"the artifact was trained with tokenizer sha256 {trained_with[0]} (a vocabulary of {trained_with[1]} "
+            f"tokens), but the data's tokenizer {tokenizer_path} has sha256 {tables.sha256} ({tables.vocab_size}); "
+            f"refusing to score it on this data")
     size = SubmissionSize(artifact.file_nbytes, manifest["code_bytes"]["total"], "manifest code_bytes.total")
     recorded = manifest["training"].get("train_seq_len")
     train_seq_len = recorded if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded > 0 else None
@@ -333,7 +302,7 @@ def evaluate_model(model: ScoringModel, tokens: np.ndarray, tables: ByteTables, 
                           targets=len(tokens) - 1, bytes_total=tables.total_bytes(tokens),
                           chunks=len(chunks), val_tokens_sha256=val_tokens_sha256,
                           validation_manifest_sha256=validation_manifest_sha256)
-    except Exception as exc:
+    except ValueError as exc:  # bad options or inputs (EvalInputError); anything else is the caller's to see
         yield _error_of(exc, budget.elapsed(), setting_up=True)
         return
 

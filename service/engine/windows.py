@@ -42,7 +42,7 @@ class Chunk:
 
 
 def plan_windows(num_tokens: int, seq_len: int, stride: int) -> WindowPlan:
-    """The sliding windows over a stream of ``num_tokens`` tokens (see the module docstring)."""
+    """The sliding windows over a stream of ``num_tokens`` tokens (docs/evaluation.md §1)."""
     if seq_len < 1 or stride < 1:
         raise ValueError(f"seq_len and stride must be positive, got seq_len={seq_len} stride={stride}")
     if stride > seq_len:
@@ -97,12 +97,8 @@ class WindowBatch:
 def build_batch(tokens: np.ndarray, windows: WindowPlan, lo: int, hi: int) -> WindowBatch:
     """Assemble windows [lo, hi) into one padded batch and the index of every scored output."""
     starts, ends, score_from = windows.starts[lo:hi], windows.ends[lo:hi], windows.score_from[lo:hi]
-    # Every batch is as wide as the plan's seq_len, whatever the windows in it: the model's RoPE tables depend on
-    # the width it runs at (the NTK rescale above rope_train_seq_len), so a ragged last window must see the same
-    # tables whether it is batched alone or with full windows. Upstream pads its sliding batches the same way.
-    # Right padding cannot change an earlier output: attention is causal and every other feature looks back.
-    width = windows.seq_len
-    inputs = np.zeros((hi - lo, width), dtype=np.int64)
+    # Always seq_len wide, right-padded: RoPE depends on the width (docs/evaluation.md §1), padding is after.
+    inputs = np.zeros((hi - lo, windows.seq_len), dtype=np.int64)
     for row, (a, b) in enumerate(zip(starts, ends, strict=True)):
         inputs[row, : b - a] = tokens[a:b]
     counts = ends + 1 - score_from

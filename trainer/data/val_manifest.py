@@ -1,9 +1,6 @@
-"""The identity of a validation stream: sha256 of its tokens, and the digest a data directory records for it.
-
-A data directory's ``manifest.json`` (written by `trainer data build-embedded` and by `trainer data download`)
-records ``splits.val.tokens_sha256``: the sha256 of every val token, all val shards in order, as little-endian
-uint16 (the shard payloads without their headers). An evaluation hashes the stream it actually scored, so
-"scored the full validation set" is a comparison of two digests, not a belief about which option was passed.
+"""The identity of a validation stream: the sha256 of its tokens (little-endian uint16, all val shards in order),
+and the digest a data directory's manifest.json records for it (``splits.val.tokens_sha256``), so "scored the
+full validation set" is a comparison of two digests.
 """
 
 from __future__ import annotations
@@ -23,7 +20,7 @@ def tokens_sha256(tokens: np.ndarray) -> str:
 
 
 def recorded_val_sha256(data_dir: Path | str) -> str | None:
-    """``splits.val.tokens_sha256`` of DATA_DIR/manifest.json, or None when the directory records none."""
+    """The recorded val digest of DATA_DIR/manifest.json, or None."""
     path = Path(data_dir) / MANIFEST_NAME
     try:
         if path.stat().st_size > MAX_MANIFEST_BYTES:
