@@ -28,6 +28,7 @@ from service.api.storage import (
     LeaseLost,
     LeaseState,
     SchemaTooNew,
+    StorageFull,
     StorageUnavailable,
     Store,
     open_store,
@@ -542,4 +543,52 @@ def test_a_postgres_outage_is_storage_unavailable_not_a_hang(postgres_server: Po
     asyncio.run(scenario())
     assert store.get_job(job.id).status == QUEUED  # type: ignore[union-attr]  # the same store works again
     assert store.append_event(job.id, {"type": "back"}) == 0  # the write during the outage left nothing
+    postgres_server.stop()  # a restart between two calls: the idle connection is dead, and a read survives it
+    postgres_server.start()
+    assert store.events_after(job.id, -1)[0].type == "back"
     store.close()
+
+
+def test_a_full_postgres_disk_is_storage_full(postgres_server: PostgresServer, postgres_url: str,
+                                              tmp_path: Path) -> None:
+    """The artifacts table lives on a 2 MB tmpfs (a tablespace): a bigger artifact fills the server's disk, and
+    the store says StorageFull (HTTP 507) with nothing written, then keeps working for everything else."""
+    import os
+    import pwd
+    import subprocess
+
+    import psycopg
+
+    from service.api.storage_postgres import PostgresStore
+
+    mount = postgres_server.root / f"small-disk-{tmp_path.name}"  # where the server's user can reach it
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a size-limited tmpfs here (needs root): {result.stderr.decode().strip()}")
+    try:
+        if postgres_server.run_as is not None:
+            account = pwd.getpwnam(postgres_server.run_as)
+            os.chown(mount, account.pw_uid, account.pw_gid)
+        store = PostgresStore(postgres_url)
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            tablespace = f"small_{os.getpid()}"
+            admin.execute(f"CREATE TABLESPACE {tablespace} LOCATION '{mount}'")
+            admin.execute(f"ALTER TABLE artifacts SET TABLESPACE {tablespace}")
+        small = tmp_path / "small.part"
+        small.write_bytes(ARTIFACT)
+        store.put_artifact(SHA, len(ARTIFACT), small, MANIFEST, suffix=".pgolf")
+        big = os.urandom(3_000_000)  # incompressible, and stored uncompressed anyway
+        source = tmp_path / "big.part"
+        source.write_bytes(big)
+        with pytest.raises(StorageFull, match="full"):
+            store.put_artifact(hashlib.sha256(big).hexdigest(), len(big), source, MANIFEST, suffix=".pgolf")
+        assert store.get_artifact(hashlib.sha256(big).hexdigest()) is None
+        assert store.create_job(SHA, OPTIONS).status == QUEUED  # the jobs live elsewhere: still writable
+        store.close()
+        with psycopg.connect(postgres_url, autocommit=True) as admin:  # free the mount before unmounting
+            admin.execute("ALTER TABLE artifacts SET TABLESPACE pg_default")
+            admin.execute(f"DROP TABLESPACE {tablespace}")
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+        mount.rmdir()
