@@ -25,6 +25,7 @@ from service.api.storage import (
     QUEUED,
     RUNNING,
     WORKER_LOST_REASON,
+    CapacityReached,
     LeaseLost,
     LeaseState,
     SchemaTooNew,
@@ -310,6 +311,36 @@ def test_concurrent_claims_take_each_job_exactly_once(backend: Backend) -> None:
             assert first.get_job(job_id).worker_id == f"worker-{n}"  # type: ignore[union-attr]
 
 
+def test_capacity_holds_across_concurrent_admissions(backend: Backend) -> None:
+    """Four API nodes admit at once against one bound: exactly the bound is admitted, the rest are refused."""
+    first = backend.open_with_artifact()
+    first.create_job(SHA, OPTIONS)
+    first.claim_next_queued("worker-a", 30.0)  # running jobs count too
+    nodes = [backend.open() for _ in range(4)]
+    admitted: list[str] = []
+    refused: list[int] = []
+
+    def admit(store: Store) -> None:
+        for _ in range(4):
+            while True:
+                try:
+                    admitted.append(store.create_job(SHA, OPTIONS, max_active=6).id)
+                except CapacityReached as error:
+                    refused.append(error.active_jobs)
+                except StorageUnavailable:
+                    time.sleep(0.01)
+                    continue
+                break
+
+    threads = [threading.Thread(target=admit, args=(node,)) for node in nodes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(admitted) == 5 and refused == [6] * 11
+    assert first.count_active_jobs() == 6
+
+
 def test_concurrent_appends_number_events_without_gaps(backend: Backend) -> None:
     first = backend.open_with_artifact()
     job = first.create_job(SHA, OPTIONS)
@@ -388,11 +419,13 @@ def test_changes_reach_another_store_instance(backend: Backend) -> None:
             assert hint == (job.id if backend.name == "postgres" else None)
             node_a.append_event(job.id, {"type": "start"})
             assert await _next_change(changes) == job.id
-            if backend.name == "postgres":  # a change that is rolled back is never announced
+            if backend.name == "postgres":  # a refused write announces nothing; the next change is the next hint
+                other = node_b.create_job(SHA, OPTIONS)
+                assert await _next_change(changes) == other.id
                 with pytest.raises(LeaseLost):
                     node_b.append_event(job.id, {"type": "chunk"}, worker_id="nobody")
-                node_b.request_cancel(job.id)
-                assert await _next_change(changes) == job.id
+                node_b.request_cancel(other.id)
+                assert await _next_change(changes) == other.id
         finally:
             await changes.aclose()  # type: ignore[attr-defined]
 
