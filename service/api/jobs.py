@@ -319,15 +319,15 @@ class JobQueue:
     async def _run_subprocess(
         self, job: JobRecord, progress: _Progress, started: float
     ) -> tuple[str, dict[str, Any], str | None]:
-        artifact = self.store.get_artifact(job.artifact_sha256)
-        if artifact is None or not artifact.path.is_file():
+        artifact_path = self.store.materialise_artifact(job.artifact_sha256, self.settings.artifacts_dir)
+        if artifact_path is None:
             reason = "the stored artifact file is missing"
             return FAILED, _service_error("artifact_missing", reason, {}), reason
         if self.stopping.is_set():
             return _interrupted(progress)
         max_seconds = float(job.options["max_seconds"])
         process = await asyncio.create_subprocess_exec(
-            *self.evaluator_argv(artifact.path, job.options),
+            *self.evaluator_argv(artifact_path, job.options),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             limit=MAX_EVENT_LINE_BYTES, start_new_session=True, env=subprocess_env(),
             preexec_fn=child_setup(self.settings.evaluator_limits, _die_with_parent),
@@ -365,10 +365,11 @@ class JobQueue:
         """An upstream .ptz job: the stored train_gpt.py and the run env it was validated with."""
         if not options.get("code_sha256"):
             return []
-        from service.api.submissions import code_path
-
+        code = self.store.materialise_code(options["code_sha256"], self.settings.artifacts_dir)
+        if code is None:
+            raise FileNotFoundError(f"the stored code file {options['code_sha256']} of this job is missing")
         env_args = [arg for item in options.get("env", []) for arg in ("--env", item)]
-        return ["--code", str(code_path(self.settings.artifacts_dir, options["code_sha256"])), *env_args]
+        return ["--code", str(code), *env_args]
 
     def evaluator_argv(self, artifact_path: Path, options: dict[str, Any]) -> list[str]:
         settings = self.settings
