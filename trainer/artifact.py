@@ -39,7 +39,7 @@ from trainer.encodings import (
     dequantize_tensor,
     num_rows,
 )
-from trainer.model import GPT, MODEL_CONFIG_BOUNDS, ModelConfig
+from trainer.model import GPT, ModelConfig
 
 MAGIC = b"\x89PGOLF\r\n"  # non-ASCII first byte and CRLF catch text-mode mangling, as in PNG
 FORMAT_VERSION = 1
@@ -59,7 +59,29 @@ MAX_TRAINING_FIELDS = 256
 MAX_TRAINING_STRING_CHARS = 4096
 MAX_WORLD_SIZE = 1 << 16
 MAX_COUNT = 2**63 - 1  # training.seed, steps, code byte counts: what a 64-bit integer holds
-DEFAULT_FLOAT_BOUND = 1e6  # a float field of ModelConfig without a bound of its own
+# Inclusive bounds of ModelConfig's numeric fields (docs/artifact-format.md §6.1). An integer field without one is
+# refused; a float field without one must lie within ±DEFAULT_FLOAT_BOUND. Building the model checks the rest.
+MODEL_CONFIG_BOUNDS: dict[str, tuple[float, float]] = {
+    "vocab_size": (2, 1 << 17),
+    "num_layers": (1, 64),
+    "model_dim": (1, 8192),
+    "num_heads": (1, 256),
+    "num_kv_heads": (1, 256),
+    "mlp_mult": (1, 16),
+    "rope_dims": (0, 8192),
+    "rope_train_seq_len": (1, 1 << 20),
+    "xsa_last_n": (0, 64),
+    "bigram_buckets": (0, 1 << 20),
+    "bigram_dim": (0, 8192),
+    "bos_id": (0, 1 << 17),
+    "leaky_relu_slope": (-1.0, 1.0),
+    "rope_base": (1.0, 1e12),
+    "logit_softcap": (1e-3, 1e4),
+    "tied_embed_init_std": (0.0, 10.0),
+    "qk_gain_init": (-1e3, 1e3),
+    "attn_gate_bias_init": (-1e3, 1e3),
+}
+DEFAULT_FLOAT_BOUND = 1e6
 # Weights must also be finite in the dtypes the model computes in (bf16 under CUDA autocast), or it computes inf.
 COMPUTE_DTYPES = (torch.bfloat16,)
 _DECOMPRESS_CHUNK = 1 << 20
