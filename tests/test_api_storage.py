@@ -25,9 +25,11 @@ from service.api.storage import (
     QUEUED,
     RUNNING,
     WORKER_LOST_REASON,
+    CapacityReached,
     LeaseLost,
     LeaseState,
     SchemaTooNew,
+    StorageFull,
     StorageUnavailable,
     Store,
     open_store,
@@ -309,6 +311,36 @@ def test_concurrent_claims_take_each_job_exactly_once(backend: Backend) -> None:
             assert first.get_job(job_id).worker_id == f"worker-{n}"  # type: ignore[union-attr]
 
 
+def test_capacity_holds_across_concurrent_admissions(backend: Backend) -> None:
+    """Four API nodes admit at once against one bound: exactly the bound is admitted, the rest are refused."""
+    first = backend.open_with_artifact()
+    first.create_job(SHA, OPTIONS)
+    first.claim_next_queued("worker-a", 30.0)  # running jobs count too
+    nodes = [backend.open() for _ in range(4)]
+    admitted: list[str] = []
+    refused: list[int] = []
+
+    def admit(store: Store) -> None:
+        for _ in range(4):
+            while True:
+                try:
+                    admitted.append(store.create_job(SHA, OPTIONS, max_active=6).id)
+                except CapacityReached as error:
+                    refused.append(error.active_jobs)
+                except StorageUnavailable:
+                    time.sleep(0.01)
+                    continue
+                break
+
+    threads = [threading.Thread(target=admit, args=(node,)) for node in nodes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(admitted) == 5 and refused == [6] * 11
+    assert first.count_active_jobs() == 6
+
+
 def test_concurrent_appends_number_events_without_gaps(backend: Backend) -> None:
     first = backend.open_with_artifact()
     job = first.create_job(SHA, OPTIONS)
@@ -387,11 +419,13 @@ def test_changes_reach_another_store_instance(backend: Backend) -> None:
             assert hint == (job.id if backend.name == "postgres" else None)
             node_a.append_event(job.id, {"type": "start"})
             assert await _next_change(changes) == job.id
-            if backend.name == "postgres":  # a change that is rolled back is never announced
+            if backend.name == "postgres":  # a refused write announces nothing; the next change is the next hint
+                other = node_b.create_job(SHA, OPTIONS)
+                assert await _next_change(changes) == other.id
                 with pytest.raises(LeaseLost):
                     node_b.append_event(job.id, {"type": "chunk"}, worker_id="nobody")
-                node_b.request_cancel(job.id)
-                assert await _next_change(changes) == job.id
+                node_b.request_cancel(other.id)
+                assert await _next_change(changes) == other.id
         finally:
             await changes.aclose()  # type: ignore[attr-defined]
 
@@ -542,4 +576,52 @@ def test_a_postgres_outage_is_storage_unavailable_not_a_hang(postgres_server: Po
     asyncio.run(scenario())
     assert store.get_job(job.id).status == QUEUED  # type: ignore[union-attr]  # the same store works again
     assert store.append_event(job.id, {"type": "back"}) == 0  # the write during the outage left nothing
+    postgres_server.stop()  # a restart between two calls: the idle connection is dead, and a read survives it
+    postgres_server.start()
+    assert store.events_after(job.id, -1)[0].type == "back"
     store.close()
+
+
+def test_a_full_postgres_disk_is_storage_full(postgres_server: PostgresServer, postgres_url: str,
+                                              tmp_path: Path) -> None:
+    """The artifacts table lives on a 2 MB tmpfs (a tablespace): a bigger artifact fills the server's disk, and
+    the store says StorageFull (HTTP 507) with nothing written, then keeps working for everything else."""
+    import os
+    import pwd
+    import subprocess
+
+    import psycopg
+
+    from service.api.storage_postgres import PostgresStore
+
+    mount = postgres_server.root / f"small-disk-{tmp_path.name}"  # where the server's user can reach it
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a size-limited tmpfs here (needs root): {result.stderr.decode().strip()}")
+    try:
+        if postgres_server.run_as is not None:
+            account = pwd.getpwnam(postgres_server.run_as)
+            os.chown(mount, account.pw_uid, account.pw_gid)
+        store = PostgresStore(postgres_url)
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            tablespace = f"small_{os.getpid()}"
+            admin.execute(f"CREATE TABLESPACE {tablespace} LOCATION '{mount}'")
+            admin.execute(f"ALTER TABLE artifacts SET TABLESPACE {tablespace}")
+        small = tmp_path / "small.part"
+        small.write_bytes(ARTIFACT)
+        store.put_artifact(SHA, len(ARTIFACT), small, MANIFEST, suffix=".pgolf")
+        big = os.urandom(3_000_000)  # incompressible, and stored uncompressed anyway
+        source = tmp_path / "big.part"
+        source.write_bytes(big)
+        with pytest.raises(StorageFull, match="full"):
+            store.put_artifact(hashlib.sha256(big).hexdigest(), len(big), source, MANIFEST, suffix=".pgolf")
+        assert store.get_artifact(hashlib.sha256(big).hexdigest()) is None
+        assert store.create_job(SHA, OPTIONS).status == QUEUED  # the jobs live elsewhere: still writable
+        store.close()
+        with psycopg.connect(postgres_url, autocommit=True) as admin:  # free the mount before unmounting
+            admin.execute("ALTER TABLE artifacts SET TABLESPACE pg_default")
+            admin.execute(f"DROP TABLESPACE {tablespace}")
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+        mount.rmdir()

@@ -74,6 +74,15 @@ class LeaseLost(Exception):
     help, so this is deliberately not a StorageError."""
 
 
+class CapacityReached(Exception):
+    """create_job(max_active=N) found N jobs queued or running already (counted in the inserting transaction, so
+    concurrent admissions on any number of API nodes never exceed N). Nothing was written."""
+
+    def __init__(self, active_jobs: int) -> None:
+        super().__init__(f"{active_jobs} jobs are queued or running")
+        self.active_jobs = active_jobs
+
+
 class LeaseState(enum.Enum):
     HELD = "held"  # renewed
     CANCEL_REQUESTED = "cancel_requested"  # renewed, and someone asked to cancel: kill the evaluator, finish it
@@ -192,7 +201,8 @@ class Store(Protocol):
 
     # jobs
     def create_job(self, artifact_sha256: str, options: dict[str, Any], *, owner: str | None = None,
-                   first_event: Callable[[JobRecord, int], dict[str, Any]] | None = None) -> JobRecord: ...
+                   first_event: Callable[[JobRecord, int], dict[str, Any]] | None = None,
+                   max_active: int | None = None) -> JobRecord: ...
 
     def get_job(self, job_id: str) -> JobRecord | None: ...
 

@@ -61,6 +61,7 @@ IDLE_IN_TRANSACTION_TIMEOUT_MS = 30_000
 TCP_USER_TIMEOUT_MS = 5_000
 CHANNEL = "pgolf_jobs"
 MIGRATION_LOCK = 0x70676F6C66  # "pgolf": the advisory lock that serialises migrations across nodes
+ADMISSION_LOCK = MIGRATION_LOCK + 1  # ... and the one that serialises capacity-checked job inserts
 LISTEN_BACKOFF_MAX_SECONDS = 5.0
 log = logging.getLogger("pgolf.service")
 
@@ -264,6 +265,9 @@ class PostgresStore(SqlJobs):
     def _now(self, tx: Any) -> float:
         row = tx.one("SELECT extract(epoch FROM clock_timestamp())::float8 AS now")
         return float(row["now"])
+
+    def _lock_admissions(self, tx: Any) -> None:
+        tx.run("SELECT pg_advisory_xact_lock(?)", (ADMISSION_LOCK,))
 
     def _notify(self, tx: Any, job_id: str) -> None:
         tx.run("SELECT pg_notify(?, ?)", (CHANNEL, job_id))

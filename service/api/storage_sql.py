@@ -35,6 +35,7 @@ from service.api.storage import (
     RUNNING,
     TERMINAL_STATUSES,
     WORKER_LOST_REASON,
+    CapacityReached,
     JobRecord,
     LeaseLost,
     LeaseState,
@@ -71,6 +72,9 @@ class SqlJobs:
     def _now(self, tx: Tx) -> float:
         raise NotImplementedError
 
+    def _lock_admissions(self, tx: Tx) -> None:
+        """Serialise capacity-checked inserts until the transaction ends (SQLite's write lock already does)."""
+
     def _notify(self, tx: Tx, job_id: str) -> None:
         """Announce a change of `job_id` to every process once the transaction commits."""
         raise NotImplementedError
@@ -79,11 +83,18 @@ class SqlJobs:
     # jobs
 
     def create_job(self, artifact_sha256: str, options: dict[str, Any], *, owner: str | None = None,
-                   first_event: Callable[[JobRecord, int], dict[str, Any]] | None = None) -> JobRecord:
+                   first_event: Callable[[JobRecord, int], dict[str, Any]] | None = None,
+                   max_active: int | None = None) -> JobRecord:
         """Insert a queued job, and its first event (built from the new record and its queue position) in the same
-        transaction."""
+        transaction. With `max_active`: only while fewer jobs are queued or running, else CapacityReached."""
         job_id = uuid.uuid4().hex[:16]
         with self._transaction() as tx:
+            if max_active is not None:
+                self._lock_admissions(tx)
+                active = tx.one("SELECT COUNT(*) AS n FROM jobs WHERE status IN (?, ?)", ACTIVE_STATUSES)
+                assert active is not None
+                if int(active["n"]) >= max_active:
+                    raise CapacityReached(int(active["n"]))
             now = self._now(tx)
             row = tx.one("INSERT INTO jobs (id, artifact_sha256, options, status, created_at, owner)"
                          " VALUES (?, ?, ?, ?, ?, ?) RETURNING *",
