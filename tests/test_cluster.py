@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -122,6 +123,19 @@ class Cluster:
         return next(worker for worker in self.workers if worker.pid == pid)
 
 
+def running_with_a_chunk(client: httpx.Client, job_id: str, timeout: float = 60.0) -> dict:
+    """The job once its evaluator runs and its first chunk is stored."""
+    deadline = time.monotonic() + timeout
+    while not (job := client.get(f"/evaluations/{job_id}").json())["progress"]:
+        assert time.monotonic() < deadline and job["status"] in ("queued", "running"), job
+        time.sleep(0.05)
+    return job
+
+
+def iso_seconds(text: str) -> float:
+    return datetime.fromisoformat(text).timestamp()
+
+
 def read_stream(client: httpx.Client, job_id: str, out: dict[str, list[dict]]) -> None:
     out[job_id] = list(stream_events(client, "GET", f"/evaluations/{job_id}/events"))
 
@@ -143,7 +157,6 @@ def test_two_api_nodes_and_two_workers_share_one_postgres_store(
 
     # 1. Six uploads, alternating between the API nodes; each stream is followed live through the OTHER node.
     set_fake_behaviour(script, **FAST)
-    started = time.monotonic()
     jobs: list[tuple[str, httpx.Client, httpx.Client]] = []
     streams: dict[str, list[dict]] = {}
     readers = []
@@ -158,17 +171,20 @@ def test_two_api_nodes_and_two_workers_share_one_postgres_store(
         readers.append(reader)
     for reader in readers:
         reader.join(60)
-    took = time.monotonic() - started
     workers_used = set()
     for job_id, here, _other in jobs:
         job = here.get(f"/evaluations/{job_id}").json()
         assert job["status"] == "completed", job
         workers_used.add(job["worker_id"])
+        assert "database url visible: False" in job["log_tail"]  # the evaluator never gets the credential
         events = streams[job_id]
         assert [e["type"] for e in events] == ["queued", "start", *["chunk"] * FAST["chunks"], "end"], events
         assert [e["index"] for e in events if e["type"] == "chunk"] == list(range(FAST["chunks"]))
         assert list(stream_events(here, "GET", f"/evaluations/{job_id}/events")) == events  # the stored record
-    print(f"6 jobs on 2 workers in {took:.1f} s; workers: {sorted(workers_used)}")
+    views = [here.get(f"/evaluations/{job_id}").json() for job_id, here, _other in jobs]
+    span = iso_seconds(max(v["finished_at"] for v in views)) - iso_seconds(min(v["created_at"] for v in views))
+    print(f"6 jobs ({FAST['chunks'] * FAST['chunk_seconds']:g} s of chunks each) on 2 workers: {span:.1f} s from the "
+          f"first upload stored to the last job finished; workers: {sorted(workers_used)}")
     assert len(workers_used) == 2, "both workers should have run some of the jobs"
     assert {w.split(":")[1] for w in workers_used} == {str(w.pid) for w in cluster.workers}
 
@@ -176,7 +192,8 @@ def test_two_api_nodes_and_two_workers_share_one_postgres_store(
     # takes its evaluator down, and the other worker carries on.
     set_fake_behaviour(script, **SLOW)
     lost_id = upload(a, tiny_artifact, params={"wait": "false", "force": "true"}).json()["id"]
-    job = wait_for_status(b, lost_id, {"running"})
+    job = running_with_a_chunk(b, lost_id)
+    lost_worker_id = job["worker_id"]
     victim = cluster.worker_running(job)
     survivor = next(w for w in cluster.workers if w is not victim)
     evaluator = victim.evaluator_pid()
@@ -192,7 +209,7 @@ def test_two_api_nodes_and_two_workers_share_one_postgres_store(
     assert (job["status"], job["reason"]) == ("failed", "worker lost"), job
     assert ended_after <= LEASE_SECONDS + WATCHDOG_SECONDS + 2.0
     last = list(stream_events(a, "GET", f"/evaluations/{lost_id}/events"))[-1]
-    assert last["code"] == "worker_lost" and last["worker_id"] == job["worker_id"]
+    assert last["code"] == "worker_lost" and last["worker_id"] == lost_worker_id
     set_fake_behaviour(script, **FAST)
     after_id = upload(b, tiny_artifact, params={"wait": "false", "force": "true"}).json()["id"]
     job = wait_for_status(a, after_id, TERMINAL)
@@ -201,9 +218,7 @@ def test_two_api_nodes_and_two_workers_share_one_postgres_store(
     # 3. Cancel through the other API node stops the job on the worker that runs it.
     set_fake_behaviour(script, **SLOW)
     cancel_id = upload(a, tiny_artifact, params={"wait": "false", "force": "true"}).json()["id"]
-    wait_for_status(a, cancel_id, {"running"})
-    while not a.get(f"/evaluations/{cancel_id}").json()["progress"]:  # its first chunk is stored
-        time.sleep(0.05)
+    running_with_a_chunk(a, cancel_id)
     evaluator = survivor.evaluator_pid()
     assert evaluator is not None
     asked = time.monotonic()
@@ -232,6 +247,8 @@ def test_two_api_nodes_and_two_workers_share_one_postgres_store(
     records = {job_id: list(stream_events(a, "GET", f"/evaluations/{job_id}/events")) for job_id in before
                if job_id != queued_id}
     cluster.stop()
+    for node in (*cluster.apis, *cluster.workers):  # from now on a lost worker's job is queued again, once
+        node.env["PGOLF_REQUEUE_LOST_JOBS"] = "1"
     cluster.start()
     a, b = cluster.clients
     after = {job["id"]: job for job in a.get("/evaluations").json()}
@@ -243,6 +260,24 @@ def test_two_api_nodes_and_two_workers_share_one_postgres_store(
     job = wait_for_status(b, queued_id, TERMINAL)
     assert job["status"] == "completed"
     assert [e["type"] for e in stream_events(a, "GET", f"/evaluations/{queued_id}/events")][-1] == "end"
+
+    # 6. With PGOLF_REQUEUE_LOST_JOBS=1, kill -9 of the worker running a job puts the job back in the queue, and
+    # the other worker runs it to the end; its stream (through the other node) shows both attempts.
+    set_fake_behaviour(script, **SLOW)
+    requeued_id = upload(a, tiny_artifact, params={"wait": "false", "force": "true"}).json()["id"]
+    victim = cluster.worker_running(running_with_a_chunk(b, requeued_id))
+    set_fake_behaviour(script, **FAST)  # read by the evaluator of the second attempt
+    assert victim.process is not None
+    victim.process.kill()
+    victim.process.wait()
+    job = wait_for_status(b, requeued_id, TERMINAL, timeout=LEASE_SECONDS + WATCHDOG_SECONDS + 30)
+    assert (job["status"], job["attempts"]) == ("completed", 2), job
+    assert job["worker_id"].split(":")[1] != str(victim.pid)
+    types = [e["type"] for e in stream_events(b, "GET", f"/evaluations/{requeued_id}/events")]
+    first_attempt = types[:types.index("requeued")]
+    assert first_attempt[:3] == ["queued", "start", "chunk"] and set(first_attempt[2:]) == {"chunk"}
+    assert types[len(first_attempt):] == ["requeued", "start", *["chunk"] * FAST["chunks"], "end"]
+
 
 
 def test_a_worker_process_runs_the_jobs_of_an_sqlite_api_node(

@@ -27,7 +27,7 @@ from service.api.public_events import PathRedactor
 from service.api.routes import comparisons, evaluate, evaluations, meta
 from service.api.settings import Settings
 from service.api.state import ServiceState
-from service.api.storage import StorageError, Store
+from service.api.storage import StorageError, open_store
 from service.api.validation import ArtifactValidator, TokenizerIdentity
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
@@ -43,7 +43,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.storage_dir.mkdir(parents=True, exist_ok=True)
         _clear_scratch(settings.uploads_dir)
-        store = Store(settings.database_path)  # raises DatabaseDamaged rather than touch a damaged file
+        store = open_store(settings)  # raises DatabaseRefused rather than touch a damaged or newer database
         users = UserDirectory.load(settings, announce)
         hub = EventHub()
         relay = asyncio.create_task(relay_store_changes(store, hub), name="pgolf-store-changes")

@@ -31,7 +31,7 @@ from service.api.hub import EventHub
 from service.api.public_events import PathRedactor
 from service.api.runner import Watchdog, Worker, new_worker_id
 from service.api.settings import Settings
-from service.api.storage import RUNNING, JobRecord, Store, retrying
+from service.api.storage import RUNNING, CapacityReached, JobRecord, Store, retrying
 
 log = logging.getLogger("pgolf.service")
 
@@ -82,16 +82,20 @@ class JobQueue:
             raise QueueFull(active, self.retry_after_seconds())
 
     def submit(self, artifact_sha256: str, options: dict[str, Any], *, owner: str | None) -> JobRecord:
-        """Queue a validated upload, or raise QueueFull. The check and the insert run without an await between
-        them, so no two uploads on this node take the last place; the first event tells the client where to find
-        it. The store announces the new job, which wakes an idle worker on any machine."""
-        self.check_capacity()
+        """Queue a validated upload, or raise QueueFull. The store counts the active jobs inside the inserting
+        transaction, so no two uploads take the last place, even on two API nodes; the first event tells the
+        client where to find it. The store announces the new job, which wakes an idle worker on any machine."""
+        capacity = self.capacity
 
         def queued_event(job: JobRecord, position: int) -> dict[str, Any]:
             return {"type": "queued", "source": "service", "job_id": job.id, "queue_position": position,
                     "links": job_links(job)}
 
-        return self.store.create_job(artifact_sha256, options, owner=owner, first_event=queued_event)
+        try:
+            return self.store.create_job(artifact_sha256, options, owner=owner, first_event=queued_event,
+                                         max_active=capacity)
+        except CapacityReached as full:
+            raise QueueFull(full.active_jobs, self.retry_after_seconds()) from None
 
     def retry_after_seconds(self) -> int:
         """When the queue will have a free place at the latest: a place frees when any running job ends, and

@@ -154,7 +154,10 @@ class Worker:
                 await self.run_job(job)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # e.g. the database is unavailable: log it and keep serving
+            except StorageError as error:  # the database is unavailable: wait for it
+                log.warning("worker %s: cannot claim a job (%s); trying again", self.worker_id, error)
+                await asyncio.sleep(1.0)
+            except Exception:  # a bug: log it and keep serving
                 log.exception("worker %s: error; continuing", self.worker_id)
                 await asyncio.sleep(1.0)
 
@@ -367,9 +370,7 @@ class Watchdog:
     def check_once(self) -> None:
         for worker in self.workers:
             worker.write_unrecorded()
-        for job_id, outcome in self.store.expire_leases(self.settings.requeue_lost_jobs):
-            log.warning("job %s: its worker's lease expired (worker lost); %s", job_id, outcome)
-        if self.sole_runner:
+        if self.sole_runner:  # first: such a job is known to be orphaned now, whatever its lease says
             held = {job_id for worker in self.workers for job_id in (worker.job_id, *worker.unrecorded) if job_id}
             for job in self.store.running_jobs():
                 if job.id in held:
@@ -378,6 +379,8 @@ class Watchdog:
                 self.store.finish_job(job.id, status=FAILED, reason=reason,
                                       terminal_event=service_error("process_gone", reason, {}))
                 log.warning("job %s: %s; marked failed", job.id, reason)
+        for job_id, outcome in self.store.expire_leases(self.settings.requeue_lost_jobs):
+            log.warning("job %s: the lease of its worker ran out (worker lost): %s", job_id, outcome)
 
     def flush(self) -> None:
         """At shutdown: one last try at the outcomes the database refused."""

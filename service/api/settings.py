@@ -30,8 +30,9 @@ EVALUATOR_OPEN_FILES = 4096
 
 
 # Subprocesses read untrusted artifacts; they get no credential of the service (EvalAI keeps its API token out of
-# the participant's container for the same reason).
-SECRET_ENV_VARS = ("PGOLF_API_TOKEN", "PGOLF_TOKENS")
+# the participant's container for the same reason): neither the API's tokens nor the job database's URL (which
+# carries its password) or libpq's own password variables.
+SECRET_ENV_VARS = ("PGOLF_API_TOKEN", "PGOLF_TOKENS", "PGOLF_DATABASE_URL", "PGPASSWORD", "PGPASSFILE")
 READ_POLICIES = ("public", "private")
 
 
@@ -49,6 +50,9 @@ class Settings:
     data_dir: Path  # PGOLF_DATA_DIR: directory holding the *_val_*.bin shards
     tokenizer: Path  # PGOLF_TOKENIZER: SentencePiece model of the data (default DATA_DIR/tokenizer.model)
     storage_dir: Path  # PGOLF_STORAGE_DIR: SQLite database, stored artifacts, upload scratch space
+    # PGOLF_DATABASE_URL: postgresql://user@host:port/db puts jobs, events, artifacts and code in that PostgreSQL
+    # database, shared by API nodes and workers on other machines; unset: the SQLite store under storage_dir.
+    database_url: str | None = None
     max_artifact_bytes: int = ARTIFACT_CAP_BYTES  # PGOLF_MAX_ARTIFACT_BYTES
     eval_limit_seconds: float = EVAL_LIMIT_SECONDS  # PGOLF_EVAL_LIMIT_SECONDS
     # PGOLF_KILL_GRACE_SECONDS: the engine stops itself between chunks at the limit; the hard kill waits this
@@ -134,6 +138,7 @@ class Settings:
             data_dir=data_dir,
             tokenizer=tokenizer,
             storage_dir=Path(env.get("PGOLF_STORAGE_DIR") or "runs/service"),
+            database_url=_database_url(env, "PGOLF_DATABASE_URL"),
             max_artifact_bytes=_int(env, "PGOLF_MAX_ARTIFACT_BYTES", ARTIFACT_CAP_BYTES, minimum=1),
             eval_limit_seconds=eval_limit,
             kill_grace_seconds=kill_grace,
@@ -208,6 +213,20 @@ def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float)
     if not value >= minimum:  # also rejects nan
         raise SettingsError(f"{name}={value} must be at least {minimum}")
     return value
+
+
+DATABASE_URL_SCHEMES = ("postgresql://", "postgres://")
+
+
+def _database_url(env: Mapping[str, str], name: str) -> str | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    if not raw.startswith(DATABASE_URL_SCHEMES):
+        scheme = raw.partition("://")[0] if "://" in raw else raw[:20]
+        raise SettingsError(f"{name}: {scheme!r} is not a supported database; use postgresql://user@host:port/db "
+                            f"(or leave it unset for the SQLite store under PGOLF_STORAGE_DIR)")
+    return raw
 
 
 def _limits(env: Mapping[str, str], prefix: str, defaults: ResourceLimits) -> ResourceLimits:

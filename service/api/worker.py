@@ -87,7 +87,8 @@ async def _serve(settings: Settings) -> int:
         loop.add_signal_handler(signum, stop)
     tasks = [asyncio.create_task(relay_store_changes(store, hub), name="pgolf-store-changes"),
              asyncio.create_task(watchdog.run_forever(), name="pgolf-watchdog")]
-    print(f"pgolf worker {worker.worker_id}: ready (lease {settings.lease_seconds:g} s)", flush=True)
+    where = "PostgreSQL (PGOLF_DATABASE_URL)" if settings.database_url else f"SQLite {settings.database_path}"
+    print(f"pgolf worker {worker.worker_id}: ready; store {where}, lease {settings.lease_seconds:g} s", flush=True)
     try:
         await worker.run_forever()
     finally:
