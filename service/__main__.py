@@ -83,7 +83,6 @@ def evaluation_modes(args: argparse.Namespace) -> dict[str, object]:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from service.engine import EvalOptions, evaluate
-    from service.engine.run import final_score_line
 
     options = EvalOptions(
         artifact=args.artifact, data_dir=args.data, tokenizer=args.tokenizer, seq_len=args.seq_len,
@@ -119,6 +118,29 @@ def run_evaluate(args: argparse.Namespace) -> int:
     finally:
         _leave_process_group(wait_for_peers=False)
     return status
+
+
+CLASSIC_SCORE_LINE = "final_int6_sliding_window_exact"
+
+
+def final_score_line(start: dict, end: dict) -> str:
+    """The reference's final score line (reference §11), which log parsers and leaderboards read, but only for a
+    run that is a submission score: compliant, a sliding-window evaluation, over the full validation set. Any
+    other run gets a line that says what it is not, so no parser can take it for a score."""
+    compliance = end.get("compliance") or {}
+    figures = f"val_loss:{end['val_loss']:.8f} val_bpb:{end['val_bpb']:.8f}"
+    reasons = []
+    if compliance.get("compliant") is not True:
+        reasons.append(f"not compliant (ngram={compliance.get('ngram', {}).get('mode')})")
+    if compliance.get("full_validation_set") is not True:
+        reasons.append("not the full validation set (its tokens do not hash to the data manifest's val sha256)")
+    if compliance.get("sliding_window") is not True:
+        config = start.get("config") or {}
+        reasons.append(f"not a sliding-window evaluation (stride {config.get('stride')} = seq_len "
+                       f"{config.get('seq_len')})")
+    if not reasons:
+        return f"{CLASSIC_SCORE_LINE} {figures}"
+    return f"not_a_submission_score {figures} because: {'; '.join(reasons)}"
 
 
 def _leave_process_group(wait_for_peers: bool) -> None:

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from trainer.data.loader import DistributedTokenLoader, rank_span
-from trainer.data.shards import load_validation_tokens, write_shard
+from trainer.data.shards import load_validation_tokens
+from trainer.data.writer import write_shard
 
 
 @pytest.fixture()

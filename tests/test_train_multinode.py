@@ -22,6 +22,8 @@ import torch
 from test_train import TINY
 
 from trainer.artifact import read_artifact
+from trainer.config import TrainConfig
+from trainer.train import Runtime, init_runtime, train
 
 SKEWED_CLOCK_TRAINER = Path(__file__).resolve().parent / "skewed_clock_trainer.py"
 LAUNCH_TIMEOUT_S = 300  # a rank left waiting in a collective would hang: fail instead
@@ -39,7 +41,7 @@ def train_command(out: Path, data: Path, *, entry: list[str], torchrun: list[str
 
 
 def launch_nodes(commands: list[list[str]], envs: list[dict[str, str]]) -> list[str]:
-    """Start every node's torchrun at once (a rendezvous waits for all of them) and return each one's output."""
+    """Start every torchrun at once (a rendezvous waits for all of its nodes) and return each one's output."""
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env={**os.environ, "OMP_NUM_THREADS": "1", **env})
              for cmd, env in zip(commands, envs, strict=True)]
@@ -68,11 +70,13 @@ def test_two_nodes_train_exactly_as_one_node_with_two_processes(tmp_path: Path, 
     port = free_port()
     c10d = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
             "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "multinode-test"]
-    # Both agents start together; c10d rendezvous orders them itself (--node-rank is not used by c10d).
-    node_outputs = launch_nodes([train_command(two_nodes, embedded_data, entry=["-m", "trainer"], torchrun=c10d,
-                                               extra=extra)] * 2, [{}, {}])
-    launch_nodes([train_command(one_node, embedded_data, entry=["-m", "trainer"],
-                                torchrun=["--standalone", "--nproc-per-node", "2"], extra=extra)], [{}])
+    # The two agents start together and c10d orders them itself (it does not use --node-rank); the one-node run
+    # starts beside them, which only shares the cores.
+    two_node_commands = [train_command(two_nodes, embedded_data, entry=["-m", "trainer"], torchrun=c10d,
+                                       extra=extra)] * 2
+    one_node_command = train_command(one_node, embedded_data, entry=["-m", "trainer"],
+                                     torchrun=["--standalone", "--nproc-per-node", "2"], extra=extra)
+    *node_outputs, _ = launch_nodes([*two_node_commands, one_node_command], [{}, {}, {}])
 
     single_log, multi_log = (one_node / "train.log").read_text(), (two_nodes / "train.log").read_text()
     assert "distributed: nodes:1 local_world_size:2 backend:gloo" in single_log
@@ -98,7 +102,7 @@ def test_two_nodes_train_exactly_as_one_node_with_two_processes(tmp_path: Path, 
 
 
 def test_wallclock_cap_stops_every_node_after_the_same_step(tmp_path: Path, embedded_data: Path) -> None:
-    cap_s, scale, iterations = 60, 50.0, 10_000
+    cap_s, scale, iterations = 30, 50.0, 10_000
     out, reports = tmp_path / "capped", tmp_path / "ranks"
     reports.mkdir()
     port = free_port()
@@ -125,3 +129,20 @@ def test_wallclock_cap_stops_every_node_after_the_same_step(tmp_path: Path, embe
     # The warmdown read the agreed time on both ranks (node 1's clock alone would have lowered only its learning
     # rate), so the replicas stayed bit-identical.
     assert rank0["weights_sha256"] == rank1["weights_sha256"]
+
+
+def test_a_multi_process_launch_without_torchruns_ranks_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Guessing LOCAL_RANK from RANK would pick cuda:8 on a second node; only torchrun's LOCAL_RANK names the GPU.
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("RANK", "9")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with pytest.raises(RuntimeError, match="WORLD_SIZE=16 but LOCAL_RANK is not set: launch with torchrun"):
+        init_runtime()
+
+
+def test_grad_accumulation_comes_from_the_global_world_size(tmp_path: Path) -> None:
+    sixteen_ranks = Runtime(rank=0, world_size=16, local_rank=0, device=torch.device("cpu"), local_world_size=8,
+                            nodes=2)
+    with pytest.raises(ValueError, match="world size 16 must divide grad_accum_base 8 .* set GRAD_ACCUM_BASE to a "
+                                         "multiple of 16"):
+        train(TrainConfig(), tmp_path, tmp_path / "tokenizer.model", tmp_path / "out", runtime=sixteen_ranks)

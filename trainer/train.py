@@ -1,11 +1,12 @@
-"""The training loop: one process or torchrun DDP, a synchronised 600 s wall-clock cap, EMA, export.
+"""The training loop: one process or torchrun DDP on one or many nodes, a synchronised 600 s cap, EMA, export.
 
 Order of events (reference §5): build the model and optimisers; run ``warmup_steps`` priming steps (compile,
 allocator) and roll model, optimisers and data back so they leave no trace; start the timer; train with the
-wall-clock warmdown, pausing the timer around validation; stop when the next step would cross the cap (the cap is
-agreed across ranks with all_reduce(MAX)); apply the EMA weights; export the artifact through the fit-to-budget
-ladder; evaluate the dequantised round trip. Rank 0 writes ``train.log`` (reference line formats) and
-``summary.json`` (machine-readable) into the output directory.
+wall-clock warmdown, pausing the timer around validation; stop when the next step would cross the cap (warmdown
+and stop read the training time all ranks agree on, the largest of their clocks); apply the EMA weights; export the
+artifact through the fit-to-budget ladder; evaluate the dequantised round trip. Global rank 0 alone writes
+``train.log`` (reference line formats), ``summary.json`` (machine-readable) and the artifact into the output
+directory, on its own node (docs/training.md).
 """
 
 from __future__ import annotations
