@@ -1,7 +1,8 @@
 """Command line of the service package: ``python -m service evaluate ARTIFACT --data DIR ...``.
 
 Each subcommand is one ``add_*_parser`` function (its arguments, with ``handler`` set to the ``run_*`` function
-that is its body), listed in ``SUBCOMMANDS``; ``serve`` (the HTTP API) comes from service/api/cli.py.
+that is its body), listed in ``SUBCOMMANDS``; ``serve`` (the HTTP API) comes from service/api/cli.py, ``worker``
+(an evaluation machine of a cluster) from service/api/worker.py.
 
 ``evaluate`` streams the engine's events as NDJSON on stdout, one flushed line per event (rank 0 only under
 torchrun). Exit status: 0 after ``end``, 3 after ``timeout``, 1 after ``error`` (whose reason also goes to
@@ -156,10 +157,11 @@ def _leave_process_group(wait_for_peers: bool) -> None:
 
 from service.api.auth import add_token_parser  # noqa: E402
 from service.api.cli import add_serve_parser  # noqa: E402  (registered beside evaluate; light import)
+from service.api.worker import add_worker_parser  # noqa: E402
 from service.demo import add_demo_parser  # noqa: E402
 
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    add_evaluate_parser, add_serve_parser, add_demo_parser, add_token_parser)
+    add_evaluate_parser, add_serve_parser, add_worker_parser, add_demo_parser, add_token_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
