@@ -42,7 +42,8 @@ from service.engine import EvalOptions, evaluate  # noqa: E402
 from trainer.code_bytes import counted_code_bytes  # noqa: E402
 from trainer.config import PRESETS, TrainConfig  # noqa: E402
 from trainer.data.byte_accounting import ByteTables  # noqa: E402
-from trainer.data.shards import read_shard, shard_paths, write_shard  # noqa: E402
+from trainer.data.shards import read_shard, shard_paths  # noqa: E402
+from trainer.data.writer import write_shard  # noqa: E402
 from trainer.export import write_artifact  # noqa: E402
 from trainer.model import ModelConfig, autocast_for  # noqa: E402
 from trainer.threads import apply_thread_policy  # noqa: E402

@@ -1,7 +1,8 @@
 """Command line of the service package: ``python -m service evaluate ARTIFACT --data DIR ...``.
 
 Each subcommand is one ``add_*_parser`` function (its arguments, with ``handler`` set to the ``run_*`` function
-that is its body), listed in ``SUBCOMMANDS``; ``serve`` (the HTTP API) comes from service/api/cli.py.
+that is its body), listed in ``SUBCOMMANDS``; ``serve`` (the HTTP API) comes from service/api/cli.py, ``worker``
+(an evaluation machine of a cluster) from service/api/worker.py.
 
 ``evaluate`` streams the engine's events as NDJSON on stdout, one flushed line per event (rank 0 only under
 torchrun). Exit status: 0 after ``end``, 3 after ``timeout``, 1 after ``error`` (whose reason also goes to
@@ -82,7 +83,6 @@ def evaluation_modes(args: argparse.Namespace) -> dict[str, object]:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from service.engine import EvalOptions, evaluate
-    from service.engine.run import final_score_line
 
     options = EvalOptions(
         artifact=args.artifact, data_dir=args.data, tokenizer=args.tokenizer, seq_len=args.seq_len,
@@ -126,6 +126,29 @@ def tilt_log_line(stats: dict[str, int | float]) -> str:
     return f"ngram_tilt:hints total={int(stats.get('total', 0))} {counts}"
 
 
+CLASSIC_SCORE_LINE = "final_int6_sliding_window_exact"
+
+
+def final_score_line(start: dict, end: dict) -> str:
+    """The reference's final score line (reference §11), which log parsers and leaderboards read, but only for a
+    run that is a submission score: compliant, a sliding-window evaluation, over the full validation set. Any
+    other run gets a line that says what it is not, so no parser can take it for a score."""
+    compliance = end.get("compliance") or {}
+    figures = f"val_loss:{end['val_loss']:.8f} val_bpb:{end['val_bpb']:.8f}"
+    reasons = []
+    if compliance.get("compliant") is not True:
+        reasons.append(f"not compliant (ngram={compliance.get('ngram', {}).get('mode')})")
+    if compliance.get("full_validation_set") is not True:
+        reasons.append("not the full validation set (its tokens do not hash to the data manifest's val sha256)")
+    if compliance.get("sliding_window") is not True:
+        config = start.get("config") or {}
+        reasons.append(f"not a sliding-window evaluation (stride {config.get('stride')} = seq_len "
+                       f"{config.get('seq_len')})")
+    if not reasons:
+        return f"{CLASSIC_SCORE_LINE} {figures}"
+    return f"not_a_submission_score {figures} because: {'; '.join(reasons)}"
+
+
 def _leave_process_group(wait_for_peers: bool) -> None:
     """Tear down torchrun's process group. After a normal finish every rank first meets at a barrier: a rank that
     destroys its gloo group while a peer is still using it can abort ("terminate called without an active
@@ -140,10 +163,11 @@ def _leave_process_group(wait_for_peers: bool) -> None:
 
 from service.api.auth import add_token_parser  # noqa: E402
 from service.api.cli import add_serve_parser  # noqa: E402  (registered beside evaluate; light import)
+from service.api.worker import add_worker_parser  # noqa: E402
 from service.demo import add_demo_parser  # noqa: E402
 
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    add_evaluate_parser, add_serve_parser, add_demo_parser, add_token_parser)
+    add_evaluate_parser, add_serve_parser, add_worker_parser, add_demo_parser, add_token_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

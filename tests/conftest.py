@@ -1,9 +1,11 @@
-"""Shared fixtures: the embedded corpus (built once per session) and the optional FineWeb sample."""
+"""Shared fixtures: the embedded corpus (built once per session), the optional FineWeb sample, and a throwaway
+PostgreSQL server (one per session, an empty database per test)."""
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 # Two cores shared by the test process and the subprocesses it starts: one intra-op thread each avoids the
@@ -11,6 +13,8 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
+
+from tests.postgres_server import PostgresServer, find_bindir  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -48,3 +52,24 @@ def embedded_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("embedded")
     build_embedded(out, log=lambda _msg: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One throwaway PostgreSQL cluster per test session (tests/postgres_server.py); skipped only when the
+    PostgreSQL binaries are not installed (.ci/run installs them)."""
+    bindir = find_bindir()
+    if bindir is None:
+        pytest.skip("PostgreSQL binaries not found (pg_config --bindir, /usr/lib/postgresql/*/bin, PATH); "
+                    "install Debian's postgresql package")
+    server = PostgresServer.create(bindir)
+    try:
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> str:
+    """The URL of an empty database of this test's own on the session's PostgreSQL server."""
+    return postgres_server.fresh_database()

@@ -53,6 +53,7 @@ def main() -> int:
           "targets": chunks * targets_per_chunk, "bytes": chunks * bytes_per_chunk, "chunks": chunks})
     print(f"fake evaluator: started (service token visible: {'PGOLF_API_TOKEN' in os.environ})", file=sys.stderr,
           flush=True)
+    print(f"fake evaluator: database url visible: {'PGOLF_DATABASE_URL' in os.environ}", file=sys.stderr, flush=True)
     for raw in script.get("raw_lines", []):
         sys.stdout.write(raw + "\n")
         sys.stdout.flush()

@@ -243,11 +243,12 @@ def test_a_full_disk_is_507_for_uploads_and_a_failed_job_for_running_ones(
 def test_a_damaged_database_is_refused_with_instructions_and_left_untouched(
     service_data: ServiceData, tmp_path: Path  # noqa: F811
 ) -> None:
-    from service.api.storage import Store
+    from service.api.storage_sqlite import SqliteStore
 
     storage = tmp_path / "storage"
-    store = Store(storage / "service.sqlite3")
-    store.put_artifact("a" * 64, 1, storage / "a.pgolf", {})
+    store = SqliteStore(storage / "service.sqlite3")
+    (tmp_path / "a.part").write_bytes(b"a")
+    store.put_artifact("a" * 64, 1, tmp_path / "a.part", {}, suffix=".pgolf")
     for _ in range(200):
         store.create_job("a" * 64, {"ttt": False})
     store.close()

@@ -69,10 +69,20 @@ def test_defaults_of_admission_and_users_are_sized_for_a_public_server(data_dir:
     assert settings.token_file_path == settings.storage_dir / "tokens"
 
 
+def test_a_cluster_api_node_runs_no_workers_and_leases_are_configurable(data_dir: Path) -> None:
+    defaults = Settings.from_env({"PGOLF_DATA_DIR": str(data_dir)})
+    assert (defaults.workers, defaults.lease_seconds, defaults.requeue_lost_jobs) == (1, 30.0, 0)
+    settings = Settings.from_env({"PGOLF_DATA_DIR": str(data_dir), "PGOLF_WORKERS": "0",
+                                  "PGOLF_LEASE_SECONDS": "4.5", "PGOLF_REQUEUE_LOST_JOBS": "1"})
+    assert (settings.workers, settings.lease_seconds, settings.requeue_lost_jobs) == (0, 4.5, 1)
+
+
 @pytest.mark.parametrize(
     ("name", "value", "message"),
     [
-        ("PGOLF_WORKERS", "0", "at least 1"),
+        ("PGOLF_WORKERS", "-1", "at least 0"),
+        ("PGOLF_LEASE_SECONDS", "0.5", "at least 1"),
+        ("PGOLF_REQUEUE_LOST_JOBS", "once", "not an integer"),
         ("PGOLF_WORKERS", "two", "not an integer"),
         ("PGOLF_EVAL_LIMIT_SECONDS", "nan", "at least"),
         ("PGOLF_MAX_ARTIFACT_BYTES", "-1", "at least 1"),

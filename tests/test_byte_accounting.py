@@ -7,8 +7,9 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from trainer.data.byte_accounting import ByteTables, bits_per_byte, target_bytes_torch
+from trainer.data.byte_accounting import ByteTables, bits_per_byte
 from trainer.data.shards import read_shard
+from trainer.evaluate import byte_lookup, target_bytes_torch
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +61,8 @@ def test_torch_twin_matches_numpy(embedded_data: Path) -> None:
     tables = ByteTables.from_model_file(embedded_data / "tokenizer.model")
     tokens = read_shard(embedded_data / "embedded_val_000000.bin")[:5000].astype(np.int64)
     t = torch.from_numpy(tokens)
-    got = target_bytes_torch(tables.torch(), t[:-1], t[1:]).numpy()
-    np.testing.assert_array_equal(got, tables.stream_bytes(tokens))
+    got = target_bytes_torch(byte_lookup(tables), t[:-1], t[1:]).numpy()
+    np.testing.assert_array_equal(got, tables.target_bytes(tokens[:-1], tokens[1:]))
 
 
 def test_tables_are_padded_to_the_model_vocab(embedded_data: Path) -> None:
@@ -83,7 +84,7 @@ def test_embedded_manifest_bytes_match_decoded_documents(embedded_data: Path) ->
     tables = ByteTables.from_model_file(embedded_data / "tokenizer.model")
     tokens = read_shard(embedded_data / "embedded_val_000000.bin")
     manifest = json.loads((embedded_data / "manifest.json").read_text())
-    assert int(tables.stream_bytes(tokens).sum()) == manifest["splits"]["val"]["bytes"] == _decoded_bytes(sp, tokens)
+    assert tables.total_bytes(tokens) == manifest["splits"]["val"]["bytes"] == _decoded_bytes(sp, tokens)
 
 
 def _decoded_bytes(sp: spm.SentencePieceProcessor, tokens: np.ndarray) -> int:
@@ -100,7 +101,7 @@ def test_fineweb_val_bytes_equal_decoded_utf8_bytes(fineweb_data: Path, fineweb_
     assert tokens.size == 628_457
     assert tables.sha256.startswith("4f5e8adb")
     assert sp.id_to_piece(939) == "\u2581" and tables.base_bytes[939] == 0 and tables.has_leading_space[939]
-    assert int(tables.stream_bytes(tokens).sum()) == _decoded_bytes(sp, tokens)
+    assert tables.total_bytes(tokens) == _decoded_bytes(sp, tokens)
 
 
 @pytest.mark.shared_data

@@ -23,8 +23,8 @@ import pytest
 import zstandard
 
 from trainer.artifact import SUBMISSION_LIMIT_BYTES
-from trainer.data.shards import load_validation_tokens, write_shard
-from trainer.data.val_manifest import write_val_manifest
+from trainer.data.shards import load_validation_tokens
+from trainer.data.writer import write_shard, write_val_manifest
 from verifier.check import SIZE_LIMIT_BYTES, check_size, run_checks
 from verifier.report import CheckResult
 

@@ -24,7 +24,8 @@ import torch
 
 from service.engine.options import NGRAM_MODES, TTT_RECIPE_NAMES
 from trainer.code_bytes import NOT_COUNTED, counted_code_bytes
-from trainer.data.shards import load_validation_tokens, write_shard
+from trainer.data.shards import load_validation_tokens
+from trainer.data.writer import write_shard
 from trainer.export import write_artifact
 from trainer.model import GPT, ModelConfig
 

@@ -172,6 +172,127 @@ def test_demo_client_runs_the_verifier_on_what_demo_train_writes(compose: dict) 
     assert compose["services"]["demo-train"]["environment"]["PGOLF_OUT_DIR"] == "/artifacts/demo"
 
 
+CLUSTER_SERVICES = {"postgres", "api", "worker"}
+
+
+def test_cluster_profile_has_postgres_api_nodes_and_gpu_workers(compose: dict) -> None:
+    from service.__main__ import build_parser as service_parser
+
+    services = compose["services"]
+    for name in CLUSTER_SERVICES:
+        assert services[name]["profiles"] == ["cluster"], name
+    api, worker, postgres = services["api"], services["worker"], services["postgres"]
+    assert api["environment"]["PGOLF_WORKERS"] == 0 and "postgresql://" in api["environment"]["PGOLF_DATABASE_URL"]
+    assert api["depends_on"] == {"postgres": {"condition": "service_healthy"}}
+    assert "healthz" in " ".join(command_argv(api["healthcheck"]["test"]))
+    (request,) = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert request["driver"] == "nvidia" and "gpu" in request["capabilities"]
+    assert service_parser().parse_args(command_argv(worker["command"])[3:]).command == "worker"
+    assert "depends_on" not in worker, "a worker runs on another host than the database"
+    # Passed through from the shell (with the password in it), never written into the compose file.
+    assert worker["environment"]["PGOLF_DATABASE_URL"] is None
+    assert worker["healthcheck"] == {"disable": True} and "/data:ro" in " ".join(worker["volumes"])
+    # Nothing shared but the database: each node its own storage volume.
+    storage = {name: next(v for v in services[name]["volumes"] if v.endswith(":/var/lib/pgolf")) for name in
+               ("api", "worker")}
+    assert len(set(storage.values())) == 2
+    assert postgres["build"]["dockerfile"] == "docker/postgres.Dockerfile"
+    assert postgres["environment"]["POSTGRES_PASSWORD"] == "${PGOLF_DB_PASSWORD:-}"
+
+
+def test_compose_file_validates_with_every_profile() -> None:
+    """`docker compose --profile cluster config` (or docker-compose's) with the variables a deployment sets, and
+    with none: the default services must not need the cluster's."""
+    for command in (["docker", "compose"], ["docker-compose"]):
+        probe = subprocess.run([*command, "version"], capture_output=True, text=True)
+        if probe.returncode == 0:
+            break
+    else:
+        pytest.skip("neither `docker compose` nor `docker-compose` is installed")
+    cluster_env = {"PGOLF_DB_PASSWORD": "x" * 16, "PGOLF_DATABASE_URL": "postgresql://pgolf:x@db:5432/pgolf"}
+    for profile in ("demo", "cpu", "cluster"):
+        for extra in ({}, cluster_env):
+            result = subprocess.run([*command, "-f", str(REPO_ROOT / "compose.yaml"), "--profile", profile,
+                                     "config", "-q"], capture_output=True, text=True, cwd=REPO_ROOT,
+                                    env={**os.environ, **extra})
+            assert result.returncode == 0, (profile, extra, result.stderr)
+
+
+def test_postgres_image_is_debians_postgresql_on_any_debian_base() -> None:
+    instructions = dockerfile_instructions(DOCKER_DIR / "postgres.Dockerfile")
+    assert instructions[0] == ("ARG", "BASE_IMAGE=debian:bookworm-slim")  # or docker/smoke.sh's debootstrap base
+    assert instructions[1] == ("FROM", "${BASE_IMAGE}")
+    installs = " ".join(args for instruction, args in instructions if instruction == "RUN")
+    assert "apt-get install" in installs and " postgresql" in installs
+    users = [args for instruction, args in instructions if instruction == "USER"]
+    assert users == ["postgres"] and any(i == "HEALTHCHECK" and "pg_isready" in a for i, a in instructions)
+
+
+@pytest.fixture()
+def postgres_owned_dir() -> Iterator[Path]:
+    """A fresh directory the user `postgres` can use (pytest's own tmp_path is private to root)."""
+    import shutil
+    import tempfile
+
+    directory = Path(tempfile.mkdtemp(prefix="pgolf-postgres-image-"))
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_postgres_image_entrypoint_creates_the_database_once_and_keeps_it(postgres_owned_dir: Path) -> None:
+    """The image's start script, run here on Debian's PostgreSQL binaries as the image runs it (user postgres):
+    the first start creates the role and database pgolf with the password, a restart reuses them."""
+    import glob
+    import pwd
+    import socket
+    import time
+
+    psycopg = pytest.importorskip("psycopg")
+    if not glob.glob("/usr/lib/postgresql/*/bin/postgres"):
+        pytest.skip("Debian's postgresql package is not installed (/usr/lib/postgresql/*/bin)")
+    tmp_path = postgres_owned_dir
+    run_as: list[str] = []
+    if os.geteuid() == 0:
+        account = pwd.getpwnam("postgres")
+        os.chown(tmp_path, account.pw_uid, account.pw_gid)
+        run_as = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {"PATH": os.environ["PATH"], "PGDATA": str(tmp_path / "data"), "PGPORT": str(port),
+           "POSTGRES_PASSWORD": "cluster-test-password", "PGOLF_DB_ALLOW": "127.0.0.1/32", "HOME": str(tmp_path)}
+    url = f"postgresql://pgolf:cluster-test-password@127.0.0.1:{port}/pgolf"
+    refused = subprocess.run([*run_as, "sh", str(DOCKER_DIR / "postgres-entrypoint.sh")], capture_output=True,
+                             text=True, env={**env, "POSTGRES_PASSWORD": ""}, cwd=tmp_path, timeout=30)
+    assert refused.returncode != 0 and "POSTGRES_PASSWORD" in refused.stderr
+    for start in ("first", "again"):
+        server = subprocess.Popen([*run_as, "sh", str(DOCKER_DIR / "postgres-entrypoint.sh")], env=env,
+                                  cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    with psycopg.connect(url, connect_timeout=2) as connection:
+                        assert connection.execute("SELECT current_user, current_database()").fetchone() == \
+                            ("pgolf", "pgolf")
+                        if start == "first":
+                            connection.execute("CREATE TABLE kept AS SELECT 42 AS answer")
+                        else:  # the same cluster, not a new one
+                            assert connection.execute("SELECT answer FROM kept").fetchone() == (42,)
+                    break
+                except psycopg.OperationalError:
+                    assert server.poll() is None, (start, server.stdout.read() if server.stdout else "")
+                    assert time.monotonic() < deadline, start
+                    time.sleep(0.3)
+            with pytest.raises(psycopg.OperationalError, match="password"):
+                psycopg.connect(url.replace("cluster-test-password", "wrong"), connect_timeout=2)
+        finally:
+            server.terminate()
+            server.wait(30)
+
+
 # --- Dockerfiles and .dockerignore --------------------------------------------------------------------------------
 
 

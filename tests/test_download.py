@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from trainer.data.download import DownloadError, download
-from trainer.data.shards import read_shard, write_shard
+from trainer.data.shards import read_shard
 from trainer.data.val_manifest import recorded_val_sha256, tokens_sha256
+from trainer.data.writer import write_shard
 
 VARIANT_DIR = "fineweb10B_sp1024"
 

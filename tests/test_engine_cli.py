@@ -18,8 +18,9 @@ import torch
 from service.engine import EvalOptions, evaluate
 from service.engine.options import TTT_REFERENCE_CHUNK_TOKENS
 from trainer.code_bytes import counted_code_bytes
-from trainer.data.shards import load_validation_tokens, write_shard
-from trainer.data.val_manifest import tokens_sha256, write_val_manifest
+from trainer.data.shards import load_validation_tokens
+from trainer.data.val_manifest import tokens_sha256
+from trainer.data.writer import write_shard, write_val_manifest
 from trainer.export import write_artifact
 from trainer.model import GPT, ModelConfig
 

@@ -21,7 +21,7 @@ from service.engine.dist import DistContext
 from service.engine.ngram import ScoreOrderError
 from service.engine.options import PLAIN
 from service.engine.scoring import ScoreLedger
-from service.engine.ttt import RECIPES, TTTRecipe, TTTUpdater, release_inference_tensors
+from service.engine.ttt import RECIPES, TTTRecipe, TTTUpdater
 from service.engine.windows import plan_chunks, plan_windows
 from trainer.data.byte_accounting import ByteTables
 from trainer.model import GPT, ModelConfig
@@ -113,7 +113,7 @@ def test_every_target_scored_once_and_bytes_exact(num_tokens: int, seq_len: int,
     compliance = end["compliance"]
     assert compliance["scored_once"] and compliance["positions_not_scored_once"] == 0
     assert compliance["compliant"] and compliance["score_before_update"]
-    expected_bytes = int(tiny_tables().stream_bytes(tokens).sum())
+    expected_bytes = tiny_tables().total_bytes(tokens)
     assert end["bytes"] == events[0]["bytes"] == expected_bytes
     assert end["nll_sum"] == pytest.approx(float(nll[1:].sum()), rel=1e-12)
     assert end["val_bpb"] == pytest.approx(end["nll_sum"] / (math.log(2) * expected_bytes), rel=1e-12)
@@ -312,7 +312,7 @@ def test_forged_traces_fail_the_score_before_update_check() -> None:
 
 
 class CachingGPT(GPT):
-    """Caches a tensor lazily on first use, as rotary implementations do: built under inference_mode."""
+    """Caches a tensor lazily on first use, built under inference_mode (trainer.model.GPT caches nothing)."""
 
     def forward_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         if getattr(self, "cached_scale", None) is None:
@@ -320,15 +320,15 @@ class CachingGPT(GPT):
         return super().forward_logits(input_ids) * self.cached_scale
 
 
-def test_caches_built_during_inference_mode_do_not_break_training() -> None:
-    model = tiny_model(cls=CachingGPT)
-    with torch.inference_mode():
-        model.forward_logits(torch.zeros(1, 4, dtype=torch.long))
-    assert model.cached_scale.is_inference()
-    assert release_inference_tensors(model) == 1
-    assert not model.cached_scale.is_inference()
-    end = terminal(run(tiny_model(cls=CachingGPT), repetitive_tokens(200), options(ttt=True))[0])
-    assert end["type"] == "end" and end["compliance"]["ttt"]["chunks_trained"] >= 1
+def test_a_model_that_caches_under_inference_mode_fails_loudly_instead_of_training_wrongly() -> None:
+    """The engine's models rebuild their rotary tables every forward, so nothing scored under inference_mode is
+    saved for backward; a model that did cache stops the run with an error event, nothing is trained silently."""
+    events = run(tiny_model(cls=CachingGPT), repetitive_tokens(200), options(ttt=True))[0]
+    end = terminal(events)
+    assert end["type"] == "error" and end["code"] == "internal" and "Inference tensors" in end["reason"], end
+    assert not any(e["type"] == "chunk" and e["trained_range"] for e in events)
+    plain = terminal(run(tiny_model(), repetitive_tokens(200), options(ttt=True))[0])
+    assert plain["type"] == "end" and plain["compliance"]["ttt"]["chunks_trained"] >= 1
 
 
 # ---------------------------------------------------------------------------------------------------------------

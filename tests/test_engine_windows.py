@@ -91,7 +91,7 @@ def test_fixed_tail_rule_drops_the_reference_double_counted_windows() -> None:
     re-scored the tail; the fixed rule keeps 969,057."""
     plan = plan_windows(62_021_632 + 1, 2048, 64)
     assert len(plan) == 969_088 - 31
-    assert int(plan.scored_counts().sum()) == 62_021_632
+    assert int((plan.ends + 1 - plan.score_from).sum()) == 62_021_632
 
 
 def test_rank_shares_split_contiguously() -> None:

@@ -11,13 +11,17 @@ import torch.nn.functional as F
 
 from trainer.model import (
     GPT,
-    PR940_PARAMETER_COUNT,
     CausalSelfAttention,
     ModelConfig,
     apply_rotary,
     rotary_tables,
 )
 from trainer.train import parameter_groups
+
+# sum(p.numel() for p in GPT(ModelConfig()).parameters()). Breakdown: 11 blocks × (2,359,296 matrix + 2,056
+# scales/mix/q_gain + 2 vr_lambda + 4,104 attn_gate) + tok_emb 524,288 + BigramHash 589,825 (4096×128 embed,
+# 128→512 proj, scale) + skip_weights 2,560 + smear 512. Upstream logs never printed it ("about 27.14M").
+PR940_PARAMETER_COUNT = 27_137_223
 
 TINY = ModelConfig(
     vocab_size=64,

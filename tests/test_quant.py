@@ -14,14 +14,13 @@ from trainer.encodings import (
     INT8_ROW,
     RAW,
     ROW_QMAX,
-    block_index,
-    dequantize_state_dict,
     dequantize_tensor,
 )
 from trainer.model import GPT, ModelConfig
 from trainer.quant import (
     BLOCK_CLIP_PERCENTILES,
     QuantError,
+    block_index,
     choose_encoding,
     classify,
     quantize_rows,
@@ -163,7 +162,7 @@ def test_state_dict_int5_blocks_only_touch_block_matrices() -> None:
     }
     encoded = quantize_state_dict(state, int5_blocks=[1])
     assert [qt.encoding for qt in encoded] == [INT6_ROW, INT5_ROW, FP16, INT8_ROW]
-    restored = dequantize_state_dict(encoded)
+    restored = {qt.name: dequantize_tensor(qt) for qt in encoded}
     assert list(restored) == list(state) and all(restored[n].shape == state[n].shape for n in state)
 
 

@@ -3,7 +3,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer.data.shards import HEADER_BYTES, MAGIC, ShardError, read_shard, shard_paths, write_shard
+from trainer.data.shards import HEADER_BYTES, MAGIC, ShardError, read_shard, shard_paths
+from trainer.data.writer import write_shard
 
 
 def raw_shard(header: list[int], body: bytes) -> bytes:

@@ -1,20 +1,9 @@
 """Artifact format v1: a quantised model as plain data, and its reader (the writer is trainer/export.py).
 
-Layout (specified in docs/artifact-format.md)::
-
-    offset 0   8 bytes   magic  b"\\x89PGOLF\\r\\n"
-    offset 8   uint32 LE format version (1)
-    offset 12  uint32 LE manifest length M
-    offset 16  M bytes   manifest: UTF-8 JSON object
-    offset 16+M          payload: one or more zstd frames; exactly manifest.payload.compressed_nbytes bytes, then EOF
-
-The decompressed payload is the concatenation, in manifest order, of every tensor's values followed by its scales.
-
-The reader treats the file as hostile: it never unpickles or executes anything, checks the size before reading,
-validates every manifest field, verifies both hashes, decompresses with a hard bound, checks the tensor table
-against the model that the manifest's config builds, and checks the decoded values. Each refusal has its own
-``ArtifactError`` subclass with a ``code`` slug, and nothing else escapes: every manifest field is checked against
-an explicit bound (docs/artifact-format.md §6.1) before any size, count or loop depends on it.
+The layout, the manifest schema, every check of the reader, in order, with its error class and every bound are
+specified in docs/artifact-format.md (§1–§6). The file is hostile: nothing is unpickled or executed, every
+manifest field is checked against an explicit bound before any size, count or loop depends on it, and each
+refusal is its own ``ArtifactError`` subclass with a ``code`` slug; nothing else escapes.
 """
 
 from __future__ import annotations
@@ -70,9 +59,8 @@ MAX_TRAINING_FIELDS = 256
 MAX_TRAINING_STRING_CHARS = 4096
 MAX_WORLD_SIZE = 1 << 16
 MAX_COUNT = 2**63 - 1  # training.seed, steps, code byte counts: what a 64-bit integer holds
-# Inclusive bounds of ModelConfig's numeric fields. An integer field without a bound here is refused (a new
-# field must get one); float fields without one must lie within ±DEFAULT_FLOAT_BOUND. The model's own
-# consistency rules (divisibility, rope_dims ≤ head_dim, bos_id < vocab_size, ...) are checked by building it.
+# Inclusive bounds of ModelConfig's numeric fields (docs/artifact-format.md §6.1). An integer field without one is
+# refused; a float field without one must lie within ±DEFAULT_FLOAT_BOUND. Building the model checks the rest.
 MODEL_CONFIG_BOUNDS: dict[str, tuple[float, float]] = {
     "vocab_size": (2, 1 << 17),
     "num_layers": (1, 64),
@@ -94,15 +82,12 @@ MODEL_CONFIG_BOUNDS: dict[str, tuple[float, float]] = {
     "attn_gate_bias_init": (-1e3, 1e3),
 }
 DEFAULT_FLOAT_BOUND = 1e6
-# Besides the dtype a tensor is restored to, the evaluation may compute in bf16 (CUDA autocast, see
-# trainer.model.autocast_for; linear layers cast their weights to the activation dtype): a weight must be
-# finite in every one of these, or the model would compute with inf.
+# Weights must also be finite in the dtypes the model computes in (bf16 under CUDA autocast), or it computes inf.
 COMPUTE_DTYPES = (torch.bfloat16,)
 _DECOMPRESS_CHUNK = 1 << 20
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
-# --------------------------------------------------------------------------------------------------------------
 # Errors: one class per refusal, each with a stable slug for the service and verifier.
 
 
@@ -170,15 +155,11 @@ class InvalidTensorData(ArtifactError):
     code = "invalid_tensor_data"
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Reading
-
 
 @dataclass(frozen=True)
 class Artifact:
     manifest: dict[str, Any]
     state_dict: dict[str, torch.Tensor]  # dequantised, in manifest order, each in its recorded dtype
-    tensors: list[QuantizedTensor]  # the stored form
     file_nbytes: int
     file_sha256: str
 
@@ -188,7 +169,7 @@ class Artifact:
 
 
 def read_artifact(path: str | os.PathLike[str], *, max_file_bytes: int = SUBMISSION_LIMIT_BYTES) -> Artifact:
-    """Read and fully validate an artifact file. Never unpickles; see the module docstring for the checks."""
+    """Read and fully validate an artifact file (docs/artifact-format.md §6)."""
     path = Path(path)
     size = path.stat().st_size
     if size > max_file_bytes:
@@ -227,26 +208,22 @@ def parse_artifact(data: bytes, *, max_file_bytes: int = SUBMISSION_LIMIT_BYTES)
     if raw_digest != payload_info["raw_sha256"]:
         raise HashMismatch(f"raw payload sha256 {raw_digest} does not match manifest {payload_info['raw_sha256']}")
 
-    tensors = [_decode_tensor(record, raw) for record in manifest["tensors"]]
-    del raw
-    state_dict = {qt.name: _finite_as_used(qt.name, dequantize_tensor(qt)) for qt in tensors}
-    return Artifact(manifest, state_dict, tensors, len(data), hashlib.sha256(data).hexdigest())
+    state_dict = {r["name"]: _finite_as_used(r["name"], dequantize_tensor(_decode_tensor(r, raw)))
+                  for r in manifest["tensors"]}
+    return Artifact(manifest, state_dict, len(data), hashlib.sha256(data).hexdigest())
 
 
 def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[GPT, Artifact]:
-    """Read an artifact and return a fresh GPT with its dequantised weights loaded strictly (in eval mode).
+    """Read an artifact and return a fresh GPT (eval mode) with its weights loaded strictly.
 
-    The model is built on the meta device and the weights are assigned, not copied: random initialisation
-    (orthogonal init runs a QR per matrix) would be thrown away anyway. Parameters keep the dtype recorded in
-    the artifact, and do not share storage with ``artifact.state_dict`` (test-time training updates them in place).
+    Built on the meta device and assigned, so no random init is computed and thrown away; parameters keep the
+    recorded dtype and are copies (test-time training updates them in place).
     """
     artifact = read_artifact(path)
     with torch.device("meta"):
         model = GPT(artifact.model_config)
+    # strict: every parameter is assigned (a tensor left on meta would fail loudly in .to(device) anyway)
     model.load_state_dict({k: v.clone() for k, v in artifact.state_dict.items()}, strict=True, assign=True)
-    left_on_meta = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
-    if left_on_meta:  # a non-persistent buffer would need the model's own init; fail loudly rather than run on meta
-        raise RuntimeError(f"load_model: tensors not restored from the artifact: {left_on_meta}")
     return model.to(device).eval(), artifact
 
 
@@ -347,12 +324,8 @@ def _bounded_decompress(compressed: bytes, raw_nbytes: int) -> bytearray:
 
 
 def _finite_as_used(name: str, tensor: torch.Tensor) -> torch.Tensor:
-    """Refuse a float tensor that is not finite in its restored dtype or in a dtype the model computes in.
-
-    The stored values were checked already, but finite there is not finite here: an fp32 value of 1e5 becomes
-    inf when restored to float16, a row-quantised q · scale up to 127 · 65504 overflows float16, and an fp32
-    value near its maximum rounds to inf in bfloat16.
-    """
+    """Refuse a float tensor that is not finite in its restored dtype or in a dtype the model computes in: finite
+    as stored is not enough (fp32 1e5 restored to float16, q · scale = 127 · 65504, fp32 max in bfloat16)."""
     if not tensor.is_floating_point():
         return tensor
     for dtype in (tensor.dtype, *COMPUTE_DTYPES):
@@ -381,14 +354,10 @@ def _decode_tensor(record: Mapping[str, Any], raw: bytes | bytearray) -> Quantiz
     elif encoding == RAW and dtype == "bool":
         if values.size and np.frombuffer(values.tobytes(), dtype=np.uint8).max() > 1:
             raise InvalidTensorData(f"{name}: bool bytes other than 0 and 1")
-    elif encoding != RAW and not np.isfinite(values).all():
-        raise InvalidTensorData(f"{name}: non-finite {encoding} values")
-    return QuantizedTensor(
-        name, encoding, dtype, tuple(record["shape"]), values.copy(), None if scales is None else scales.copy()
-    )
+    # fp16/fp32 values: their finiteness is checked once restored (_finite_as_used)
+    return QuantizedTensor(name, encoding, dtype, tuple(record["shape"]), values, scales)  # views of raw
 
 
-# --------------------------------------------------------------------------------------------------------------
 # Manifest schema. Field sets are exact: a missing or unknown key is a violation (the training section alone may
 # carry extra scalar fields, for run metadata the trainer adds later).
 
@@ -459,18 +428,6 @@ def _config_kwargs(config: Any) -> dict[str, Any]:
             _require(_is_number(value), f"{where} must be a finite number, got {_show(value)}")
             value = float(value)
             _require_within(value, MODEL_CONFIG_BOUNDS.get(name, (-DEFAULT_FLOAT_BOUND, DEFAULT_FLOAT_BOUND)), where)
-        elif hint is str:
-            _require(isinstance(value, str) and len(value) <= MAX_NAME_CHARS,
-                     f"{where} must be a string of at most {MAX_NAME_CHARS} characters")
-        elif typing.get_origin(hint) is tuple and typing.get_args(hint)[:1] == (int,):
-            lo, hi = MODEL_CONFIG_BOUNDS.get(name, (0, 0))
-            _require(
-                isinstance(value, list) and len(value) <= MODEL_CONFIG_BOUNDS["num_layers"][1]
-                and all(_is_int(v) and lo <= v <= hi for v in value),
-                f"{where} must be a list of at most {MODEL_CONFIG_BOUNDS['num_layers'][1]} integers in "
-                f"[{lo:g}, {hi:g}]",
-            )
-            value = tuple(value)
         else:  # a ModelConfig field type this reader does not know how to validate
             raise SchemaViolation(f"{where}: unsupported field type {hint!r}")
         kwargs[name] = value
@@ -609,13 +566,9 @@ def _validate_tokenizer(tokenizer: Any, model_vocab_size: int) -> None:
         )
 
 
-# --------------------------------------------------------------------------------------------------------------
-# The tensor table against the model that the config builds.
-
-
 def check_against_model(manifest: Mapping[str, Any]) -> None:
-    """Compare the tensor table with the model the config builds: parameter count first, then names, shapes and
-    dtype kinds. The config's fields are already within MODEL_CONFIG_BOUNDS, so building it is cheap."""
+    """The tensor table against the model the config builds (on the meta device, cheap: the config is within its
+    bounds): parameter count first, then names, shapes and dtype kinds."""
     records = {r["name"]: r for r in manifest["tensors"]}
     expected = _expected_tensors(ModelConfig(**_config_kwargs(manifest["model_config"])))
     # Every parameter takes at least one byte of the decompressed payload (int8 containers are the smallest).
@@ -644,8 +597,7 @@ def check_against_model(manifest: Mapping[str, Any]) -> None:
 
 @functools.lru_cache(maxsize=16)
 def _expected_tensors(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], bool]]:
-    """name → (shape, is floating point) of GPT(config)'s state_dict, built on the meta device (no memory, no
-    init cost). Cached: the validator sees the same few configs again and again."""
+    """name → (shape, is floating point) of GPT(config)'s state_dict; cached, the same few configs recur."""
     try:
         with torch.device("meta"):
             state = GPT(config).state_dict()

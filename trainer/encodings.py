@@ -1,15 +1,11 @@
-"""The tensor encodings of artifact format v1 and their decoding (docs/artifact-format.md §3).
-
-Each stored tensor has one encoding: "fp16" or "fp32" passthrough, "raw" (non-float tensors, bit-exact), or a
-symmetric per-row int8/int6/int5 quantisation ("int8_row", "int6_row", "int5_row") with one fp16 scale per row,
-decoded exactly as ``w = q * scale[row]`` in fp32 and cast back to the dtype the tensor had at export. The
-strings are part of the format. Choosing an encoding and computing ``q`` (writing) is ``trainer/quant.py``.
+"""The tensor encodings of artifact format v1 and their decoding (docs/artifact-format.md §3): fp16/fp32
+passthrough, "raw" (non-float, bit-exact) and per-row int8/int6/int5 with one fp16 scale per row, decoded as
+``q * scale[row]`` in fp32 and cast back. Choosing an encoding and computing ``q`` (writing) is trainer/quant.py.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,9 +48,6 @@ RAW_NUMPY_DTYPES: dict[str, np.dtype] = {
 }
 FLOAT_DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
-_BLOCK_NAME = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
-
-
 @dataclass(frozen=True)
 class QuantizedTensor:
     """One tensor in its stored form. ``values`` and ``scales`` are little-endian numpy arrays."""
@@ -65,12 +58,6 @@ class QuantizedTensor:
     shape: tuple[int, ...]
     values: np.ndarray  # flat; STORAGE_DTYPE[encoding], or RAW_NUMPY_DTYPES[dtype] for RAW
     scales: np.ndarray | None = None  # one fp16 scale per row, only for row-quantised encodings
-
-
-def block_index(name: str) -> int | None:
-    """The layer a parameter belongs to (``blocks.{i}.…``), or None outside the blocks."""
-    match = _BLOCK_NAME.search(name)
-    return int(match.group(1)) if match else None
 
 
 def num_rows(shape: Sequence[int]) -> int:
@@ -92,7 +79,3 @@ def dequantize_tensor(qt: QuantizedTensor) -> torch.Tensor:
         scales = torch.from_numpy(np.array(qt.scales, dtype=SCALE_DTYPE)).float()
         return (q * scales[:, None]).reshape(qt.shape).to(target)
     raise ValueError(f"{qt.name}: unknown encoding {qt.encoding!r}")
-
-
-def dequantize_state_dict(tensors: Iterable[QuantizedTensor]) -> dict[str, torch.Tensor]:
-    return {qt.name: dequantize_tensor(qt) for qt in tensors}

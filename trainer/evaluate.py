@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from trainer.data.byte_accounting import ByteTables, bits_per_byte, target_bytes_torch
+from trainer.data.byte_accounting import ByteTables, bits_per_byte
 from trainer.model import autocast_for
 
 
@@ -26,6 +26,29 @@ class ValResult:
     bytes: int
 
 
+def whole_sequences(tokens: np.ndarray, seq_len: int) -> np.ndarray:
+    """The validation stream as the reference evaluates it during training: whole sequences + 1 token."""
+    usable = ((len(tokens) - 1) // seq_len) * seq_len
+    if usable <= 0:
+        raise ValueError(f"validation split has {len(tokens)} tokens, fewer than one sequence of {seq_len} + 1")
+    return tokens[: usable + 1]
+
+
+ByteLookup = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # base bytes, has leading space, is boundary
+
+
+def byte_lookup(tables: ByteTables, device: torch.device | str = "cpu") -> ByteLookup:
+    """The byte tables as tensors on ``device``, for ``target_bytes_torch``."""
+    return (torch.from_numpy(tables.base_bytes.astype(np.int64)).to(device),
+            torch.from_numpy(tables.has_leading_space).to(device), torch.from_numpy(tables.is_boundary).to(device))
+
+
+def target_bytes_torch(tables: ByteLookup, prev_ids: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+    """Torch twin of ``ByteTables.target_bytes`` for the training-time evaluation loop (int64)."""
+    base, lead, boundary = tables
+    return base[target_ids] + (lead[target_ids] & ~boundary[prev_ids]).long()
+
+
 @torch.no_grad()
 def evaluate_non_overlapping(model: torch.nn.Module, tokens: np.ndarray, tables: ByteTables, seq_len: int,
                              batch_tokens: int, device: torch.device, rank: int = 0,
@@ -35,7 +58,7 @@ def evaluate_non_overlapping(model: torch.nn.Module, tokens: np.ndarray, tables:
         raise ValueError(f"validation stream of {len(tokens)} tokens is shorter than one sequence of {seq_len}")
     first, last = rank * num_seqs // world_size, (rank + 1) * num_seqs // world_size
     per_batch = max(1, batch_tokens // (seq_len * world_size))
-    lut = tables.torch(device)
+    lut = byte_lookup(tables, device)
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # ΣNLL, tokens, bytes
     was_training = model.training
     model.eval()

@@ -27,9 +27,9 @@ from trainer.artifact import (
     check_against_model,
     validate_manifest,
 )
-from trainer.encodings import INT5_ROW, INT6_ROW, QuantizedTensor, block_index
+from trainer.encodings import INT5_ROW, INT6_ROW, QuantizedTensor
 from trainer.model import ModelConfig
-from trainer.quant import PGOLF_SCHEME, quantize_state_dict, quantize_tensor
+from trainer.quant import PGOLF_SCHEME, block_index, quantize_state_dict, quantize_tensor
 
 if TYPE_CHECKING:
     from trainer.code_bytes import CodeBytes

@@ -9,12 +9,10 @@ Data flow (top to bottom in this file):
     Block:  x ← m0⊙x + m1⊙x0;  x ← x + attn_scale⊙Attn(RMSNorm(x)·s_l);  x ← x + mlp_scale⊙MLP(RMSNorm(x)·s_l)
     Attn:   q,k per-head RMSNorm → partial RoPE → q·q_gain → causal SDPA (GQA) → XSA → per-head gate → out proj
 
-Parameter names follow the upstream script (`blocks.{i}.attn.c_q.weight`, `bigram.proj.weight`, `smear.gate`, …)
-because quantisation and optimizer grouping select tensors by name, exactly as upstream does.
-
-Dtypes: parameters are created fp32. The module runs in fp32 (CPU) or under bf16 autocast (CUDA); a trainer may
-also cast the model to bf16 and restore control tensors to fp32, as upstream does, so every linear layer casts
-its weight to the activation dtype and every learned scale is cast before it multiplies an activation.
+Parameter names follow the upstream script (`blocks.{i}.attn.c_q.weight`, …): quantisation and optimizer grouping
+select tensors by name, as upstream. Parameters are fp32; the model runs in fp32 (CPU) or under bf16 autocast
+(CUDA), and a trainer may cast it to bf16 as upstream does, so every weight and learned scale is cast to the
+activation dtype where it is used.
 """
 
 from __future__ import annotations
@@ -30,11 +28,8 @@ from torch import Tensor, nn
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of the model. Every component of the reference stack is switchable here.
-
-    The artifact manifest stores ``asdict(config)``; the reader rebuilds the model from it, so every field must
-    be plain JSON (ints, floats, bools).
-    """
+    """Architecture of the model; every component of the reference stack is switchable. The manifest stores
+    ``asdict(config)`` and the reader rebuilds the model from it, so every field is a plain int, float or bool."""
 
     vocab_size: int = 1024
     num_layers: int = 11
@@ -42,10 +37,7 @@ class ModelConfig:
     num_heads: int = 8
     num_kv_heads: int = 4
     mlp_mult: int = 3
-    # 0.0 gives the older relu^2. PR #940 is ambiguous: its README (and reference §0) says LeakyReLU(0.5)^2, the
-    # #549 record it builds on hard-codes 0.5, but its script reads LEAKY_SLOPE with a default of 0.9 and its run
-    # command sets neither, so 0.9 is what ran. The preset keeps the documented 0.5; LEAKY_SLOPE=0.9 reproduces
-    # the run as executed. An upstream artifact is always evaluated with the slope its own script gives.
+    # 0.0 is relu². PR #940 documents 0.5 but ran its script's default 0.9 (README "Training"; LEAKY_SLOPE=0.9).
     leaky_relu_slope: float = 0.5
     rope_dims: int = 16  # partial RoPE: rotate the first 16 of 64 head dims
     rope_base: float = 10000.0
@@ -69,11 +61,6 @@ class ModelConfig:
         return asdict(self)
 
 
-# sum(p.numel() for p in GPT(ModelConfig()).parameters()). Breakdown: 11 blocks × (2,359,296 matrix + 2,056
-# scales/mix/q_gain + 2 vr_lambda + 4,104 attn_gate) + tok_emb 524,288 + BigramHash 589,825 (4096×128 embed,
-# 128→512 proj, scale) + skip_weights 2,560 + smear 512. Upstream logs never printed it ("about 27.14M").
-PR940_PARAMETER_COUNT = 27_137_223
-
 def rms_norm(x: Tensor) -> Tensor:
     """RMSNorm over the last dim with no learned weight (used everywhere in the stack, default eps)."""
     return F.rms_norm(x, (x.size(-1),))
@@ -85,11 +72,8 @@ def autocast_for(device: torch.device) -> AbstractContextManager:
 
 
 class CastedLinear(nn.Linear):
-    """A bias-optional linear layer whose fp32 master weight is cast to the activation dtype in forward.
-
-    `zero_init` marks the layers the reference initialises to zero (attention out proj, MLP down proj, the
-    attention gate) so that `GPT._init_weights` leaves them at zero instead of orthogonalising them.
-    """
+    """A linear layer whose fp32 weight is cast to the activation dtype; `zero_init` marks the layers the
+    reference initialises to zero (attention out proj, MLP down proj, attention gate)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, zero_init: bool = False) -> None:
         super().__init__(in_features, out_features, bias=bias)
@@ -100,9 +84,7 @@ class CastedLinear(nn.Linear):
         return F.linear(x, self.weight.to(x.dtype), bias)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Rotary position embedding (partial, with the upstream NTK quirk)
-# --------------------------------------------------------------------------------------------------------------
+# ---- Rotary position embedding (partial, with the upstream NTK quirk)
 
 
 def rotary_tables(
@@ -110,12 +92,9 @@ def rotary_tables(
 ) -> tuple[Tensor, Tensor]:
     """cos/sin tables of shape (seq_len, rope_dims/2), fp32.
 
-    Upstream builds every Rotary with train_seq_len=1024 hard-coded, so at seq 2048 (train and eval) the base is
-    NTK-rescaled by (T/1024)^(rd/(rd−2)); matching the reference numbers needs this quirk.
-
-    The tables are rebuilt on every forward instead of cached: a cache filled under torch.inference_mode would
-    hold inference tensors and break autograd when test-time training runs after scoring (reference §7.3).
-    They are (T × rd/2) elements, which is negligible next to one attention layer.
+    Upstream hard-codes train_seq_len=1024, so at seq 2048 the base is NTK-rescaled by (T/1024)^(rd/(rd−2)).
+    Rebuilt on every forward, not cached: a cache filled under inference_mode would break autograd when
+    test-time training follows scoring (reference §7.3); T × rd/2 elements cost nothing next to attention.
     """
     if seq_len > train_seq_len:
         base = base * (seq_len / train_seq_len) ** (rope_dims / (rope_dims - 2))
@@ -126,10 +105,8 @@ def rotary_tables(
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate the first 2·cos.size(-1) dims of x (…, T, head_dim); the remaining dims pass through untouched.
-
-    Rotate-half convention inside the rotated slice: dims [0, rd/2) pair with dims [rd/2, rd).
-    """
+    """Rotate the first 2·cos.size(-1) dims of x (…, T, head_dim), rotate-half ([0, rd/2) pairs with
+    [rd/2, rd)); the other dims pass through."""
     rope_dims = 2 * cos.size(-1)
     half = rope_dims // 2
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
@@ -137,17 +114,12 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, x_pass), dim=-1)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Embedding path: BigramHash and SmearGate
-# --------------------------------------------------------------------------------------------------------------
+# ---- Embedding path: BigramHash and SmearGate
 
 
 class BigramHash(nn.Module):
-    """A hashed embedding of the (current, previous) input-token pair, added to the token embedding.
-
-    The key uses input tokens only, so it is causal and never sees the target. Rows with no previous token
-    (position 0, and BOS positions when BOS masking is on) use the reserved last bucket.
-    """
+    """A hashed embedding of the (current, previous) input-token pair, added to the token embedding. Input
+    tokens only, so causal; no previous token (position 0, a masked BOS) uses the reserved last bucket."""
 
     def __init__(self, buckets: int, bigram_dim: int, model_dim: int) -> None:
         super().__init__()
@@ -192,17 +164,12 @@ class SmearGate(nn.Module):
         return (1 - g) * x + g * previous
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Attention, MLP, block
-# --------------------------------------------------------------------------------------------------------------
+# ---- Attention, MLP, block
 
 
 def exclude_self_value(y: Tensor, v: Tensor) -> Tensor:
-    """XSA: remove from each head's output its component along the unit value vector of the same position.
-
-    y is (B, H, T, D), v is (B, H_kv, T, D). Query head h belongs to KV group h // (H / H_kv), the same grouping
-    SDPA's enable_gqa uses, so heads are viewed as (H_kv, group) without repeating v.
-    """
+    """XSA: remove from each head's output (B, H, T, D) its component along the unit value vector (B, H_kv, T, D)
+    of the same position; query head h is in KV group h // (H / H_kv), as in SDPA's enable_gqa."""
     batch, heads, seq_len, head_dim = y.shape
     kv_heads = v.size(1)
     y_grouped = y.reshape(batch, kv_heads, heads // kv_heads, seq_len, head_dim)
@@ -299,9 +266,7 @@ class Block(nn.Module):
         return x, own_v
 
 
-# --------------------------------------------------------------------------------------------------------------
-# The model
-# --------------------------------------------------------------------------------------------------------------
+# ---- The model
 
 
 def _validate(config: ModelConfig) -> None:
@@ -353,35 +318,12 @@ class GPT(nn.Module):
             if self.num_encoder_layers
             else None
         )
-        self._init_weights()
+        if not self.tok_emb.weight.is_meta:  # the artifact reader builds on meta and assigns the stored weights
+            from trainer.init import init_weights  # training only: not counted code (trainer/code_bytes.py)
 
-    def _init_weights(self) -> None:
-        """Reference init: tok_emb N(0, std); zero-init layers stay zero; every other linear with both dims
-        >= 64 is orthogonal, and the remaining "*.proj" (only bigram.proj) is scaled by 1/sqrt(2L) as in the
-        non-banked code. Smaller linears keep PyTorch's default init, as upstream.
+            init_weights(self)
 
-        One deliberate difference, for BigramHash's projection: upstream zero-initialises both BigramHash factors
-        (table and projection) in the module, then its ``_init_weights`` orthogonalises and scales the projection
-        whenever both its dims are >= 64 (128→512 in PR #940, so there the two inits are the same, which the
-        tests check). Below 64 (the demo's 32→128) upstream's projection stays zero, and with both factors zero
-        neither ever gets a gradient: the feature would be dead for the whole run. pgolf zero-initialises only
-        the table, so the projection keeps PyTorch's default there and the path can learn."""
-        nn.init.normal_(self.tok_emb.weight, mean=0.0, std=self.config.tied_embed_init_std)
-        if self.bigram is not None:
-            nn.init.zeros_(self.bigram.embed.weight)
-        depth_scale = 1.0 / math.sqrt(2 * self.config.num_layers)
-        for name, module in self.named_modules():
-            if not isinstance(module, CastedLinear):
-                continue
-            if module.zero_init:
-                nn.init.zeros_(module.weight)
-            elif min(module.weight.shape) >= 64:
-                nn.init.orthogonal_(module.weight, gain=1.0)
-                if name.endswith(".proj"):
-                    with torch.no_grad():
-                        module.weight.mul_(depth_scale)
-
-    # ---- forward -------------------------------------------------------------------------------------------
+    # ---- forward
 
     def input_embeddings(self, input_ids: Tensor) -> Tensor:
         """x0: token embedding (+ BigramHash) → RMSNorm → SmearGate. Shape (B, T, model_dim)."""

@@ -32,6 +32,7 @@ live in ``trainer/encodings.py``, the byte layout in ``trainer/artifact.py``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -50,11 +51,11 @@ from trainer.encodings import (
     STORAGE_DTYPE,
     TORCH_DTYPES,
     QuantizedTensor,
-    block_index,
     num_rows,
 )
 
 PASSTHROUGH_MAX_NUMEL = 65_536
+_BLOCK_NAME = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 CONTROL_PATTERNS = (
     "attn_scale",
     "mlp_scale",
@@ -82,6 +83,12 @@ _MIN_SCALE = 2.0**-24
 
 class QuantError(ValueError):
     """A tensor cannot be encoded (non-finite values, or values outside fp16 range where fp16 is required)."""
+
+
+def block_index(name: str) -> int | None:
+    """The layer a parameter belongs to (``blocks.{i}.…``), or None outside the blocks."""
+    match = _BLOCK_NAME.search(name)
+    return int(match.group(1)) if match else None
 
 
 def classify(name: str) -> str:

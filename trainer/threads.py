@@ -1,10 +1,8 @@
 """CPU intra-op threads for training and evaluation: the idle usable cores, shared by the local processes.
 
-torch's default (one thread per core, whatever else runs) made a demo step 7.6x slower at 2 threads than at 1
-on a busy 2-core machine (bench/train_step.py; README "CPU threads"): each parallel region waits for threads the
-OS has descheduled. So a process takes max(1, (usable cores − busy cores) // local processes): cores from
-os.sched_getaffinity, busy ones the rounded 1-minute load average read at start (other work, not this run),
-local processes torchrun's LOCAL_WORLD_SIZE. An explicit OMP_NUM_THREADS or MKL_NUM_THREADS is honoured.
+torch's default (one thread per core, whatever else runs) was 7.6x slower at 2 threads than at 1 on a busy
+2-core machine (README "CPU threads"). So: max(1, (usable cores − rounded 1-min load) // LOCAL_WORLD_SIZE); an
+explicit OMP_NUM_THREADS or MKL_NUM_THREADS is honoured.
 """
 
 from __future__ import annotations
@@ -27,7 +25,7 @@ class ThreadChoice:
 
 def choose_threads(environ: Mapping[str, str] | None = None, *, cores: int | None = None,
                    load: float | None = None) -> ThreadChoice:
-    """The policy without touching torch (``cores`` and ``load`` default to this machine's)."""
+    """The policy (``cores`` and ``load`` default to this machine's)."""
     env = os.environ if environ is None else environ
     for name in EXPLICIT_VARIABLES:
         if env.get(name, "").strip():
@@ -43,7 +41,7 @@ def choose_threads(environ: Mapping[str, str] | None = None, *, cores: int | Non
 
 
 def apply_thread_policy(environ: Mapping[str, str] | None = None) -> ThreadChoice:
-    """Choose and set torch's intra-op thread count for this process; returns the choice for the log."""
+    """Choose and set torch's intra-op thread count for this process."""
     import torch
 
     choice = choose_threads(environ)

@@ -1,11 +1,12 @@
-"""The training loop: one process or torchrun DDP, a synchronised 600 s wall-clock cap, EMA, export.
+"""The training loop: one process or torchrun DDP on one or many nodes, a synchronised 600 s cap, EMA, export.
 
 Order of events (reference §5): build the model and optimisers; run ``warmup_steps`` priming steps (compile,
 allocator) and roll model, optimisers and data back so they leave no trace; start the timer; train with the
-wall-clock warmdown, pausing the timer around validation; stop when the next step would cross the cap (the cap is
-agreed across ranks with all_reduce(MAX)); apply the EMA weights; export the artifact through the fit-to-budget
-ladder; evaluate the dequantised round trip. Rank 0 writes ``train.log`` (reference line formats) and
-``summary.json`` (machine-readable) into the output directory.
+wall-clock warmdown, pausing the timer around validation; stop when the next step would cross the cap (warmdown
+and stop read the training time all ranks agree on, the largest of their clocks); apply the EMA weights; export the
+artifact through the fit-to-budget ladder; evaluate the dequantised round trip. Global rank 0 alone writes
+``train.log`` (reference line formats), ``summary.json`` (machine-readable) and the artifact into the output
+directory, on its own node (docs/training.md).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import copy
 import json
 import os
 import platform
+import socket
 import sys
 import time
 from contextlib import nullcontext
@@ -32,7 +34,7 @@ from trainer.config import TrainConfig, to_dict
 from trainer.data.byte_accounting import ByteTables
 from trainer.data.loader import DistributedTokenLoader
 from trainer.data.shards import load_validation_tokens
-from trainer.evaluate import ValResult, evaluate_non_overlapping
+from trainer.evaluate import ValResult, evaluate_non_overlapping, whole_sequences
 from trainer.export import export_to_budget
 from trainer.model import GPT, autocast_for
 from trainer.muon import Muon
@@ -43,10 +45,16 @@ TRAIN_TIME_LIMIT_MS = 600_000  # the challenge's limit, whatever cap a run was c
 
 @dataclass(frozen=True)
 class Runtime:
+    """Where this process sits: global ``rank`` of ``world_size`` (data shards, collectives, who writes), and on
+    its node ``local_rank`` of ``local_world_size`` (which GPU) on node ``node_rank`` of ``nodes``."""
+
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
+    local_world_size: int = 1
+    node_rank: int = 0
+    nodes: int = 1
 
     @property
     def is_main(self) -> bool:
@@ -57,12 +65,33 @@ class Runtime:
         return self.world_size > 1
 
 
+def _env_int(name: str, default: int | None = None) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        if default is None:
+            raise RuntimeError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {name} is not set: launch with torchrun, "
+                               "which sets RANK, LOCAL_RANK, LOCAL_WORLD_SIZE and GROUP_RANK for every process")
+        return default
+    return int(raw)
+
+
 def init_runtime() -> Runtime:
-    """Single process, or torchrun (RANK/WORLD_SIZE/LOCAL_RANK): NCCL on CUDA, gloo on CPU."""
+    """Single process, or one process of a torchrun launch on one or many nodes: NCCL on CUDA, gloo on CPU.
+
+    Global RANK decides everything shared (data span, Muon's parameter owner, who writes); the GPU is chosen by
+    LOCAL_RANK, since RANK runs past a node's device count from the second node on.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world_size > 1:
+        rank, local_rank = _env_int("RANK"), _env_int("LOCAL_RANK")
+        local_world_size = _env_int("LOCAL_WORLD_SIZE", world_size)
+        node_rank, nodes = _env_int("GROUP_RANK", 0), _env_int("GROUP_WORLD_SIZE", 1)
+    else:
+        rank, local_rank, local_world_size, node_rank, nodes = 0, 0, 1, 0, 1
     if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"LOCAL_RANK {local_rank} but this node has {torch.cuda.device_count()} GPU(s): "
+                               "--nproc-per-node must not exceed the node's GPUs")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -71,7 +100,7 @@ def init_runtime() -> Runtime:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Runtime(rank, world_size, local_rank, device)
+    return Runtime(rank, world_size, local_rank, device, local_world_size, node_rank, nodes)
 
 
 class RunLog:
@@ -211,12 +240,24 @@ class Timer:
         return self.accumulated_ms + running
 
 
-def _agree_max(flag: bool, runtime: Runtime) -> bool:
+def _agreed_max(runtime: Runtime, *values: float) -> list[float]:
+    """The largest of each value over all ranks: one tiny all_reduce, the same numbers on every rank."""
     if not runtime.distributed:
-        return flag
-    t = torch.tensor([int(flag)], device=runtime.device)
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=runtime.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return t.tolist()
+
+
+def _announce_nodes(runtime: Runtime, out_dir: Path, log: RunLog) -> None:
+    """Say which host holds global rank 0, the only writer: with c10d rendezvous it need not be --node-rank 0."""
+    hosts: list[str | None] = [None] * runtime.world_size
+    dist.all_gather_object(hosts, socket.gethostname())
+    log(f"distributed: nodes:{runtime.nodes} local_world_size:{runtime.local_world_size} "
+        f"backend:{dist.get_backend()} rank0_host:{hosts[0]}")
+    if runtime.local_rank == 0 and not runtime.is_main:
+        print(f"node {runtime.node_rank} ({hosts[runtime.rank]}): global rank 0 runs on {hosts[0]} and alone writes "
+              f"train.log, summary.json and model.pgolf, to {out_dir} there", flush=True)
 
 
 def train(config: TrainConfig, data_dir: Path, tokenizer: Path, out_dir: Path,
@@ -225,7 +266,9 @@ def train(config: TrainConfig, data_dir: Path, tokenizer: Path, out_dir: Path,
     threads = apply_thread_policy()  # before any torch work; under torchrun, LOCAL_WORLD_SIZE shares the cores
     runtime = runtime or init_runtime()
     if config.grad_accum_base % runtime.world_size:
-        raise ValueError(f"world size {runtime.world_size} must divide grad_accum_base {config.grad_accum_base}")
+        raise ValueError(f"world size {runtime.world_size} must divide grad_accum_base {config.grad_accum_base} "
+                         f"(micro-steps per rank = grad_accum_base // world size, upstream's 8 // WORLD_SIZE); "
+                         f"with more processes set GRAD_ACCUM_BASE to a multiple of {runtime.world_size}")
     grad_accum = config.grad_accum_base // runtime.world_size
     out_dir = Path(out_dir)
     if runtime.is_main:
@@ -239,7 +282,7 @@ def train(config: TrainConfig, data_dir: Path, tokenizer: Path, out_dir: Path,
     if tables.vocab_size != config.model.vocab_size:
         raise ValueError(f"tokenizer has {tables.vocab_size} pieces but the model's vocab_size is "
                          f"{config.model.vocab_size}")
-    val_tokens = load_validation_tokens(data_dir, config.train_seq_len, config.model.vocab_size)
+    val_tokens = whole_sequences(load_validation_tokens(data_dir, config.model.vocab_size), config.train_seq_len)
     log(f"pgolf {__version__} python {platform.python_version()} torch {torch.__version__} device {device}")
     log(threads.describe())
     log(f"config {json.dumps(to_dict(config), sort_keys=True)}")
@@ -249,6 +292,8 @@ def train(config: TrainConfig, data_dir: Path, tokenizer: Path, out_dir: Path,
     base_model = GPT(config.model).to(device)
     log(f"model_params:{sum(p.numel() for p in base_model.parameters())}")
     log(f"world_size:{runtime.world_size} grad_accum_steps:{grad_accum}")
+    if runtime.distributed:
+        _announce_nodes(runtime, out_dir, log)
     log(f"attention_mode:gqa num_heads:{config.model.num_heads} num_kv_heads:{config.model.num_kv_heads}")
     log(f"tie_embeddings:True embed_lr:{config.tied_embed_lr} "
         f"matrix_lr:{config.matrix_lr} scalar_lr:{config.scalar_lr}")
@@ -317,19 +362,25 @@ def train(config: TrainConfig, data_dir: Path, tokenizer: Path, out_dir: Path,
     step, stop_reason, last_loss = 0, "iterations", float("nan")
     step_times: list[float] = []
     loss_curve: list[tuple[int, float]] = []
+    # Training time as every rank agrees it: the largest of the ranks' own clocks. Under a cap, the wall-clock
+    # warmdown and the stop decision read this one number, so all ranks use the same learning rate (Muon and AdamW
+    # keep the replicas bit-identical only then) and leave the loop after the same step (a rank that stopped alone
+    # would leave the others waiting in a collective).
+    elapsed = 0.0
     timer.start()
     while True:
         last_step = step >= config.iterations or stop_reason == "wallclock_cap"
         if last_step or (config.val_loss_every > 0 and step % config.val_loss_every == 0) or step == 0:
             timer.pause()
+            if last_step:
+                (elapsed,) = _agreed_max(runtime, timer.elapsed_ms())
             val = validate()
-            elapsed = timer.elapsed_ms()
             log(f"step:{step}/{config.iterations} val_loss:{val.loss:.4f} val_bpb:{val.bpb:.4f} "
                 f"train_time:{elapsed:.0f}ms step_avg:{elapsed / max(step, 1):.2f}ms")
             if last_step:
                 break
             timer.start()
-        multiplier = lr_multiplier(config, step, timer.elapsed_ms())
+        multiplier = lr_multiplier(config, step, elapsed)
         momentum = muon_momentum(config, step)
         for opt in optimizers:
             for group in opt.param_groups:
@@ -341,8 +392,16 @@ def train(config: TrainConfig, data_dir: Path, tokenizer: Path, out_dir: Path,
         if ema is not None:
             ema.update(base_model)
         step += 1
-        elapsed = timer.elapsed_ms()
-        step_times.append(elapsed - before)
+        own = timer.elapsed_ms()
+        step_times.append(own - before)
+        if cap_ms > 0:
+            # Stop *before* the step that would cross the cap: the next step is predicted from the slowest of the
+            # recent ones, so an honest run ends under the limit instead of overshooting it by one step.
+            elapsed, predicted_end = _agreed_max(runtime, own, own + max(step_times[-5:]))
+            if predicted_end > cap_ms:
+                stop_reason = "wallclock_cap"
+        else:
+            elapsed = own  # nothing depends on the time: no collective per step
         loss_curve.append((step, last_loss))
         if step <= 10 or step % config.train_log_every == 0:
             log(f"step:{step}/{config.iterations} train_loss:{last_loss:.4f} train_time:{elapsed:.0f}ms "
@@ -352,16 +411,9 @@ def train(config: TrainConfig, data_dir: Path, tokenizer: Path, out_dir: Path,
             left = f"{max(cap_ms - elapsed, 0) / 1000:.0f}s" if cap_ms > 0 else "-"
             progress.update(1)
             progress.set_postfix_str(f"loss {last_loss:.3f} tok/s {tokens_per_s:,.0f} left {left}")
-        # Stop *before* the step that would cross the cap: the next step is predicted from the slowest of the
-        # recent ones, so an honest run ends under the limit instead of overshooting it by one step.
-        if cap_ms > 0:
-            next_step_ms = max(step_times[-5:])
-            if _agree_max(elapsed + next_step_ms > cap_ms, runtime):
-                stop_reason = "wallclock_cap"
-    timer.pause()
     if progress is not None:
         progress.close()
-    train_time_ms = timer.elapsed_ms()
+    train_time_ms = elapsed
     if stop_reason == "wallclock_cap":
         log(f"stopping_early: wallclock_cap train_time:{train_time_ms:.0f}ms step:{step}/{config.iterations}")
     if device.type == "cuda":
@@ -413,6 +465,7 @@ def _export_and_roundtrip(config: TrainConfig, runtime: Runtime, model: GPT, tab
         "code_version": __version__,
         "config": to_dict(config),
         "world_size": runtime.world_size,
+        "nodes": runtime.nodes,
         "device": _device_name(runtime),
         "steps": step,
         "stop_reason": stop_reason,

@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,12 +21,13 @@ from service.api.admission import UploadSlots
 from service.api.auth import UserDirectory
 from service.api.connections import CloseUnfinishedBodies
 from service.api.errors import install_error_handlers
-from service.api.jobs import EventHub, JobQueue
+from service.api.hub import EventHub, relay_store_changes
+from service.api.jobs import JobQueue
 from service.api.public_events import PathRedactor
 from service.api.routes import comparisons, evaluate, evaluations, meta
 from service.api.settings import Settings
 from service.api.state import ServiceState
-from service.api.storage import StorageError, Store
+from service.api.storage import StorageError, open_store
 from service.api.validation import ArtifactValidator, TokenizerIdentity
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
@@ -40,12 +43,10 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.storage_dir.mkdir(parents=True, exist_ok=True)
         _clear_scratch(settings.uploads_dir)
-        store = Store(settings.database_path)  # raises DatabaseDamaged rather than touch a damaged file
+        store = open_store(settings)  # raises DatabaseRefused rather than touch a damaged or newer database
         users = UserDirectory.load(settings, announce)
-        interrupted = store.mark_interrupted()
-        if interrupted:
-            log.warning("marked %d job(s) of the previous run as failed: interrupted", len(interrupted))
         hub = EventHub()
+        relay = asyncio.create_task(relay_store_changes(store, hub), name="pgolf-store-changes")
         redactor = PathRedactor([("data", settings.data_dir), ("tokenizer", settings.tokenizer),
                                  ("storage", settings.storage_dir)])
         queue = JobQueue(settings, store, hub, redactor)
@@ -64,10 +65,14 @@ def create_app(settings: Settings) -> FastAPI:
             await app.state.service.begin_shutdown()
             await queue.stop(wait_seconds=min(3.0, settings.shutdown_grace_seconds / 4))
             await validator.close()
-            try:  # now, rather than at the next start: the record is true while we are down
-                store.mark_interrupted()
-            except StorageError as error:  # the next start marks them; shutdown must not wait for the database
-                log.warning("could not mark running jobs interrupted at shutdown (%s)", error)
+            relay.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await relay
+            if queue.sole_runner:
+                try:  # now, rather than at the next start: the record is true while we are down
+                    store.mark_interrupted()
+                except StorageError as error:  # the next start marks them; shutdown must not wait for the database
+                    log.warning("could not mark running jobs interrupted at shutdown (%s)", error)
             store.close()
 
     app = FastAPI(

@@ -28,14 +28,15 @@ def run_serve(args: argparse.Namespace) -> int:
     from service.api.auth import UserDirectory
     from service.api.connections import protocol_with_head_deadline
     from service.api.shutdown import GracefulServer
-    from service.api.storage import DatabaseDamaged, Store
+    from service.api.storage import StorageError, open_store
 
     try:
         settings = Settings.from_env()
-        # Checked here, before uvicorn, so that a damaged database or a bad tokens file is one clear message.
-        Store(settings.database_path).close()
+        # Checked here, before uvicorn, so that a damaged, newer or unreachable database or a bad tokens file is one
+        # clear message.
+        open_store(settings).close()
         UserDirectory.load(settings, announce)  # on a first start with no user: generates and prints a token
-    except (SettingsError, DatabaseDamaged) as error:
+    except (SettingsError, StorageError) as error:  # StorageError: a damaged, newer or unreachable database
         print(f"pgolf serve: {error}", file=sys.stderr)
         return 2
     logging.getLogger("pgolf").setLevel(logging.INFO)  # job starts and outcomes, beside uvicorn's access log

@@ -17,9 +17,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-# `queued` is the service's own first event; the rest are the engine's (service/engine/events.py).
-EVENT_TYPES = ("queued", "start", "chunk", "end", "timeout", "error")
-ENGINE_EVENT_TYPES = frozenset(EVENT_TYPES) - {"queued"}
+# `queued` (the first event) and `requeued` (its worker was lost; the job waits for another one, and its next
+# attempt streams from `start` again) are the service's own; the rest are the engine's (service/engine/events.py).
+EVENT_TYPES = ("queued", "requeued", "start", "chunk", "end", "timeout", "error")
+ENGINE_EVENT_TYPES = frozenset(EVENT_TYPES) - {"queued", "requeued"}
 MAX_DEPTH = 32
 
 

@@ -53,6 +53,8 @@ class JobView(BaseModel):
     result: dict[str, Any] | None = Field(None, description="the terminal event (end, timeout or error)")
     compliance: dict[str, Any] | None = None
     log_tail: str | None = Field(None, description="last lines the evaluator wrote to stderr")
+    worker_id: str | None = Field(None, description="the worker that runs or ran it (host:pid:random)")
+    attempts: int = Field(0, description="how often a worker claimed it (more than 1: requeued after a lost worker)")
     links: JobLinks
 
 

@@ -30,8 +30,9 @@ EVALUATOR_OPEN_FILES = 4096
 
 
 # Subprocesses read untrusted artifacts; they get no credential of the service (EvalAI keeps its API token out of
-# the participant's container for the same reason).
-SECRET_ENV_VARS = ("PGOLF_API_TOKEN", "PGOLF_TOKENS")
+# the participant's container for the same reason): neither the API's tokens nor the job database's URL (which
+# carries its password) or libpq's own password variables.
+SECRET_ENV_VARS = ("PGOLF_API_TOKEN", "PGOLF_TOKENS", "PGOLF_DATABASE_URL", "PGPASSWORD", "PGPASSFILE")
 READ_POLICIES = ("public", "private")
 
 
@@ -49,12 +50,17 @@ class Settings:
     data_dir: Path  # PGOLF_DATA_DIR: directory holding the *_val_*.bin shards
     tokenizer: Path  # PGOLF_TOKENIZER: SentencePiece model of the data (default DATA_DIR/tokenizer.model)
     storage_dir: Path  # PGOLF_STORAGE_DIR: SQLite database, stored artifacts, upload scratch space
+    # PGOLF_DATABASE_URL: postgresql://user@host:port/db puts jobs, events, artifacts and code in that PostgreSQL
+    # database, shared by API nodes and workers on other machines; unset: the SQLite store under storage_dir.
+    database_url: str | None = None
     max_artifact_bytes: int = ARTIFACT_CAP_BYTES  # PGOLF_MAX_ARTIFACT_BYTES
     eval_limit_seconds: float = EVAL_LIMIT_SECONDS  # PGOLF_EVAL_LIMIT_SECONDS
     # PGOLF_KILL_GRACE_SECONDS: the engine stops itself between chunks at the limit; the hard kill waits this
     # much longer so a clean `timeout` event (with its figures) wins over the backstop whenever possible.
     kill_grace_seconds: float = KILL_GRACE_SECONDS
-    workers: int = 1  # PGOLF_WORKERS: evaluations running at once, one subprocess each
+    # PGOLF_WORKERS: evaluations this node runs at once, one subprocess each; 0: an API node only, whose jobs
+    # run on `python -m service worker` machines (a cluster, docs/service.md "Deployment").
+    workers: int = 1
     queue_bound: int = 8  # PGOLF_QUEUE_BOUND: validated jobs allowed to wait beyond the workers
     host: str = "127.0.0.1"  # PGOLF_HOST
     port: int = 8000  # PGOLF_PORT
@@ -96,6 +102,12 @@ class Settings:
     # --- robustness ---
     shutdown_grace_seconds: float = 10.0  # PGOLF_SHUTDOWN_GRACE_SECONDS: SIGTERM to exit, at most
     storage_retry_seconds: float = 30.0  # PGOLF_STORAGE_RETRY_SECONDS: how long a job-state write is retried
+    # PGOLF_LEASE_SECONDS: a worker holds its job under a lease it renews every third of this; a job whose lease
+    # ran out (its worker died, or lost the database) is ended by any node: worker lost.
+    lease_seconds: float = 30.0
+    # PGOLF_REQUEUE_LOST_JOBS: how many times a job whose worker was lost goes back to the queue before it ends
+    # as `failed: worker lost` (0: never requeued).
+    requeue_lost_jobs: int = 0
 
     @property
     def database_path(self) -> Path:
@@ -126,10 +138,11 @@ class Settings:
             data_dir=data_dir,
             tokenizer=tokenizer,
             storage_dir=Path(env.get("PGOLF_STORAGE_DIR") or "runs/service"),
+            database_url=_database_url(env, "PGOLF_DATABASE_URL"),
             max_artifact_bytes=_int(env, "PGOLF_MAX_ARTIFACT_BYTES", ARTIFACT_CAP_BYTES, minimum=1),
             eval_limit_seconds=eval_limit,
             kill_grace_seconds=kill_grace,
-            workers=_int(env, "PGOLF_WORKERS", 1, minimum=1),
+            workers=_int(env, "PGOLF_WORKERS", 1, minimum=0),
             queue_bound=_int(env, "PGOLF_QUEUE_BOUND", 8, minimum=0),
             host=env.get("PGOLF_HOST") or "127.0.0.1",
             port=_int(env, "PGOLF_PORT", 8000, minimum=0),
@@ -150,6 +163,8 @@ class Settings:
             reads=_choice(env, "PGOLF_READS", "public", READ_POLICIES),
             shutdown_grace_seconds=_float(env, "PGOLF_SHUTDOWN_GRACE_SECONDS", 10.0, minimum=0.5),
             storage_retry_seconds=_float(env, "PGOLF_STORAGE_RETRY_SECONDS", 30.0, minimum=0.0),
+            lease_seconds=_float(env, "PGOLF_LEASE_SECONDS", 30.0, minimum=1.0),
+            requeue_lost_jobs=_int(env, "PGOLF_REQUEUE_LOST_JOBS", 0, minimum=0),
             validator_limits=_limits(env, "PGOLF_VALIDATOR", VALIDATOR_LIMITS),
             evaluator_limits=_limits(env, "PGOLF_EVALUATOR", ResourceLimits(
                 EVALUATOR_ADDRESS_SPACE_BYTES, evaluator_cpu, EVALUATOR_OPEN_FILES)),
@@ -198,6 +213,20 @@ def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float)
     if not value >= minimum:  # also rejects nan
         raise SettingsError(f"{name}={value} must be at least {minimum}")
     return value
+
+
+DATABASE_URL_SCHEMES = ("postgresql://", "postgres://")
+
+
+def _database_url(env: Mapping[str, str], name: str) -> str | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    if not raw.startswith(DATABASE_URL_SCHEMES):
+        scheme = raw.partition("://")[0] if "://" in raw else raw[:20]
+        raise SettingsError(f"{name}: {scheme!r} is not a supported database; use postgresql://user@host:port/db "
+                            f"(or leave it unset for the SQLite store under PGOLF_STORAGE_DIR)")
+    return raw
 
 
 def _limits(env: Mapping[str, str], prefix: str, defaults: ResourceLimits) -> ResourceLimits:

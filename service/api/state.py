@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 from service.api.admission import UploadSlots
 from service.api.auth import UserDirectory
-from service.api.jobs import EventHub, JobQueue
+from service.api.hub import EventHub
+from service.api.jobs import JobQueue
 from service.api.settings import Settings
 from service.api.storage import Store
 from service.api.validation import ArtifactValidator, TokenizerIdentity

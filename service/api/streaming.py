@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 from starlette.responses import StreamingResponse
 
-from service.api.jobs import EventHub
+from service.api.hub import EventHub
 from service.api.public_events import EVENT_TYPES
 from service.api.storage import TERMINAL_STATUSES, Store, StoredEvent
 

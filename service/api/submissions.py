@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -29,7 +27,7 @@ from service.api.jobs import QueueFull
 from service.api.schemas import EvaluationOptions
 from service.api.settings import Settings
 from service.api.state import ServiceState
-from service.api.storage import JobRecord, StorageError
+from service.api.storage import JobRecord
 from service.api.uploads import (
     CodeTooLarge,
     Upload,
@@ -40,6 +38,7 @@ from service.api.uploads import (
     receive_upload,
 )
 from service.api.validation import is_upstream_manifest, tokenizer_mismatch
+from service.engine.options import UPSTREAM_SUFFIX
 from trainer.upstream_env import parse_env_assignments
 
 
@@ -101,7 +100,7 @@ async def submit_upload(
         try:
             return await _queue_upload(state, upload, user=user, force=force)
         finally:
-            upload.discard()  # no-op once the file was moved into the artifact store
+            upload.discard()  # no-op once the store moved the file into place
     except CodeTooLarge as error:
         raise ApiError(413, "code_too_large", str(error)) from None
     except QueueFull as error:
@@ -129,7 +128,7 @@ async def _queue_upload(state: ServiceState, upload: Upload, *, user: User, forc
             return Submission(earlier, reused=True)
 
     known = store.get_artifact(upload.sha256)
-    if known is not None and known.path.is_file() and upload.code is None:
+    if known is not None and known.present and upload.code is None:
         manifest = known.manifest
     else:
         verdict = await state.validator.validate(upload.path, code=upload.code, env=options.get("env", []))
@@ -147,29 +146,10 @@ async def _queue_upload(state: ServiceState, upload: Upload, *, user: User, forc
         raise ApiError(422, "tokenizer_mismatch", mismatch)
 
     state.queue.check_capacity()  # before the artifact is stored: a refused upload leaves nothing behind
-    if known is None or not known.path.is_file():
-        settings.artifacts_dir.mkdir(parents=True, exist_ok=True)
-        stored_path = settings.artifacts_dir / f"{upload.sha256}{'.ptz' if upstream else '.pgolf'}"
-        os.replace(upload.path, stored_path)
-        try:
-            store.put_artifact(upload.sha256, upload.size_bytes, stored_path, manifest)
-        except StorageError:  # no record refers to the file: it must not stay (507/503 say nothing was stored)
-            stored_path.unlink(missing_ok=True)
-            raise
+    if known is None or not known.present:
+        # The store takes the file (and leaves nothing behind when it cannot record it: 507/503 say so).
+        store.put_artifact(upload.sha256, upload.size_bytes, upload.path, manifest,
+                           suffix=UPSTREAM_SUFFIX if upstream else ".pgolf")
     if upstream and upload.code is not None:
-        _store_code(settings.artifacts_dir, options["code_sha256"], upload.code)
+        store.put_code(options["code_sha256"], upload.code)
     return Submission(state.queue.submit(upload.sha256, options, owner=user.name), reused=False)
-
-
-def code_path(artifacts_dir: Path, code_sha256: str) -> Path:
-    """Where the train_gpt.py of an upstream job is kept, by its sha256, beside the artifacts."""
-    return artifacts_dir / f"code-{code_sha256}.py"
-
-
-def _store_code(artifacts_dir: Path, code_sha256: str, code: bytes) -> None:
-    target = code_path(artifacts_dir, code_sha256)
-    if target.is_file():
-        return
-    scratch = target.with_name(target.name + ".part")
-    scratch.write_bytes(code)
-    os.replace(scratch, target)

@@ -38,5 +38,7 @@ def job_view(store: Store, job: JobRecord) -> JobView:
         result=result,
         compliance=None if result is None else result.get("compliance"),
         log_tail=job.log_tail,
+        worker_id=job.worker_id,
+        attempts=job.attempts,
         links=JobLinks(**job_links(job)),
     )

@@ -1,7 +1,5 @@
-"""The evaluation engine: sliding-window scoring, score-first TTT, n-gram mixing, streamed events (no HTTP).
-
-`evaluate` and `evaluate_model` load lazily: the options are plain data, and importing them must not pull torch
-into processes that only describe or queue evaluations (the CLI parser, the HTTP service).
+"""The evaluation engine (no HTTP). `evaluate` and `evaluate_model` load lazily, so that importing the options
+does not pull torch into the CLI parser or the HTTP service.
 """
 
 from typing import Any

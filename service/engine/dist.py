@@ -1,7 +1,5 @@
-"""Process-group plumbing for multi-process evaluation under torchrun (env RANK / WORLD_SIZE / LOCAL_RANK).
-
-One process per device: NCCL when evaluating on CUDA, gloo on CPU. With a single process no collective is
-called, so the engine runs the same code path without torch.distributed.
+"""Process-group plumbing under torchrun (RANK / WORLD_SIZE / LOCAL_RANK): one process per device, NCCL on CUDA,
+gloo on CPU; a single process calls no collective.
 """
 
 from __future__ import annotations

@@ -1,16 +1,7 @@
 """The event stream of one evaluation: plain JSON-serialisable dicts, each with a ``"type"``.
 
-An evaluation yields exactly one ``start``, then one ``chunk`` per chunk of the validation stream, then exactly one
-terminal event: ``end`` (every target scored), ``timeout`` (the wall-clock budget stopped it cleanly between
-chunks) or ``error`` (it could not run or continue). Terminal events that are not ``end`` carry the partial
-figures reached so far, so a client always learns how far the evaluation got.
-
-Every event is strict JSON: no NaN or ±Infinity anywhere (``finite_events`` enforces it; a non-finite score is
-an ``error`` event with a reason, never a result).
-
-Ranges are half-open ``[lo, hi)`` lists of target positions; target position p is the prediction of token p from
-tokens ``< p``. Byte counts and target counts are ints, NLL sums are float64 nats, bpb values are floats or None
-when no byte has been scored yet.
+One ``start``, one ``chunk`` per chunk, then exactly one of ``end``, ``timeout`` or ``error``; every event strict
+JSON (``finite_events``). The fields are specified in docs/evaluation.md §5.
 """
 
 from __future__ import annotations
@@ -19,7 +10,6 @@ import functools
 import hashlib
 import json
 import math
-import resource
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -29,16 +19,13 @@ CHUNK = "chunk"
 END = "end"
 TIMEOUT = "timeout"
 ERROR = "error"
-TERMINAL_TYPES = frozenset({END, TIMEOUT, ERROR})
 
 Event = dict[str, Any]
 
 
 def order_trace_digest(entries: list[dict[str, Any]]) -> str:
-    """sha256 of the canonical JSON (sorted keys, no spaces) of the order-trace entries, chunk by chunk.
-
-    The engine reports it in the end event; each chunk event carries its own entry, so anyone holding the report
-    can recompute it (``verifier check``)."""
+    """sha256 of the canonical JSON (sorted keys, no spaces) of the order-trace entries, chunk by chunk; the
+    chunk events carry the entries, so ``verifier check`` recomputes it from the report."""
     canonical = json.dumps(entries, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -63,8 +50,6 @@ class Totals:
 def start_event(*, config: dict[str, Any], artifact_sha256: str | None, tokens: int, targets: int,
                 bytes_total: int, chunks: int, val_tokens_sha256: str,
                 validation_manifest_sha256: str | None) -> Event:
-    """``val_tokens_sha256`` hashes the token stream being scored (trainer.data.val_manifest);
-    ``validation_manifest_sha256`` is what the data directory's manifest records for its val split (None: none)."""
     return {"type": START, "config": config, "artifact_sha256": artifact_sha256, "tokens": tokens,
             "targets": targets, "bytes": bytes_total, "chunks": chunks, "val_tokens_sha256": val_tokens_sha256,
             "validation_manifest_sha256": validation_manifest_sha256}
@@ -74,15 +59,7 @@ def chunk_event(*, index: int, target_range: tuple[int, int], chunk: Totals, run
                 trained_range: tuple[int, int] | None, elapsed_s: float, phase_seconds: dict[str, float],
                 order_trace: dict[str, Any], distribution: dict[str, Any] | None = None,
                 ngram_stats: dict[str, float] | None = None) -> Event:
-    """One chunk, after its scores were committed and (with TTT) after the model trained on it.
-
-    ``trained_range`` is the range of target positions the model was then trained on (None: no training).
-    ``order_trace`` is the chunk's entry of the engine's order trace (scored range, frontier, trained range, the
-    largest target of every optimizer step): the entries of all chunks, in order, hash to the end event's
-    ``trace_digest``, so a reader of the report can re-derive the digest and re-judge score-before-update.
-    ``distribution``: C2 over the chunk's scored positions (vectors summed, max |Σp − 1|, max |p_vector(x_t) −
-    p_shortcut(x_t)|); ``ngram_stats``: the mixer's counters for the chunk (tilt: hints and gates), or None.
-    """
+    """One chunk, after its scores were committed and (with TTT) after the model trained on it."""
     return {
         "type": CHUNK,
         "index": index,
@@ -121,23 +98,8 @@ def timeout_event(*, reason: str, totals: Totals, chunks_done: int, elapsed_s: f
 
 
 def error_event(*, code: str, reason: str, totals: Totals | None = None, elapsed_s: float = 0.0) -> Event:
-    """``code`` is a short slug (e.g. "tokenizer_mismatch", "bad_artifact", "internal"); ``reason`` is plain text."""
     return {"type": ERROR, "code": code, "reason": reason, **_partial(totals or Totals()),
             "elapsed_s": round(elapsed_s, 4)}
-
-
-def allocation_failure_reason(error: BaseException) -> str | None:
-    """A clear reason when ``error`` is a failed allocation (typically under an address-space rlimit), else None.
-
-    Python raises MemoryError; torch's CPU allocator raises RuntimeError("... can't allocate memory ..."),
-    whatever the tensor op, so both are recognised.
-    """
-    if not (isinstance(error, MemoryError) or "can't allocate memory" in str(error)):
-        return None
-    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-    if soft == resource.RLIM_INFINITY:
-        return "memory allocation failed (no address-space limit is set: the host is out of memory)"
-    return f"memory allocation failed under the address-space limit of {soft} bytes ({soft / (1 << 30):.2f} GiB)"
 
 
 def non_finite_path(value: Any) -> str | None:

@@ -1,8 +1,6 @@
-"""Options of one evaluation, shared by the CLI, the HTTP service and the Python API.
-
-The defaults are the evaluation pgolf exists to run, chosen from measurement (README, "Measured"): score-first TTT
-with the ``DEFAULT_TTT_RECIPE`` recipe plus ``DEFAULT_NGRAM`` mixing. ``PLAIN`` is the plain sliding-window score
-the reference reports, one switch away (``--plain`` on the command line).
+"""Options of one evaluation, shared by the CLI, the HTTP service and the Python API; torch-free, so those can
+name the modes without loading the engine. The defaults were chosen by measurement (README, "Measured");
+``PLAIN`` is the reference's plain sliding-window score (``--plain``).
 """
 
 from __future__ import annotations
@@ -11,11 +9,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-# Kept here, free of torch, so the CLI and the HTTP service can name the modes without loading the engine.
 NGRAM_MODES = ("off", "exact", "smoothed", "tilt", "hashed-940")
 COMPLIANT_NGRAM_MODES = tuple(mode for mode in NGRAM_MODES if mode != "hashed-940")
-# Each TTT recipe's reference chunk: pr940's README trains on 131,072-token chunks, the legal SGD recipe of
-# PR #461/#549 on 32,768-token chunks (reference-stack.md §7.3/§7.4). The recipe decides, unless told otherwise.
+# Each TTT recipe's reference chunk (docs/evaluation.md §4); the recipe decides unless told otherwise.
 TTT_REFERENCE_CHUNK_TOKENS = {"pr940": 131_072, "legal-sgd": 32_768}
 TTT_RECIPE_NAMES = tuple(TTT_REFERENCE_CHUNK_TOKENS)
 UNTRAINED_CHUNK_TOKENS = 131_072  # without TTT the chunk is only the granularity of the streamed events
@@ -50,8 +46,7 @@ class EvalOptions:
     max_seconds: float = 600.0  # wall-clock budget, checked between chunks
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     max_tokens: int | None = None  # evaluate only a prefix of the stream (a preview, not a full-val score)
-    # Upstream (.ptz) artifacts only: the submission's train_gpt.py, whose Hyperparameters give the model config,
-    # and the KEY=VALUE settings of its run command. Both are ignored, with a note, for a .pgolf artifact.
+    # .ptz only (ignored, with a note, for .pgolf): the submission's train_gpt.py and its run command's KEY=VALUEs.
     code: Path | None = None
     env: tuple[str, ...] = ()
 
@@ -75,8 +70,8 @@ class EvalOptions:
             raise ValueError(f"max_tokens must be at least 2 (one target), got {self.max_tokens}")
 
     def resolved(self, train_seq_len: int | None = None) -> EvalOptions:
-        """These options with every "decide from context" field made concrete: the sequence length from the
-        artifact's training (``train_seq_len``), the chunk from the TTT recipe."""
+        """Every "decide from context" field made concrete: seq_len from the artifact's ``train_seq_len``, the
+        chunk from the TTT recipe."""
         seq_len = self.seq_len if self.seq_len is not None else (train_seq_len or FALLBACK_SEQ_LEN)
         chunk_tokens = self.chunk_tokens
         if chunk_tokens is None:

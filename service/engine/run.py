@@ -1,17 +1,7 @@
 """The evaluation loop: chunk by chunk, score → commit → (n-gram commit) → (train), streaming events.
 
-``evaluate(options)`` loads and cross-checks the inputs (artifact, tokenizer, validation shards) and then runs
-``evaluate_model``, which is the loop itself and can also be driven with an in-memory model (tests, benches).
-
-Per chunk c, in this order and on every rank:
-1. score this rank's share of chunk c's windows under ``torch.inference_mode`` (model and optional n-gram mixer,
-   whose state holds only targets of chunks < c);
-2. all-reduce the per-position NLL and scored-count vectors (SUM, float64) and commit them to the ledger, which
-   checks that every target of the chunk was scored exactly once and counts its bytes;
-3. only then let the n-gram mixer absorb chunk c's tokens and, with TTT and unless c is the last chunk, train on
-   the span the ledger hands out for chunk c;
-4. emit the chunk event.
-The wall-clock budget is checked between chunks; the decision is taken jointly so all ranks stop together.
+``evaluate(options)`` loads and cross-checks the inputs, then runs ``evaluate_model``, the loop itself (also
+driven with in-memory models by tests and benches). The order per chunk and the budget: docs/evaluation.md §2.
 """
 
 from __future__ import annotations
@@ -30,7 +20,6 @@ from service.engine.dist import DistContext, init_from_env, local_rank_from_env,
 from service.engine.events import (
     Event,
     Totals,
-    allocation_failure_reason,
     chunk_event,
     end_event,
     error_event,
@@ -43,7 +32,6 @@ from service.engine.options import FALLBACK_SEQ_LEN, EvalOptions, is_upstream_ar
 from service.engine.scoring import (
     DistributionCheck,
     ScoreLedger,
-    ScoreOrderError,
     ScoringModel,
     score_chunk,
 )
@@ -56,11 +44,9 @@ from trainer.threads import apply_thread_policy
 
 log = logging.getLogger(__name__)
 
-# A distribution counts as normalised when every Σ_v p(v) is within this of 1. Sums are taken in float64; without a
-# mixer over fp32 log-probabilities, whose rounding alone stays around 1e-7 for a 1024-token vocabulary (mixers
-# work in float64 and stay near 1e-15).
+# C2 tolerances (docs/evaluation.md §3): |Σ_v p(v) − 1| (fp32 log-softmax rounding alone is ~1e-7), and
+# |p_vector(x_t) − p_shortcut(x_t)| (both float64 from the same counts: rounding only).
 NORMALISATION_TOLERANCE = 1e-5
-# |p_vector(x_t) − p_shortcut(x_t)|: both in float64 from the same counts, so they differ by rounding only.
 SHORTCUT_TOLERANCE = 1e-9
 # The challenge's evaluation limit (compliance-rules §7: "Evaluation ≤ 600 s"), in the verdict whatever the budget.
 EVAL_TIME_LIMIT_SECONDS = 600.0
@@ -92,23 +78,14 @@ class SubmissionSize:
                 "within_limit": total <= SUBMISSION_LIMIT_BYTES}
 
 
-@dataclass(frozen=True)
-class LoadedInputs:
-    model: ScoringModel
-    tokens: np.ndarray
-    tables: ByteTables
-    artifact_sha256: str
-    model_config: dict[str, Any]
-    size: SubmissionSize
-    train_seq_len: int | None  # the sequence length the model was trained at, when the artifact says
-    validation_manifest_sha256: str | None  # the val digest the data directory's manifest records
-    notes: tuple[str, ...] = ()
+# model, model config, artifact sha256, size, training sequence length (None: not recorded), notes
+LoadedModel = tuple[ScoringModel, dict[str, Any], str, SubmissionSize, int | None, list[str]]
 
 
 def evaluate(options: EvalOptions, *, started: float | None = None) -> Iterator[Event]:
     """Evaluate an artifact file on the validation shards; yields start, chunk…, then end | timeout | error.
 
-    ``started`` is the ``time.perf_counter()`` at which the evaluation's clock started; the command line takes it
+    ``started``: the ``time.perf_counter()`` at which the evaluation's clock started; the command line takes it
     before it imports torch and the engine, so the 600 s budget includes those imports.
     """
     started = time.perf_counter() if started is None else started
@@ -117,39 +94,33 @@ def evaluate(options: EvalOptions, *, started: float | None = None) -> Iterator[
         threads = apply_thread_policy()  # CPU scoring and the n-gram mixer share the cores with local peers
         device = resolve_device(options.device, local_rank_from_env())
         dist = init_from_env(device)
-        inputs = load_inputs(options, device)
-    except EvalInputError as exc:
-        yield error_event(code=exc.code, reason=str(exc), elapsed_s=time.perf_counter() - started)
-        return
-    except ValueError as exc:
-        yield error_event(code="bad_options", reason=str(exc), elapsed_s=time.perf_counter() - started)
-        return
-    except Exception as exc:  # e.g. a CUDA or process-group failure while setting up: still one error event
-        log.exception("evaluation setup failed")
-        yield _failure_event(exc, elapsed_s=time.perf_counter() - started)
+        (model, model_config, artifact_sha256, size, train_seq_len, notes), tables, tokens = load_inputs(options,
+                                                                                                         device)
+    except Exception as exc:  # bad inputs, or e.g. a CUDA or process-group failure: still one error event
+        yield _error_of(exc, time.perf_counter() - started, setting_up=True)
         return
     seq_len_source = "option" if options.seq_len is not None else (
-        "artifact training.train_seq_len" if inputs.train_seq_len else f"default {FALLBACK_SEQ_LEN}")
-    yield from evaluate_model(inputs.model, inputs.tokens, inputs.tables, options.resolved(inputs.train_seq_len),
-                              dist=dist, device=device, artifact_sha256=inputs.artifact_sha256,
-                              submission=inputs.size,
-                              extra_config={"model_config": inputs.model_config, "seq_len_source": seq_len_source,
+        "artifact training.train_seq_len" if train_seq_len else f"default {FALLBACK_SEQ_LEN}")
+    yield from evaluate_model(model, tokens, tables, options.resolved(train_seq_len), dist=dist, device=device,
+                              artifact_sha256=artifact_sha256, submission=size,
+                              extra_config={"model_config": model_config, "seq_len_source": seq_len_source,
                                             "cpu_threads": {"intra_op": threads.threads, "reason": threads.reason},
-                                            **({"notes": list(inputs.notes)} if inputs.notes else {})},
-                              started=started, validation_manifest_sha256=inputs.validation_manifest_sha256)
+                                            **({"notes": notes} if notes else {})},
+                              started=started, validation_manifest_sha256=recorded_val_sha256(options.data_dir))
 
 
-def _failure_event(exc: Exception, *, elapsed_s: float, totals: Totals | None = None) -> Event:
-    """The error event of an unexpected exception: `resource_limit` when an allocation failed (the service runs
-    evaluators under an address-space rlimit), else `internal`."""
-    allocation = allocation_failure_reason(exc)
-    if allocation is not None:
-        return error_event(code="resource_limit", reason=f"{allocation}: {type(exc).__name__}: {exc}"[:2000],
-                           totals=totals, elapsed_s=elapsed_s)
-    return error_event(code="internal", reason=f"{type(exc).__name__}: {exc}", totals=totals, elapsed_s=elapsed_s)
+def _error_of(exc: Exception, elapsed_s: float, totals: Totals | None = None, *, setting_up: bool = False) -> Event:
+    """The error event of an exception: an input error's own code, `bad_options` for a ValueError while setting
+    up, else what ``failures.failure_event`` makes of it."""
+    if isinstance(exc, EvalInputError) or (setting_up and isinstance(exc, ValueError)):
+        return error_event(code=getattr(exc, "code", "bad_options"), reason=str(exc), elapsed_s=elapsed_s)
+    log.exception("evaluation failed")
+    from service.engine.failures import failure_event  # not counted: only a failing run needs it
+
+    return failure_event(exc, elapsed_s, totals)
 
 
-def load_inputs(options: EvalOptions, device: torch.device) -> LoadedInputs:
+def load_inputs(options: EvalOptions, device: torch.device) -> tuple[LoadedModel, ByteTables, np.ndarray]:
     """Load tokenizer tables, artifact and validation tokens, refusing any combination that does not match."""
     from trainer.data.shards import ShardError, load_validation_tokens
 
@@ -162,40 +133,20 @@ def load_inputs(options: EvalOptions, device: torch.device) -> LoadedInputs:
         raise EvalInputError("bad_tokenizer", f"cannot read tokenizer {tokenizer_path}: {exc}") from exc
     artifact_path = Path(options.artifact)
     if is_upstream_artifact(artifact_path):
-        model, model_config, artifact_sha256, notes, size = _load_upstream(options, artifact_path, device)
-        train_seq_len = _upstream_train_seq_len(options.env)
-        if model_config["vocab_size"] != tables.vocab_size:
-            raise EvalInputError(
-                "tokenizer_mismatch",
-                f"the upstream model has a vocabulary of {model_config['vocab_size']} tokens, but the data's "
-                f"tokenizer {tokenizer_path} has {tables.vocab_size}; refusing to score it on this data")
+        from service.engine.upstream_inputs import load_upstream  # not counted: only a .ptz evaluation needs it
+
+        loaded = load_upstream(options, artifact_path, device, tables, tokenizer_path)
     else:
-        model, model_config, artifact_sha256, size, train_seq_len = _load_pgolf(artifact_path, device, tables,
-                                                                                tokenizer_path)
-        ignored = [flag for flag, given in (("--code", options.code is not None), ("--env", bool(options.env)))
-                   if given]
-        notes = [f"{' and '.join(ignored)} ignored: a .pgolf artifact carries its own model config"] if ignored else []
-    model_vocab = int(model_config.get("vocab_size", tables.vocab_size))
-    if model_vocab < tables.vocab_size:
-        raise EvalInputError("tokenizer_mismatch", f"the model's output vocabulary ({model_vocab}) is smaller than "
-                                                   f"the tokenizer's ({tables.vocab_size})")
-    tables = ByteTables.from_model_file(tokenizer_path, vocab_size=model_vocab)
-    try:
-        tokens = load_validation_tokens(options.data_dir, vocab_size=model_vocab)
+        loaded = _load_pgolf(options, artifact_path, device, tables, tokenizer_path)
+    try:  # both loaders checked that the model's vocabulary is the tokenizer's
+        tokens = load_validation_tokens(options.data_dir, vocab_size=tables.vocab_size)
     except (OSError, ShardError) as exc:
         raise EvalInputError("bad_data", f"cannot load validation data from {options.data_dir}: {exc}") from exc
-    if options.max_tokens is not None:
-        tokens = tokens[: options.max_tokens]
-    if len(tokens) < 2:
-        raise EvalInputError("bad_data", f"the validation stream has {len(tokens)} tokens; nothing to score")
-    return LoadedInputs(model, np.ascontiguousarray(tokens), tables, artifact_sha256, model_config, size,
-                        train_seq_len, recorded_val_sha256(options.data_dir), tuple(notes))
+    return loaded, tables, np.ascontiguousarray(tokens[: options.max_tokens])
 
 
-def _load_pgolf(artifact_path: Path, device: torch.device, tables: ByteTables, tokenizer_path: Path
-                ) -> tuple[torch.nn.Module, dict[str, Any], str, SubmissionSize, int | None]:
-    """A .pgolf artifact: model, model config, sha256, size with code, and the training sequence length its
-    manifest records (None when it records none)."""
+def _load_pgolf(options: EvalOptions, artifact_path: Path, device: torch.device, tables: ByteTables,
+                tokenizer_path: Path) -> LoadedModel:
     from trainer.artifact import ArtifactError, load_model
 
     try:
@@ -203,68 +154,21 @@ def _load_pgolf(artifact_path: Path, device: torch.device, tables: ByteTables, t
     except OSError as exc:
         raise EvalInputError("bad_artifact", f"cannot read artifact {artifact_path}: {exc}") from exc
     except ArtifactError as exc:
-        raise EvalInputError(getattr(exc, "code", "bad_artifact"), f"artifact refused: {exc}") from exc
-    manifest_tokenizer = artifact.manifest.get("tokenizer", {})
-    if manifest_tokenizer.get("sha256") != tables.sha256:
+        raise EvalInputError(exc.code, f"artifact refused: {exc}") from exc
+    manifest = artifact.manifest  # validated: its tokenizer's vocab_size is the model's
+    trained_with = (manifest["tokenizer"]["sha256"], manifest["tokenizer"]["vocab_size"])
+    if trained_with != (tables.sha256, tables.vocab_size):
         raise EvalInputError(
             "tokenizer_mismatch",
-            f"the artifact was trained with tokenizer sha256 {manifest_tokenizer.get('sha256')}, but the data's "
-            f"tokenizer {tokenizer_path} has sha256 {tables.sha256}; refusing to score it on this data")
-    if manifest_tokenizer.get("vocab_size") != tables.vocab_size:
-        raise EvalInputError(
-            "tokenizer_mismatch",
-            f"the artifact declares a vocabulary of {manifest_tokenizer.get('vocab_size')} tokens, but the data's "
-            f"tokenizer {tokenizer_path} has {tables.vocab_size}; refusing to score it on this data")
-    size = SubmissionSize(artifact.file_nbytes, int(artifact.manifest["code_bytes"]["total"]),
-                          "manifest code_bytes.total")
-    recorded = artifact.manifest.get("training", {}).get("train_seq_len")
+            f"the artifact was trained with tokenizer sha256 {trained_with[0]} (a vocabulary of {trained_with[1]} "
+            f"tokens), but the data's tokenizer {tokenizer_path} has sha256 {tables.sha256} ({tables.vocab_size}); "
+            f"refusing to score it on this data")
+    size = SubmissionSize(artifact.file_nbytes, manifest["code_bytes"]["total"], "manifest code_bytes.total")
+    recorded = manifest["training"].get("train_seq_len")
     train_seq_len = recorded if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded > 0 else None
-    return model, dict(artifact.manifest.get("model_config", {})), artifact.file_sha256, size, train_seq_len
-
-
-def _upstream_train_seq_len(env: tuple[str, ...]) -> int | None:
-    """TRAIN_SEQ_LEN of the run's env, when it sets one (else upstream's own default of 2048 applies)."""
-    from trainer.upstream_config import parse_run_env
-
-    value = parse_run_env(list(env)).get("TRAIN_SEQ_LEN", "")
-    return int(value) if value.isdigit() and int(value) > 0 else None
-
-
-def _load_upstream(options: EvalOptions, artifact_path: Path,
-                   device: torch.device) -> tuple[torch.nn.Module, dict[str, Any], str, list[str], SubmissionSize]:
-    """An upstream .ptz: the config from the submission's code and run env, the weights through the safe reader.
-
-    Upstream artifacts carry no tokenizer identity; the vocabulary size is the only check possible (upstream's
-    own scripts make the same one against the tokenizer they are given).
-    """
-    from trainer.artifact import ArtifactError
-    from trainer.upstream_artifact import load_upstream_model
-    from trainer.upstream_config import parse_run_env, resolve_upstream_config
-
-    if options.code is None:
-        raise EvalInputError("code_required", f"{artifact_path.name} is an upstream artifact: pass the submission's "
-                                              f"train_gpt.py (--code) so its model config can be read")
-    try:
-        code = Path(options.code).read_bytes()
-        config = resolve_upstream_config(code, parse_run_env(list(options.env)))
-        model, artifact = load_upstream_model(artifact_path, config.model_config, device=device)
-    except OSError as exc:
-        raise EvalInputError("bad_artifact", f"cannot read {exc.filename}: {exc.strerror}") from exc
-    except ArtifactError as exc:
-        raise EvalInputError(exc.code, f"upstream artifact refused: {exc}") from exc
-    notes = [f"upstream artifact: {artifact.quant_format} + {artifact.compression}", *config.notes]
-    # The rule counts bytes(train_gpt.py) + bytes(compressed model) (compliance-rules §7.1).
-    size = SubmissionSize(artifact.file_nbytes, len(code), f"{Path(options.code).name} (--code)")
-    return model, artifact.model_config.to_dict(), artifact.file_sha256, notes, size
-
-
-def total_target_bytes(tables: ByteTables, tokens: np.ndarray, block: int = 1 << 22) -> int:
-    """Σ bytes of targets 1..N−1, in blocks so a 62M-token stream needs no 500 MB temporary."""
-    total = 0
-    for lo in range(1, len(tokens), block):
-        hi = min(lo + block, len(tokens))
-        total += int(tables.target_bytes(tokens[lo - 1 : hi - 1], tokens[lo:hi]).sum())
-    return total
+    ignored = [flag for flag, given in (("--code", options.code is not None), ("--env", bool(options.env))) if given]
+    notes = [f"{' and '.join(ignored)} ignored: a .pgolf artifact carries its own model config"] if ignored else []
+    return model, dict(manifest["model_config"]), artifact.file_sha256, size, train_seq_len, notes
 
 
 class _Budget:
@@ -309,11 +213,8 @@ def compliance_summary(ledger: ScoreLedger, options: EvalOptions, check: Distrib
                        elapsed_s: float, val_tokens_sha256: str, validation_manifest_sha256: str | None,
                        ngram_stats: dict[str, float] | None = None, submission: SubmissionSize | None = None
                        ) -> dict[str, Any]:
-    """The verdict: C1–C4 as far as the engine can check them, the size rule and the evaluation time limit.
-
-    The time limit is the challenge's 600 s, not the run's own budget (``--max-seconds`` may be larger). The size
-    rule needs an artifact: for an in-memory model (``submission`` None) ``size`` is null and not part of it.
-    """
+    """The verdict: C1–C4 as far as the engine can check them, the size rule (null for an in-memory model) and
+    the challenge's 600 s limit, whatever the run's own budget (docs/evaluation.md §5)."""
     normalised = check.within(NORMALISATION_TOLERANCE, SHORTCUT_TOLERANCE)
     sums = {"min": check.sum_min, "max": check.sum_max, "positions": check.positions} if check.positions else \
         {"min": None, "max": None, "positions": 0}
@@ -322,8 +223,7 @@ def compliance_summary(ledger: ScoreLedger, options: EvalOptions, check: Distrib
     size = submission.verdict() if submission is not None else None
     within_time_limit = elapsed_s <= EVAL_TIME_LIMIT_SECONDS
     return {
-        # C1–C4 as far as they can be checked; a mixer that declares itself non-compliant (hashed-940, which
-        # only ever evaluates the realised token) never is, whatever its sampled sums show.
+        # A mixer that declares itself non-compliant (hashed-940) never is, whatever its sums show.
         "compliant": (scored_once and score_before_update and normalised and mixer_compliant and within_time_limit
                       and (size is None or size["within_limit"])),
         "scored_once": scored_once,
@@ -332,8 +232,6 @@ def compliance_summary(ledger: ScoreLedger, options: EvalOptions, check: Distrib
         "positions_not_scored_once": ledger.positions_not_scored_once,
         "score_before_update": score_before_update,
         "ttt": updater.summary() if updater is not None else None,
-        # C2 over every scored position: each score is −ln p(x_t) of a full vector that sums to 1 and whose
-        # x_t entry equals the mixer's closed-form shortcut.
         "ngram": {"mode": options.ngram, "mixer_compliant": mixer_compliant, "normalised": normalised,
                   "probability_sum": sums, "tolerance": NORMALISATION_TOLERANCE, **check.as_dict(),
                   "shortcut_tolerance": SHORTCUT_TOLERANCE, "stats": ngram_stats or None},
@@ -342,8 +240,7 @@ def compliance_summary(ledger: ScoreLedger, options: EvalOptions, check: Distrib
         "within_time_limit": within_time_limit,
         "time_limit_seconds": EVAL_TIME_LIMIT_SECONDS,
         "size": size,
-        # The stream scored is the data's whole val set only if its digest is the one the data's manifest records
-        # (a max_tokens prefix, a truncated shard or data without a manifest all fail this).
+        # A max_tokens prefix, a truncated shard or data without a manifest all fail this.
         "full_validation_set": val_tokens_sha256 == validation_manifest_sha256,
         "val_tokens_sha256": val_tokens_sha256,
         "validation_manifest_sha256": validation_manifest_sha256,
@@ -360,15 +257,11 @@ def evaluate_model(model: ScoringModel, tokens: np.ndarray, tables: ByteTables, 
                    started: float | None = None, clock: Callable[[], float] = time.perf_counter,
                    observer: ChunkObserver | None = None, ttt_recipe: TTTRecipe | None = None,
                    validation_manifest_sha256: str | None = None) -> Iterator[Event]:
-    """The evaluation loop over an in-memory model and token stream (see the module docstring).
+    """The evaluation loop over an in-memory model and token stream (docs/evaluation.md §2).
 
-    ``validation_manifest_sha256`` is the val digest the data's manifest records; the run counts as a full
-    validation-set score only when the tokens evaluated hash to it.
-
-    ``ttt_recipe`` replaces the named recipe of ``options.ttt_recipe`` (benches and tests explore others).
-
-    ``observer`` is called after each chunk's commit with the chunk and its per-position NLL (float64, one
-    entry per target position of the chunk); tests use it to compare individual scores.
+    ``validation_manifest_sha256``: the val digest the data's manifest records (a full-val score needs the tokens
+    to hash to it). ``ttt_recipe`` replaces ``options.ttt_recipe``'s recipe (benches). ``observer`` gets each
+    committed chunk and its per-position float64 NLL (tests).
     """
     dist = dist or DistContext()
     device = torch.device(device)
@@ -406,14 +299,11 @@ def evaluate_model(model: ScoringModel, tokens: np.ndarray, tables: ByteTables, 
                   "ttt_recipe_settings": recipe.to_dict() if recipe is not None else None,
                   **(extra_config or {})}
         yield start_event(config=config, artifact_sha256=artifact_sha256, tokens=len(tokens),
-                          targets=len(tokens) - 1, bytes_total=total_target_bytes(tables, tokens),
+                          targets=len(tokens) - 1, bytes_total=tables.total_bytes(tokens),
                           chunks=len(chunks), val_tokens_sha256=val_tokens_sha256,
                           validation_manifest_sha256=validation_manifest_sha256)
-    except EvalInputError as exc:
-        yield error_event(code=exc.code, reason=str(exc), elapsed_s=budget.elapsed())
-        return
-    except ValueError as exc:
-        yield error_event(code="bad_options", reason=str(exc), elapsed_s=budget.elapsed())
+    except ValueError as exc:  # bad options or inputs (EvalInputError); anything else is the caller's to see
+        yield _error_of(exc, budget.elapsed(), setting_up=True)
         return
 
     model.eval()
@@ -466,35 +356,7 @@ def evaluate_model(model: ScoringModel, tokens: np.ndarray, tables: ByteTables, 
                                              "train": train_seconds},
                               order_trace=dict(ledger.trace.chunks[-1]),
                               distribution=chunk_check.as_dict(), ngram_stats=chunk_stats or None)
-    except ScoreOrderError as exc:
-        log.exception("score-before-update violation")
-        yield error_event(code="order_violation", reason=str(exc), totals=ledger.totals, elapsed_s=budget.elapsed())
-        return
-    except Exception as exc:  # an engine or model failure mid-run: report what was committed, then the reason
-        log.exception("evaluation failed")
-        yield _failure_event(exc, totals=ledger.totals, elapsed_s=budget.elapsed())
+    except Exception as exc:  # a failure mid-run: report what was committed, then the reason
+        yield _error_of(exc, budget.elapsed(), ledger.totals)
         return
     yield end_event(totals=ledger.totals, elapsed_s=budget.elapsed(), compliance=summary())
-
-
-CLASSIC_SCORE_LINE = "final_int6_sliding_window_exact"
-
-
-def final_score_line(start: Event, end: Event) -> str:
-    """The reference's final score line (reference §11), which log parsers and leaderboards read, but only for a
-    run that is a submission score: compliant, a sliding-window evaluation, over the full validation set. Any
-    other run gets a line that says what it is not, so no parser can take it for a score."""
-    compliance = end.get("compliance") or {}
-    figures = f"val_loss:{end['val_loss']:.8f} val_bpb:{end['val_bpb']:.8f}"
-    reasons = []
-    if compliance.get("compliant") is not True:
-        reasons.append(f"not compliant (ngram={compliance.get('ngram', {}).get('mode')})")
-    if compliance.get("full_validation_set") is not True:
-        reasons.append("not the full validation set (its tokens do not hash to the data manifest's val sha256)")
-    if compliance.get("sliding_window") is not True:
-        config = start.get("config") or {}
-        reasons.append(f"not a sliding-window evaluation (stride {config.get('stride')} = seq_len "
-                       f"{config.get('seq_len')})")
-    if not reasons:
-        return f"{CLASSIC_SCORE_LINE} {figures}"
-    return f"not_a_submission_score {figures} because: {'; '.join(reasons)}"

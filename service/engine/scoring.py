@@ -1,17 +1,8 @@
 """Scoring windows and committing scores: the ledger that makes score-before-update structural.
 
-``score_chunk`` runs the model (under ``torch.inference_mode``) over one rank's share of a chunk's windows and
-returns, per target position of the chunk, the NLL sum and the number of times it was scored. After the
-cross-rank sum, ``ScoreLedger.commit`` checks that every position was scored exactly once, counts bytes with the
-tokenizer tables and adds the chunk to the running float64 totals.
-
-``ScoreOrderError`` (shared with the n-gram mixers) is raised on any attempt to commit out of order or to train on
-a target whose score is not committed.
-
-The ledger is also the only source of training data for test-time training: ``ScoreLedger.committed_span``
-hands out a copy of a token range only when every target in it is already committed, and the TTT updater
-accepts nothing else. Every commit and every optimizer step is written to an ``OrderTrace`` whose digest goes in
-the final report, so the ordering can be audited after the fact.
+``score_chunk`` scores one rank's share of a chunk; ``ScoreLedger.commit`` checks and commits the all-reduced
+scores and is the only source of test-time training data; ``OrderTrace`` records every commit and step for the
+report (docs/evaluation.md §3).
 """
 
 from __future__ import annotations
@@ -30,9 +21,8 @@ from service.engine.windows import Chunk, WindowPlan, build_batch, rank_share
 from trainer.data.byte_accounting import ByteTables
 from trainer.model import autocast_for  # noqa: F401  (re-exported: ttt and the probes use it from here)
 
-# What the engine needs from a model (trainer.model.GPT has it): an nn.Module with ``forward_logits(ids)`` giving
-# (B, T, V) float logits, ``forward(ids, targets)`` giving the mean cross-entropy, and ``blocks`` (an
-# nn.ModuleList, so TTT can freeze the first ones).
+# An nn.Module with ``forward_logits(ids)`` (B, T, V logits), ``forward(ids, targets)`` (mean cross-entropy) and
+# ``blocks`` (TTT freezes the first ones), as trainer.model.GPT.
 ScoringModel = nn.Module
 
 
@@ -43,13 +33,8 @@ def synchronize(device: torch.device) -> None:
 
 @dataclass
 class DistributionCheck:
-    """C2, measured on the distributions the scores came from, at every scored position.
-
-    ``sum_min``/``sum_max``: Σ_v p(v) of each full vector; ``gap_max``: max |p_vector(x_t) − p_shortcut(x_t)|, the
-    vector's target entry against the mixer's closed form from the gold token's counts (None without a mixer).
-    ``positions`` counts the vectors summed, ``targets`` the positions scored; ``from_vector`` is False once a
-    score did not come from its vector (the hashed-940 reproduction scores the target's formula value).
-    """
+    """C2, measured on the distributions the scores came from, at every scored position (docs/evaluation.md §3):
+    extremes of Σ_v p(v), the largest |p_vector(x_t) − p_shortcut(x_t)|, vectors summed and positions scored."""
 
     positions: int = 0
     targets: int = 0
@@ -104,11 +89,8 @@ class ChunkScores:
 
 def score_chunk(model: ScoringModel, tokens: np.ndarray, windows: WindowPlan, chunk: Chunk, *, rank: int,
                 world_size: int, batch_windows: int, device: torch.device, mixer: NgramMixer | None) -> ChunkScores:
-    """Score this rank's contiguous share of the chunk's windows, ``batch_windows`` at a time.
-
-    Every scored position's full distribution is summed over the vocabulary (the model softmax, or the mixer's
-    vector, whose target entry is the score), which measures C2 on the distributions actually used.
-    """
+    """Score this rank's contiguous share of the chunk's windows, ``batch_windows`` at a time, summing every
+    scored position's full distribution (the model softmax, or the mixer's vector whose target entry is scored)."""
     sums = torch.zeros(2, chunk.num_targets, dtype=torch.float64, device=device)
     scores = ChunkScores(chunk, sums)
     lo, hi = rank_share(chunk.window_lo, chunk.window_hi, rank, world_size)
@@ -153,10 +135,8 @@ def score_chunk(model: ScoringModel, tokens: np.ndarray, windows: WindowPlan, ch
 
 @dataclass(frozen=True)
 class CommittedSpan:
-    """A copy of tokens[token_lo:token_hi] whose every target (positions token_lo+1 .. token_hi−1) is committed.
-
-    Only ``ScoreLedger.committed_span`` creates these; the TTT updater refuses spans from any other ledger.
-    """
+    """A copy of tokens[token_lo:token_hi] whose every target (token_lo+1 .. token_hi−1) is committed; only
+    ``ScoreLedger.committed_span`` creates these, and the TTT updater refuses those of any other ledger."""
 
     token_lo: int
     token_hi: int

@@ -1,19 +1,7 @@
 """Score-first test-time training: adapt the model on chunks whose scores are already committed.
 
-The updater never sees the validation stream. It trains only on ``CommittedSpan`` objects issued by the
-evaluation's own ``ScoreLedger`` (which refuses any range with an uncommitted target), re-checks the ledger's
-frontier before every optimizer step, and records every step's largest target position in the ledger's trace.
-
-Two recipes:
-- ``pr940``: the upstream submission's README settings (AdamW lr 1e-4, no weight decay, 4 epochs, blocks 0–1
-  frozen, grad clip 1.0, constant lr). Run here score-first, which the upstream code did not do (reference §7.4).
-- ``legal-sgd``: the legal reference recipe of PR #461/#549 (SGD lr 0.002, momentum 0.9, 3 epochs, nothing frozen,
-  grad clip 1.0, lr cosine-decayed over chunks).
-
-Distributed: every optimizer step uses the same global batch of sequences whatever the world size; each rank
-takes a contiguous share, weights its loss by its share of the step's target tokens and the gradients are summed
-across ranks, which gives exactly the single-process mean-loss gradient (a plain average of per-rank means would
-not when the last sequence is ragged).
+The updater trains only on ``CommittedSpan`` objects of the evaluation's own ``ScoreLedger`` and re-checks the
+frontier before every optimizer step. Recipes and the distributed gradient: docs/evaluation.md §4.
 """
 
 from __future__ import annotations
@@ -24,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from service.engine.dist import DistContext
 from service.engine.scoring import CommittedSpan, ScoreLedger, ScoreOrderError, ScoringModel, autocast_for
@@ -53,7 +40,7 @@ class TTTRecipe:
         return self.lr * 0.5 * (1.0 + math.cos(math.pi * chunk_index / (num_chunks - 1)))
 
 
-RECIPES: dict[str, TTTRecipe] = {
+RECIPES: dict[str, TTTRecipe] = {  # docs/evaluation.md §4
     # One step per epoch over a whole 131,072-token chunk (64 sequences: 8 per rank on 8 GPUs, as the fork).
     "pr940": TTTRecipe(name="pr940", optimizer="adamw", lr=1e-4, epochs=4, freeze_blocks=2, grad_clip=1.0,
                        lr_schedule="constant", weight_decay=0.0, batch_sequences=64),
@@ -62,30 +49,8 @@ RECIPES: dict[str, TTTRecipe] = {
                            lr_schedule="cosine", momentum=0.9, batch_sequences=32),
 }
 
-# Sequences per forward/backward pass on one rank. A step's share is accumulated in micro-batches of this size,
-# which bounds activation memory (64 × 2048 tokens at once would not fit beside the 11-layer model on one GPU)
-# without changing the gradient.
+# Sequences per forward/backward pass on one rank: bounds activation memory without changing the gradient.
 MICRO_BATCH_SEQUENCES = 16
-
-
-def release_inference_tensors(model: nn.Module) -> int:
-    """Replace tensors created under ``inference_mode`` (lazily built caches such as rotary cos/sin) by normal
-    copies, so that autograd can save them during training. Returns how many were replaced."""
-    replaced = 0
-    for module in model.modules():
-        for name, buffer in list(module._buffers.items()):
-            if buffer is not None and buffer.is_inference():
-                module._buffers[name] = buffer.clone()
-                replaced += 1
-        for name, value in list(vars(module).items()):
-            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and value.is_inference():
-                setattr(module, name, value.clone())
-                replaced += 1
-            elif isinstance(value, tuple | list) and any(
-                    isinstance(v, torch.Tensor) and v.is_inference() for v in value):
-                setattr(module, name, type(value)(v.clone() if isinstance(v, torch.Tensor) else v for v in value))
-                replaced += 1
-    return replaced
 
 
 class TTTUpdater:
@@ -128,7 +93,6 @@ class TTTUpdater:
         lr = self.recipe.lr_for_chunk(chunk_index, self.num_chunks)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        release_inference_tensors(self.model)
         self.model.train()
         # Sequence k of the span: span tokens [k·seq, k·seq + seq + 1), the last one possibly shorter.
         starts = np.arange(0, len(span.tokens) - 1, self.seq_len)

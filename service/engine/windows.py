@@ -1,21 +1,7 @@
 """Window and chunk planning: which tokens each forward pass sees and which targets it scores.
 
-Conventions used throughout the engine. The validation stream has N tokens ``tokens[0..N-1]``. *Target position*
-p (1 ≤ p ≤ N−1) is the prediction of ``tokens[p]`` from ``tokens[:p]``; there are N−1 targets and every one must
-be scored exactly once (condition C4, and the metric's denominator).
-
-A window feeds ``tokens[start:end]`` to the model; its output at local index j predicts target position
-``start + j + 1``, so a window can score positions ``start+1 .. end``. It scores ``[score_from, end + 1)``.
-
-Sliding rule (the fixed April rule of reference §7.2): windows start at every multiple of ``stride``; the first
-window scores everything it sees, every later one only its last ``stride`` targets (``score_from = start + seq −
-stride + 1``), and a window is kept only while that range is not empty. The scored ranges are then consecutive
-and disjoint and cover 1..N−1, the ragged tail included, for any N, seq and stride ≤ seq. With ``stride == seq``
-the same rule gives the non-overlapping evaluation (every window scores all of its targets).
-
-Chunks (reference §7.3): each window belongs to the chunk holding its first scored x-index ``score_from − 1``, so
-the targets of one chunk form one contiguous range and chunk ranges follow each other without gaps. Chunks that
-receive no window (possible when chunk_tokens < stride) are dropped.
+Target position p is the prediction of ``tokens[p]`` from ``tokens[:p]``; the sliding rule and the chunking are
+specified in docs/evaluation.md §1 (every target 1..N−1 scored exactly once, the tail included).
 """
 
 from __future__ import annotations
@@ -39,9 +25,6 @@ class WindowPlan:
     def __len__(self) -> int:
         return len(self.starts)
 
-    def scored_counts(self) -> np.ndarray:
-        return self.ends + 1 - self.score_from
-
 
 @dataclass(frozen=True)
 class Chunk:
@@ -59,7 +42,7 @@ class Chunk:
 
 
 def plan_windows(num_tokens: int, seq_len: int, stride: int) -> WindowPlan:
-    """The sliding windows over a stream of ``num_tokens`` tokens (see the module docstring)."""
+    """The sliding windows over a stream of ``num_tokens`` tokens (docs/evaluation.md §1)."""
     if seq_len < 1 or stride < 1:
         raise ValueError(f"seq_len and stride must be positive, got seq_len={seq_len} stride={stride}")
     if stride > seq_len:
@@ -114,12 +97,8 @@ class WindowBatch:
 def build_batch(tokens: np.ndarray, windows: WindowPlan, lo: int, hi: int) -> WindowBatch:
     """Assemble windows [lo, hi) into one padded batch and the index of every scored output."""
     starts, ends, score_from = windows.starts[lo:hi], windows.ends[lo:hi], windows.score_from[lo:hi]
-    # Every batch is as wide as the plan's seq_len, whatever the windows in it: the model's RoPE tables depend on
-    # the width it runs at (the NTK rescale above rope_train_seq_len), so a ragged last window must see the same
-    # tables whether it is batched alone or with full windows. Upstream pads its sliding batches the same way.
-    # Right padding cannot change an earlier output: attention is causal and every other feature looks back.
-    width = windows.seq_len
-    inputs = np.zeros((hi - lo, width), dtype=np.int64)
+    # Always seq_len wide, right-padded: RoPE depends on the width (docs/evaluation.md §1), padding is after.
+    inputs = np.zeros((hi - lo, windows.seq_len), dtype=np.int64)
     for row, (a, b) in enumerate(zip(starts, ends, strict=True)):
         inputs[row, : b - a] = tokens[a:b]
     counts = ends + 1 - score_from

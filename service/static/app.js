@@ -8,7 +8,7 @@
 "use strict";
 
 const TERMINAL = new Set(["end", "timeout", "error"]);
-const EVENT_TYPES = new Set(["queued", "start", "chunk", "end", "timeout", "error"]);
+const EVENT_TYPES = new Set(["queued", "requeued", "start", "chunk", "end", "timeout", "error"]);
 const TOKEN_KEY = "pgolf-token";
 const MAX_STREAM_RETRIES = 5;
 const SVG_NS = "http://www.w3.org/2000/svg";
@@ -103,7 +103,7 @@ async function loadLimits() {
   const l = state.limits;
   $("limits").textContent =
     `artifact cap ${l.max_artifact_bytes.toLocaleString("en")} bytes · evaluation limit ${l.eval_limit_seconds} s · ` +
-    `${l.workers} worker(s), queue bound ${l.queue_bound} · tokenizer ${l.tokenizer_sha256.slice(0, 12)}…`;
+    `${l.workers ? `${l.workers} worker(s)` : "workers on other machines"}, queue bound ${l.queue_bound} · tokenizer ${l.tokenizer_sha256.slice(0, 12)}…`;
   $("max-seconds").max = String(l.eval_limit_seconds);
   $("max-seconds").placeholder = String(l.eval_limit_seconds);
   fillModeChoices(l);
@@ -296,6 +296,10 @@ function sleep(ms) {
 function handleEvent(event) {
   if (event.type === "queued") {
     setStatus("queued", event.queue_position ? `position ${event.queue_position} in the queue` : "");
+  } else if (event.type === "requeued") { // its worker was lost: the next attempt starts from the first chunk
+    state.points = [];
+    drawChart();
+    setStatus("queued", `requeued: ${event.message || event.reason || "its worker was lost"}`);
   } else if (event.type === "start") {
     state.totalChunks = event.chunks ?? null;
     setStatus("running", `${fmt(event.targets)} targets, ${fmt(event.bytes)} bytes in ${fmt(event.chunks)} chunks`);
@@ -368,7 +372,8 @@ async function loadJobDetails(jobId) {
   const response = await api(`/evaluations/${encodeURIComponent(jobId)}`);
   if (!response.ok || jobId !== state.jobId) return;
   const job = await response.json();
-  if (job.reason) $("job-reason").textContent = job.reason;
+  const about = [job.reason, job.worker_id ? `worker ${job.worker_id}` : null].filter(Boolean);
+  if (about.length) $("job-reason").textContent = about.join(" · ");
   if (job.log_tail) {
     $("log-tail").textContent = job.log_tail;
     $("log-details").hidden = false;

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 WORD_MARK = "\u2581"  # '▁'
 
@@ -61,22 +60,14 @@ class ByteTables:
         space = self.has_leading_space[target_ids] & ~self.is_boundary[prev_ids]
         return self.base_bytes[target_ids].astype(np.int64) + space
 
-    def stream_bytes(self, tokens: np.ndarray) -> np.ndarray:
-        """Bytes of targets 1..N−1 of a token stream (target i is predicted from tokens < i)."""
-        tokens = np.asarray(tokens)
-        return self.target_bytes(tokens[:-1], tokens[1:])
-
-    def torch(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return (torch.from_numpy(self.base_bytes.astype(np.int64)).to(device),
-                torch.from_numpy(self.has_leading_space).to(device),
-                torch.from_numpy(self.is_boundary).to(device))
-
-
-def target_bytes_torch(tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor], prev_ids: torch.Tensor,
-                       target_ids: torch.Tensor) -> torch.Tensor:
-    """Torch twin of ``ByteTables.target_bytes`` for use inside evaluation loops (int64)."""
-    base, lead, boundary = tables
-    return base[target_ids] + (lead[target_ids] & ~boundary[prev_ids]).long()
+    def total_bytes(self, tokens: np.ndarray, block: int = 1 << 22) -> int:
+        """Σ bytes of targets 1..N−1 of a token stream (target i is predicted from tokens < i), in blocks so a
+        62M-token stream needs no 500 MB temporary."""
+        total = 0
+        for lo in range(1, len(tokens), block):
+            hi = min(lo + block, len(tokens))
+            total += int(self.target_bytes(tokens[lo - 1 : hi - 1], tokens[lo:hi]).sum())
+        return total
 
 
 def bits_per_byte(nll_sum_nats: float, byte_count: int) -> float:

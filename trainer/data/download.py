@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from trainer.data.shards import ShardError, read_header
-from trainer.data.val_manifest import write_val_manifest
+from trainer.data.writer import write_val_manifest
 
 DEFAULT_REPO_ID = os.environ.get("MATCHED_FINEWEB_REPO_ID", "willdepueoai/parameter-golf")
 DEFAULT_REMOTE_ROOT = os.environ.get("MATCHED_FINEWEB_REMOTE_ROOT_PREFIX", "datasets")

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from trainer.data.byte_accounting import ByteTables
-from trainer.data.shards import write_shard
 from trainer.data.val_manifest import tokens_sha256
+from trainer.data.writer import write_shard
 
 DATASET_NAME = "embedded_sp1024"
 VOCAB_SIZE = 1024
@@ -152,7 +152,7 @@ def build_embedded(out: Path | str, log: Callable[[str], None] = print) -> dict:
         name = f"embedded_{split}_000000.bin"
         write_shard(out / name, tokens)
         splits[split] = SplitStats([name], int(tokens.size), len(split_docs),
-                                   int(tables.stream_bytes(tokens).sum()), tokens_sha256(tokens)).__dict__
+                                   tables.total_bytes(tokens), tokens_sha256(tokens)).__dict__
         log(f"embedded: {split}: {tokens.size} tokens, {splits[split]['bytes']} bytes -> {out / name}")
 
     manifest = {

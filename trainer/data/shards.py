@@ -1,15 +1,10 @@
-"""The official Parameter Golf shard format.
-
-A shard is 256 little-endian int32 header words (magic 20240520, version 1, token count, zeros), followed by
-`count` little-endian uint16 token ids. The file size must be exactly 1024 + 2·count. Every reader in the project
-goes through `read_shard`, so a malformed file is refused in one place with a message naming the file.
-The validation split (reference-stack §7.1) is all val shards concatenated in order, optionally truncated to
-`((N−1)//seq)·seq + 1` tokens (`load_validation_tokens`).
+"""The official Parameter Golf shard format: 256 little-endian int32 header words (magic 20240520, version 1,
+token count, zeros), then `count` little-endian uint16 token ids; the file is exactly 1024 + 2·count bytes. Every
+reader goes through `read_shard`, so a malformed file is refused in one place, naming the file.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +13,6 @@ MAGIC = 20240520
 VERSION = 1
 HEADER_WORDS = 256
 HEADER_BYTES = HEADER_WORDS * 4
-MAX_TOKENS = 2**31 - 1
 
 
 class ShardError(ValueError):
@@ -61,11 +55,7 @@ def read_header(path: Path | str) -> int:
 
 
 def read_shard(path: Path | str, vocab_size: int | None = None, *, mmap: bool = False) -> np.ndarray:
-    """Return the token ids of a shard as uint16, refusing any malformed file.
-
-    With ``vocab_size`` every id is checked to be below it. ``mmap`` maps the file instead of reading it (for
-    the multi-GB training shards); the vocabulary check then still scans the whole file once.
-    """
+    """The token ids of a shard as uint16, each below ``vocab_size`` if given; ``mmap`` maps the file (training)."""
     path = Path(path)
     count = read_header(path)
     if mmap:
@@ -83,26 +73,6 @@ def read_shard(path: Path | str, vocab_size: int | None = None, *, mmap: bool = 
     return tokens
 
 
-def write_shard(path: Path | str, tokens: np.ndarray) -> int:
-    """Write tokens in the official format atomically (temporary name, then rename). Returns bytes written."""
-    path = Path(path)
-    tokens = np.asarray(tokens)
-    if tokens.ndim != 1 or tokens.size == 0:
-        raise ValueError(f"{path}: a shard needs a non-empty 1-D token array, got shape {tokens.shape}")
-    if tokens.size > MAX_TOKENS:
-        raise ValueError(f"{path}: {tokens.size} tokens exceed the format's limit of {MAX_TOKENS}")
-    if tokens.min() < 0 or tokens.max() >= 2**16:
-        raise ValueError(f"{path}: token ids must fit in uint16")
-    header = np.zeros(HEADER_WORDS, dtype="<i4")
-    header[:3] = (MAGIC, VERSION, tokens.size)
-    tmp = path.with_name(path.name + ".partial")
-    with tmp.open("wb") as f:
-        f.write(header.tobytes())
-        f.write(tokens.astype("<u2", copy=False).tobytes())
-    os.replace(tmp, path)
-    return HEADER_BYTES + 2 * tokens.size
-
-
 def shard_paths(data_dir: Path | str, split: str) -> list[Path]:
     """The sorted shards of one split (`*_train_*.bin` or `*_val_*.bin`) in a data directory."""
     if split not in ("train", "val"):
@@ -114,14 +84,7 @@ def shard_paths(data_dir: Path | str, split: str) -> list[Path]:
     return paths
 
 
-def load_validation_tokens(data_dir: Path | str, seq_len: int | None = None,
-                           vocab_size: int | None = None) -> np.ndarray:
-    """All val shards in order; with ``seq_len``, truncated like the reference to a whole number of sequences + 1."""
+def load_validation_tokens(data_dir: Path | str, vocab_size: int | None = None) -> np.ndarray:
+    """All val shards of a data directory, in order (the training-time truncation is trainer.evaluate's)."""
     parts = [read_shard(p, vocab_size) for p in shard_paths(data_dir, "val")]
-    tokens = parts[0] if len(parts) == 1 else np.concatenate(parts)
-    if seq_len is not None:
-        usable = ((len(tokens) - 1) // seq_len) * seq_len
-        if usable <= 0:
-            raise ValueError(f"validation split has {len(tokens)} tokens, fewer than one sequence of {seq_len} + 1")
-        tokens = tokens[: usable + 1]
-    return tokens
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)

@@ -31,7 +31,7 @@ def split_stats(data_dir: Path | str, tokenizer: Path | str, split: str = "val")
     paths = shard_paths(data_dir, split)
     parts = [read_shard(p, len(tables.base_bytes)) for p in paths]
     tokens = parts[0] if len(parts) == 1 else np.concatenate(parts)
-    byte_count = int(tables.stream_bytes(tokens).sum())
+    byte_count = tables.total_bytes(tokens)
     targets = int(tokens.size - 1)
     return {
         "split": split,

@@ -1,21 +1,15 @@
-"""The identity of a validation stream: sha256 of its tokens, and the digest a data directory records for it.
-
-A data directory's ``manifest.json`` (written by `trainer data build-embedded` and by `trainer data download`)
-records ``splits.val.tokens_sha256``: the sha256 of every val token, all val shards in order, as little-endian
-uint16 (the shard payloads without their headers). An evaluation hashes the stream it actually scored, so
-"scored the full validation set" is a comparison of two digests, not a belief about which option was passed.
+"""The identity of a validation stream: the sha256 of its tokens (little-endian uint16, all val shards in order),
+and the digest a data directory's manifest.json records for it (``splits.val.tokens_sha256``), so "scored the
+full validation set" is a comparison of two digests.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
-
-from trainer.data.shards import read_shard
 
 MANIFEST_NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 1 << 20  # a data manifest is a few kB; anything larger is not one of ours
@@ -26,7 +20,7 @@ def tokens_sha256(tokens: np.ndarray) -> str:
 
 
 def recorded_val_sha256(data_dir: Path | str) -> str | None:
-    """``splits.val.tokens_sha256`` of DATA_DIR/manifest.json, or None when the directory records none."""
+    """The recorded val digest of DATA_DIR/manifest.json, or None."""
     path = Path(data_dir) / MANIFEST_NAME
     try:
         if path.stat().st_size > MAX_MANIFEST_BYTES:
@@ -35,17 +29,3 @@ def recorded_val_sha256(data_dir: Path | str) -> str | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return digest if isinstance(digest, str) and len(digest) == 64 else None
-
-
-def write_val_manifest(data_dir: Path | str, val_files: list[str]) -> str:
-    """Write DATA_DIR/manifest.json recording the digest of the val shards ``val_files`` (in order), for a data
-    directory that has no manifest of its own (a download, or data laid out by hand). Returns the digest."""
-    data_dir = Path(data_dir)
-    tokens = np.concatenate([read_shard(data_dir / name) for name in val_files])
-    digest = tokens_sha256(tokens)
-    manifest = {"name": data_dir.name, "splits": {"val": {"files": list(val_files), "tokens": int(tokens.size),
-                                                          "tokens_sha256": digest}}}
-    partial = data_dir / (MANIFEST_NAME + ".partial")
-    partial.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(partial, data_dir / MANIFEST_NAME)
-    return digest
