@@ -15,7 +15,7 @@ import torch
 from service.engine.ngram_counts import PrefixCounts
 from service.engine.options import NGRAM_MODES
 
-DEFAULT_MAX_ORDER = 7  # orders 2..7: context widths 1..6
+DEFAULT_MAX_ORDER = 7  # context widths 1..6
 DEFAULT_MIN_COUNT = 2
 
 
@@ -41,8 +41,8 @@ class Mixed:
     """A batch's mixed distributions and the mixer's closed-form probability of each target."""
 
     probs: torch.Tensor  # (m, V) float64 distributions
-    shortcut: torch.Tensor  # (n,) float64 p(x_t) from the gold token's counts (a separate code path)
-    rows: torch.Tensor | None = None  # batch indices that `probs` covers; None: all n, in order
+    shortcut: torch.Tensor  # (n,) float64 p(x_t) from the gold token's counts (another code path)
+    rows: torch.Tensor | None = None  # batch indices `probs` covers; None: all n, in order
     stats: dict[str, int | float] = field(default_factory=dict)
 
 
@@ -61,7 +61,7 @@ def model_distribution(logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 class NgramMixer:
-    """What the engine relies on; subclasses implement `_prepare`, `_mix` and `_commit`."""
+    """What the engine relies on; subclasses implement `_mix`, `_commit` and optionally `_prepare`."""
 
     mode = ""
     compliant = False
@@ -105,6 +105,9 @@ class NgramMixer:
             raise ScoreOrderError(f"commit({upto}) goes backwards from {self.committed_upto}")
         self._commit(as_token_array(tokens, upto), upto)
         self.committed_upto = upto
+
+    def _prepare(self, head: np.ndarray, end: int) -> None:
+        pass
 
     def take_stats(self) -> dict[str, int | float]:
         """Counters of the scored batches since the last call (the engine sums them over ranks)."""
@@ -158,7 +161,7 @@ class BackoffNgramMixer(CountingMixer):
         device = logprobs.device
         p, entropy = model_distribution(logprobs)
         context, pair = self.statistics(pos, head)
-        # A context never occurs more often than its suffix: the eligible widths are 1..width (0: the model).
+        # A context never occurs more often than its suffix: widths 1..width are eligible (0: the model).
         width = (context >= self.min_count).sum(axis=0)
         alpha = torch.where(torch.from_numpy(width > 0).to(device), self.alpha(entropy), 0.0)
         probs = p.clone()
@@ -211,7 +214,7 @@ class SmoothedNgramMixer(CountingMixer):
         return Mixed(level.sub_(p).mul_(alpha[:, None]).add_(p), p_target + alpha * (level_target - p_target))
 
 
-# The counters of upstream's accepted tilt logs, plus how often the hint was the target and the summed β.
+# Upstream's accepted tilt-log counters, plus how often the hint was the target and the summed β.
 TILT_STATS = ("total", "gated", "token_gate", "within_gate", "word_gate", "agree2plus", "hint_hits", "beta_sum")
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 MAX_STREAM = 1 << 31  # ids and counts are packed in 32 bits each
 LOW = 0xFFFFFFFF
-MERGE_RATIO = 4  # a run is merged into the one before it once it holds more than a quarter of its entries
+MERGE_RATIO = 4  # a run is merged into the one before it once over a quarter of its size
 
 
 class SortedRuns:
@@ -156,7 +156,7 @@ class PrefixCounts:
         lo = (self.ids[width - 1, column] + 1) * V  # the context's continuations: keys [lo, lo + V)
         runs, region = self.runs[width], self.regions[width]
         parts = [(query, key % V, count) for query, key, count in runs.ranges(lo, V)]
-        # the primary continuation x[p + 1] of the context's first occurrence p counts once unless it is stored
+        # the primary continuation x[p + 1] (p: the context's id) counts once unless stored
         primary = np.asarray(self._head[lo // V]).astype(np.int64)
         single = np.flatnonzero(runs.find(lo + primary)[0] < 0)
         parts.append((single, primary[single], np.ones(single.size, np.int64)))
