@@ -180,7 +180,7 @@ class BackoffNgramMixer(CountingMixer):
 
 class SmoothedNgramMixer(CountingMixer):
     """Mode "smoothed": p_0 = p_model, p_w = (count(ctx_w, ·) + β·p_{w−1}) / (count(ctx_w) + β), p_mix =
-    (1 − α)·p_model + α·p_W: convex combinations only. β = 2 was chosen on the sample *train* shard."""
+    (1 − α)·p_model + α·p_W. β = 2 was chosen on the sample *train* shard."""
 
     mode = "smoothed"
 
@@ -219,10 +219,9 @@ TILT_STATS = ("total", "gated", "token_gate", "within_gate", "word_gate", "agree
 
 
 class TiltMixer(CountingMixer):
-    """Mode "tilt", the token-only tilt the organisers accepted (reference §8.2). Hint: from the widest context,
-    the first seen ≥ min_count times whose top continuation (ties: smallest id) has share conf ≥ threshold;
-    β = base_beta·conf; p'(v) = p(v)·e^{β·1[v = hint]}/Z, Z = 1 + p(hint)(e^β − 1). No within-word or word-start
-    expert (their gates read the target, ruled C1), so those counters are zero by construction."""
+    """Mode "tilt", the token-only tilt the organisers accepted (reference §8.2): hint = the top continuation
+    (ties: smallest id) of the widest context seen ≥ min_count times with share conf ≥ threshold, β =
+    base_beta·conf, p'(v) = p(v)·e^{β·1[v = hint]}/Z. No word experts (their gates read the target: C1)."""
 
     mode = "tilt"
     stat_names = TILT_STATS

@@ -74,7 +74,7 @@ def expand(start: np.ndarray, stop: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 
 @dataclass
 class _Region:
-    """One gram length over the prepared region: its looked-up occurrences grouped by key."""
+    """One gram length's looked-up occurrences in the prepared region, grouped by key."""
 
     processed: np.ndarray  # local positions u − committed_upto, ascending
     keys: np.ndarray  # distinct keys, ascending
@@ -107,7 +107,7 @@ class PrefixCounts:
         c0, n, V = self.committed_upto, end - self.committed_upto, self.vocab
         region = np.asarray(head[c0:end]).astype(np.int64)
         if n and (region.max() >= V or region.min() < 0):
-            raise ValueError(f"token ids must lie in [0, {V}): found {region.min()}..{region.max()}")
+            raise ValueError(f"token ids must lie in [0, {V})")
         self._head, bits = head, _bits(n)
         inc = np.ones((self.max_gram, n + 1), np.int64)  # a gram after a new prefix: seen once, id u
         ids = np.tile(np.arange(c0 - 1, end), (self.max_gram, 1))
@@ -129,9 +129,11 @@ class PrefixCounts:
             starts = np.flatnonzero(new_key)
             distinct, in_group = sorted_keys[starts], np.cumsum(new_key) - 1
             parent, first = distinct // V - 1, c0 + processed[order[starts]]
-            run, at, value = self.runs[k - 1].find(distinct)
+            old = np.flatnonzero(parent < c0)  # a prefix new in the region has nothing stored after it
+            run, at, value = np.full(distinct.size, -1), *np.zeros((2, distinct.size), np.int64)
+            run[old], at[old], value[old] = self.runs[k - 1].find(distinct[old])
             stored = run >= 0
-            # not stored: primary if it follows the prefix's first occurrence
+            # not stored: primary if right after the prefix's first occurrence
             primary = ~stored & (parent >= 0) & (head[parent + 1] == distinct % V)
             before = np.where(stored, value & LOW, primary)
             gram_ids = np.where(stored, value >> 32, np.where(primary, parent + 1, first))
@@ -150,8 +152,8 @@ class PrefixCounts:
         return np.maximum(_columns(self.inc[1:], positions - self.committed_upto + 1) - 1, 0)
 
     def rows(self, width: int, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Continuations of ctx_width at targets t whose context occurred before t: (query, token, count), the
-        counts of a repeated (query, token) adding up."""
+        """Continuations of ctx_width at targets t whose context occurred before t: (query, token, count)
+        entries that add up."""
         c0, V, column = self.committed_upto, self.vocab, positions - self.committed_upto
         lo = (self.ids[width - 1, column] + 1) * V  # the context's continuations: keys [lo, lo + V)
         runs, region = self.runs[width], self.regions[width]
@@ -184,7 +186,7 @@ class PrefixCounts:
 
 
 def _columns(array: np.ndarray, columns: np.ndarray) -> np.ndarray:
-    """array[:, columns], as a slice when the columns are consecutive (the engine's batches are)."""
+    """array[:, columns], a slice when they are consecutive (the engine's batches)."""
     if columns.size and columns[-1] - columns[0] == columns.size - 1:
         return array[:, columns[0]: columns[-1] + 1]
     return array[:, columns]
