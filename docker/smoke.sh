@@ -78,6 +78,7 @@ cleanup() {
     local status=$?
     if ((${#COMPOSE[@]})); then
         "${COMPOSE[@]}" --profile demo down --volumes --remove-orphans >"$WORK/down.log" 2>&1 || show_log "$WORK/down.log" 20
+        docker rm -f pgolf-smoke-postgres >/dev/null 2>&1 || true  # run_postgres was interrupted
         if [[ ${PGOLF_SMOKE_KEEP_IMAGES:-1} == 0 ]]; then
             docker image rm "$TRAIN_IMAGE" "$SERVICE_IMAGE" "$POSTGRES_IMAGE" >/dev/null 2>&1 || true
         fi
