@@ -7,6 +7,7 @@ import torch
 from trainer.data.loader import DistributedTokenLoader, rank_span
 from trainer.data.shards import load_validation_tokens
 from trainer.data.writer import write_shard
+from trainer.evaluate import whole_sequences
 
 
 @pytest.fixture()
@@ -65,8 +66,8 @@ def test_batch_that_does_not_split_into_sequences_is_refused(stream_dir: Path) -
 def test_validation_truncates_like_the_reference(stream_dir: Path) -> None:
     full = load_validation_tokens(stream_dir)
     assert full.size == 107
-    truncated = load_validation_tokens(stream_dir, seq_len=16)
+    truncated = whole_sequences(full, 16)
     assert truncated.size == (106 // 16) * 16 + 1 == 97
     np.testing.assert_array_equal(truncated, full[:97])
     with pytest.raises(ValueError, match="fewer than one sequence"):
-        load_validation_tokens(stream_dir, seq_len=200)
+        whole_sequences(full, 200)

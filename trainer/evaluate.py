@@ -26,6 +26,14 @@ class ValResult:
     bytes: int
 
 
+def whole_sequences(tokens: np.ndarray, seq_len: int) -> np.ndarray:
+    """The validation stream as the reference evaluates it during training: whole sequences + 1 token."""
+    usable = ((len(tokens) - 1) // seq_len) * seq_len
+    if usable <= 0:
+        raise ValueError(f"validation split has {len(tokens)} tokens, fewer than one sequence of {seq_len} + 1")
+    return tokens[: usable + 1]
+
+
 ByteLookup = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # base bytes, has leading space, is boundary
 
 

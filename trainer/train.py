@@ -34,7 +34,7 @@ from trainer.config import TrainConfig, to_dict
 from trainer.data.byte_accounting import ByteTables
 from trainer.data.loader import DistributedTokenLoader
 from trainer.data.shards import load_validation_tokens
-from trainer.evaluate import ValResult, evaluate_non_overlapping
+from trainer.evaluate import ValResult, evaluate_non_overlapping, whole_sequences
 from trainer.export import export_to_budget
 from trainer.model import GPT, autocast_for
 from trainer.muon import Muon
@@ -282,7 +282,7 @@ def train(config: TrainConfig, data_dir: Path, tokenizer: Path, out_dir: Path,
     if tables.vocab_size != config.model.vocab_size:
         raise ValueError(f"tokenizer has {tables.vocab_size} pieces but the model's vocab_size is "
                          f"{config.model.vocab_size}")
-    val_tokens = load_validation_tokens(data_dir, config.train_seq_len, config.model.vocab_size)
+    val_tokens = whole_sequences(load_validation_tokens(data_dir, config.model.vocab_size), config.train_seq_len)
     log(f"pgolf {__version__} python {platform.python_version()} torch {torch.__version__} device {device}")
     log(threads.describe())
     log(f"config {json.dumps(to_dict(config), sort_keys=True)}")

@@ -84,14 +84,7 @@ def shard_paths(data_dir: Path | str, split: str) -> list[Path]:
     return paths
 
 
-def load_validation_tokens(data_dir: Path | str, seq_len: int | None = None,
-                           vocab_size: int | None = None) -> np.ndarray:
-    """All val shards in order; with ``seq_len`` truncated, as the reference, to whole sequences + 1 token."""
+def load_validation_tokens(data_dir: Path | str, vocab_size: int | None = None) -> np.ndarray:
+    """All val shards of a data directory, in order (the training-time truncation is trainer.evaluate's)."""
     parts = [read_shard(p, vocab_size) for p in shard_paths(data_dir, "val")]
-    tokens = parts[0] if len(parts) == 1 else np.concatenate(parts)
-    if seq_len is not None:
-        usable = ((len(tokens) - 1) // seq_len) * seq_len
-        if usable <= 0:
-            raise ValueError(f"validation split has {len(tokens)} tokens, fewer than one sequence of {seq_len} + 1")
-        tokens = tokens[: usable + 1]
-    return tokens
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
