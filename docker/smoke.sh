@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Smoke run of the real images: build both, then run the compose `demo` profile end to end on the CPU
-# (embedded corpus -> torchrun training -> artifact -> the service evaluates it over HTTP -> `verifier check`).
+# Smoke run of the real images: build all three, start the cluster profile's PostgreSQL until it is healthy, then
+# run the compose `demo` profile end to end on the CPU (embedded corpus -> torchrun training -> artifact -> the
+# service evaluates it over HTTP -> `verifier check`).
 #
 # Made for a machine that reaches package registries but no image registry: the base image is a Debian
 # bookworm root made with debootstrap (Python 3.11, plus torch==2.13.0 from a local CPU wheel, standing in for
@@ -22,6 +23,7 @@ cd "$REPO_ROOT"
 PROJECT=pgolf-smoke
 TRAIN_IMAGE=pgolf-train:smoke
 SERVICE_IMAGE=pgolf-service:smoke
+POSTGRES_IMAGE=pgolf-postgres:smoke
 DEMO_TIMEOUT=${PGOLF_SMOKE_TIMEOUT:-1800}
 WORK=$(mktemp -d /var/tmp/pgolf-smoke.XXXXXX)
 STARTED_DOCKERD_PID=""
@@ -76,8 +78,9 @@ cleanup() {
     local status=$?
     if ((${#COMPOSE[@]})); then
         "${COMPOSE[@]}" --profile demo down --volumes --remove-orphans >"$WORK/down.log" 2>&1 || show_log "$WORK/down.log" 20
+        docker rm -f pgolf-smoke-postgres >/dev/null 2>&1 || true  # run_postgres was interrupted
         if [[ ${PGOLF_SMOKE_KEEP_IMAGES:-1} == 0 ]]; then
-            docker image rm "$TRAIN_IMAGE" "$SERVICE_IMAGE" >/dev/null 2>&1 || true
+            docker image rm "$TRAIN_IMAGE" "$SERVICE_IMAGE" "$POSTGRES_IMAGE" >/dev/null 2>&1 || true
         fi
         docker image prune --force >/dev/null 2>&1 || true  # the previous smoke builds' dangling layers
     fi
@@ -249,6 +252,26 @@ run_demo() {
     show_log "$WORK/demo.log" 25
 }
 
+# --- 5. The cluster profile's PostgreSQL image: built on the same base, started, healthy, stopped ---------------
+
+run_postgres() {
+    local name=pgolf-smoke-postgres status=starting waited=0
+    docker rm -f "$name" >/dev/null 2>&1 || true
+    docker run -d --name "$name" --network host -e PGPORT="$(free_port)" \
+        -e POSTGRES_PASSWORD="$(python3 -c 'import secrets; print(secrets.token_hex(16))')" "$POSTGRES_IMAGE" \
+        >"$WORK/postgres.log" 2>&1 || { show_log "$WORK/postgres.log"; fail "starting the postgres image"; }
+    while [[ $status != healthy ]] && ((waited < 90)); do
+        sleep 1
+        waited=$((waited + 1))
+        status=$(docker inspect --format '{{.State.Health.Status}}' "$name" 2>/dev/null || echo gone)
+        [[ $status == gone || $status == unhealthy ]] && break
+    done
+    docker logs "$name" >"$WORK/postgres.log" 2>&1 || true
+    docker rm -f "$name" >/dev/null 2>&1 || true
+    [[ $status == healthy ]] || { show_log "$WORK/postgres.log"; fail "the postgres image did not become healthy"; }
+    TIMINGS+=("$(printf '%-28s %5d' "postgres healthy" "$waited")")
+}
+
 main() {
     local start
     start=$(date +%s)
@@ -256,6 +279,8 @@ main() {
     ensure_base_image
     build_image train docker/train.Dockerfile "$TRAIN_IMAGE"
     build_image service docker/service.Dockerfile "$SERVICE_IMAGE"
+    build_image postgres docker/postgres.Dockerfile "$POSTGRES_IMAGE"
+    run_postgres
     run_demo
     TIMINGS+=("$(printf '%-28s %5d' total $(($(date +%s) - start)))")
     print_timings

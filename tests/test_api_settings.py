@@ -75,6 +75,11 @@ def test_a_cluster_api_node_runs_no_workers_and_leases_are_configurable(data_dir
     settings = Settings.from_env({"PGOLF_DATA_DIR": str(data_dir), "PGOLF_WORKERS": "0",
                                   "PGOLF_LEASE_SECONDS": "4.5", "PGOLF_REQUEUE_LOST_JOBS": "1"})
     assert (settings.workers, settings.lease_seconds, settings.requeue_lost_jobs) == (0, 4.5, 1)
+    # An API node evaluates nothing: the tokenizer is enough, the validation shards live on the workers.
+    (data_dir / "fineweb_val_000000.bin").unlink()
+    with pytest.raises(SettingsError, match="validation shard"):
+        Settings.from_env({"PGOLF_DATA_DIR": str(data_dir)})
+    assert Settings.from_env({"PGOLF_DATA_DIR": str(data_dir), "PGOLF_WORKERS": "0"}).workers == 0
 
 
 @pytest.mark.parametrize(

@@ -173,10 +173,11 @@ class Settings:
         return settings
 
     def check_inputs(self) -> None:
-        """Fail fast when the data or tokenizer the service evaluates against is not there."""
+        """Fail fast when the data or tokenizer the service evaluates against is not there. An API node that runs
+        no evaluation (PGOLF_WORKERS=0) needs only the tokenizer, which uploads are checked against."""
         if not self.data_dir.is_dir():
             raise SettingsError(f"PGOLF_DATA_DIR={self.data_dir} is not a directory")
-        if not any(self.data_dir.glob("*_val_*.bin")):
+        if self.workers > 0 and not any(self.data_dir.glob("*_val_*.bin")):
             raise SettingsError(f"PGOLF_DATA_DIR={self.data_dir} holds no *_val_*.bin validation shard")
         if not self.tokenizer.is_file():
             raise SettingsError(f"tokenizer {self.tokenizer} does not exist (set PGOLF_TOKENIZER)")
