@@ -97,11 +97,11 @@ def evaluate(options: EvalOptions, *, started: float | None = None) -> Iterator[
         rank, world_size, local_rank = ranks_from_env()
         device = resolve_device(options.device, local_rank)
         dist = init_from_env(device, rank, world_size, local_rank)
-        (model, model_config, artifact_sha256, size, train_seq_len, notes), tables, tokens = load_inputs(options,
-                                                                                                         device)
+        loaded, tables, tokens = load_inputs(options, device)
     except Exception as exc:  # bad inputs, or e.g. a CUDA or process-group failure: still one error event
         yield _error_of(exc, time.perf_counter() - started, setting_up=True)
         return
+    model, model_config, artifact_sha256, size, train_seq_len, notes = loaded
     seq_len_source = "option" if options.seq_len is not None else (
         "artifact training.train_seq_len" if train_seq_len else f"default {FALLBACK_SEQ_LEN}")
     yield from evaluate_model(model, tokens, tables, options.resolved(train_seq_len), dist=dist, device=device,
