@@ -56,6 +56,7 @@ from service.api.storage import (
     COMPLETED,
     FAILED,
     INTERRUPTED_REASON,
+    QUEUED,
     TIMEOUT,
     JobRecord,
     LeaseLost,
@@ -72,7 +73,6 @@ LOG_TAIL_CHARS = 8000
 WATCHDOG_SECONDS = 2.0
 # An idle worker looks for queued work whenever the store announces a change, and at least this often.
 CLAIM_POLL_SECONDS = 1.0
-CLAIM_MIN_GAP_SECONDS = 0.2
 # A change of the running job (a cancel request, or just its own events) triggers a renewal, at most this often.
 MIN_RENEW_GAP_SECONDS = 0.25
 log = logging.getLogger("pgolf.service")
@@ -143,14 +143,13 @@ class Worker:
     # the loop
 
     async def run_forever(self) -> None:
-        claimed_at = 0.0
         while not self.stopping.is_set():
             try:
-                # Every change anywhere wakes an idle worker (most are other jobs' events); a claim is a write, so
-                # an idle worker tries at most every CLAIM_MIN_GAP_SECONDS.
-                await asyncio.sleep(max(0.0, claimed_at + CLAIM_MIN_GAP_SECONDS - time.monotonic()))
-                seen, claimed_at = self.hub.total(), time.monotonic()
-                job = self.store.claim_next_queued(self.worker_id, self.settings.lease_seconds)
+                seen = self.hub.total()
+                # Every change anywhere wakes an idle worker, mostly other jobs' events; a claim is a write, so it
+                # is tried only when a read (an index lookup) sees a queued job.
+                job = (self.store.claim_next_queued(self.worker_id, self.settings.lease_seconds)
+                       if self.store.list_jobs(limit=1, status=QUEUED) else None)
                 if job is None:
                     await self.hub.wait_for_any(seen, CLAIM_POLL_SECONDS)
                     if self.hub.closed:
