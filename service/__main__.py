@@ -105,9 +105,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
                 if speaks:
                     print(final_score_line(start, event), file=sys.stderr, flush=True)
                     if event["compliance"]["ngram"]["mode"] == "tilt":  # upstream's tilt counters, in its format
-                        from service.engine.ngram_tilt import log_line
-
-                        print(log_line(event["compliance"]["ngram"]["stats"]), file=sys.stderr, flush=True)
+                        print(tilt_log_line(event["compliance"]["ngram"]["stats"]), file=sys.stderr, flush=True)
             elif event["type"] == "timeout":
                 status = EXIT_TIMEOUT
             elif event["type"] == "error":
@@ -118,6 +116,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
     finally:
         _leave_process_group(wait_for_peers=False)
     return status
+
+
+def tilt_log_line(stats: dict[str, int | float]) -> str:
+    """Upstream's accepted-log line (`ngram_tilt:hints total=… gated=… …`) for a run's summed tilt counters."""
+    from service.engine.ngram import TILT_STATS
+
+    counts = " ".join(f"{name}={int(stats.get(name, 0))}" for name in TILT_STATS[1:6])
+    return f"ngram_tilt:hints total={int(stats.get('total', 0))} {counts}"
 
 
 CLASSIC_SCORE_LINE = "final_int6_sliding_window_exact"

@@ -76,7 +76,11 @@ def eval_inputs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
     write_artifact(out / "tiny.pgolf", GPT(config).state_dict(), config,
                    hashlib.sha256(tokenizer.read_bytes()).hexdigest(), vocab, training,
                    code_bytes=counted_code_bytes())
-    return {"artifact": str(out / "tiny.pgolf"), "data_dir": str(out), "tokenizer": str(tokenizer)}
+    broken = tmp_path_factory.mktemp("sufficiency_truncated_shard")  # for the failure path: a shard cut short
+    shard = (out / "fineweb_val_000000.bin").read_bytes()
+    (broken / "fineweb_val_000000.bin").write_bytes(shard[: len(shard) - 7])
+    return {"artifact": str(out / "tiny.pgolf"), "data_dir": str(out), "tokenizer": str(tokenizer),
+            "truncated_data_dir": str(broken)}
 
 
 def _run_driver(cases: list[dict], *, isolated_root: Path | None) -> dict:
@@ -103,21 +107,26 @@ def test_the_counted_files_alone_evaluate_an_artifact_bit_identically(tmp_path: 
         (isolated / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(REPO_ROOT / rel, isolated / rel)
     compliant = [mode for mode in NGRAM_MODES if mode not in NON_COMPLIANT_MODES]
-    cases = [{**eval_inputs, **SMALL_RUN}]  # the engine's defaults
-    cases += [{**eval_inputs, **SMALL_RUN, "ttt": True, "ttt_recipe": recipe, "ngram": mode}
+    inputs = {k: v for k, v in eval_inputs.items() if k != "truncated_data_dir"}
+    cases = [{**inputs, **SMALL_RUN}]  # the engine's defaults
+    cases += [{**inputs, **SMALL_RUN, "ttt": True, "ttt_recipe": recipe, "ngram": mode}
               for recipe in TTT_RECIPE_NAMES for mode in compliant]
-    excluded = [{**eval_inputs, **SMALL_RUN, "ngram": mode} for mode in NON_COMPLIANT_MODES]
+    # The failure paths are part of the evaluation: the copy must refuse bad inputs with the same error events.
+    failing = [{**inputs, **SMALL_RUN, "data_dir": eval_inputs["truncated_data_dir"]},
+               {**inputs, **SMALL_RUN, "tokenizer": str(Path(inputs["data_dir"]) / "missing.model")}]
+    excluded = [{**inputs, **SMALL_RUN, "ngram": mode} for mode in NON_COMPLIANT_MODES]
 
-    normal = _run_driver(cases, isolated_root=None)
-    alone = _run_driver(cases + excluded, isolated_root=isolated)
+    normal = _run_driver(cases + failing, isolated_root=None)
+    alone = _run_driver(cases + failing + excluded, isolated_root=isolated)
 
-    for run in normal["runs"]:
+    for run in normal["runs"][: len(cases)]:
         assert run[-1]["type"] == "end" and run[-1]["compliance"]["compliant"], run[-1]
         assert math.isfinite(run[-1]["val_bpb"])
-    assert alone["runs"][: len(cases)] == normal["runs"]
+    assert [run[-1]["code"] for run in normal["runs"][len(cases):]] == ["bad_data", "bad_tokenizer"]
+    assert alone["runs"][: len(cases) + len(failing)] == normal["runs"]
     # The non-compliant mode needs a file that is not counted, so the copy really is all there is.
     assert all(run == [{"type": "import_error", "name": "service.engine.ngram_hashed"}]
-               for run in alone["runs"][len(cases):])
+               for run in alone["runs"][len(cases) + len(failing):])
     for name, file in alone["modules"].items():
         assert file is not None and Path(file).resolve().is_relative_to(isolated.resolve()), (name, file)
     # And the normal run loaded nothing from the project beyond the counted files.

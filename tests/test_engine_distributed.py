@@ -82,3 +82,22 @@ def test_ttt_comparison_is_sensitive() -> None:
     plain = terminal(list(evaluate_model(tiny_model(), tokens, tiny_tables(), replace(adapted_options, ttt=False))))
     adapted = terminal(list(evaluate_model(tiny_model(), tokens, tiny_tables(), adapted_options, ttt_recipe=recipe)))
     assert abs(adapted["val_bpb"] - plain["val_bpb"]) > 1e-3 * plain["val_bpb"]
+
+
+def test_ranks_come_from_torchrun_and_the_device_from_local_rank_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From the second node on the global RANK (8, 9, …) is no device index: without LOCAL_RANK the evaluation
+    refuses to start instead of picking cuda:RANK."""
+    from service.engine import EvalOptions, evaluate
+    from service.engine.dist import ranks_from_env
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert ranks_from_env() == (0, 1, 0)
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("RANK", "9")
+    with pytest.raises(ValueError, match="LOCAL_RANK unset: launch with torchrun"):
+        ranks_from_env()
+    [event] = list(evaluate(EvalOptions(device="cpu")))
+    assert event["type"] == "error" and event["code"] == "bad_options" and "torchrun" in event["reason"]
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert ranks_from_env() == (9, 16, 1)

@@ -17,18 +17,19 @@ import numpy as np
 import pytest
 import torch
 
+from service.__main__ import tilt_log_line
 from service.engine.ngram import (
     BackoffNgramMixer,
     EntropyAlpha,
     Mixed,
     ScoreOrderError,
     SmoothedNgramMixer,
+    TiltMixer,
     make_mixer,
     model_distribution,
 )
 from service.engine.ngram_counts import PrefixCounts
 from service.engine.ngram_hashed import HASH_PRIMES, Hashed940Mixer
-from service.engine.ngram_tilt import TiltMixer, log_line
 
 WIDTHS = 6  # orders 2..7
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -95,8 +96,8 @@ def test_counts_and_continuation_rows_match_the_reference(vocab: int, alphabet: 
                     assert pair[w - 1, i] == row.get(int(tokens[t]), 0), (boundaries, t, w)
             for w in range(1, WIDTHS + 1):
                 seen = positions[context[w - 1] > 0]
-                block, query, token, count = counts.rows(w, seen)
-                rows = np.zeros((seen.size, vocab)) if block is None else block.astype(np.float64)
+                query, token, count = counts.rows(w, seen)
+                rows = np.zeros((seen.size, vocab))
                 np.add.at(rows, (query, token), count)
                 for i, t in enumerate(seen):
                     np.testing.assert_array_equal(rows[i], dense(want[t][w], vocab), err_msg=f"{boundaries} {t} {w}")
@@ -208,7 +209,7 @@ def test_tilt_hints_and_stats() -> None:
     assert stats["total"] == 599 and stats["gated"] == stats["token_gate"] == hinted > 100
     assert stats["hint_hits"] == hits and stats["within_gate"] == stats["word_gate"] == stats["agree2plus"] == 0
     assert mixer.take_stats()["total"] == 0  # counters restart after each take
-    assert log_line(stats) == (f"ngram_tilt:hints total=599 gated={hinted} token_gate={hinted} within_gate=0 "
+    assert tilt_log_line(stats) == (f"ngram_tilt:hints total=599 gated={hinted} token_gate={hinted} within_gate=0 "
                                "word_gate=0 agree2plus=0")
 
 
@@ -249,25 +250,23 @@ def test_vectors_do_not_depend_on_chunking_or_batching(mode: str) -> None:
         torch.testing.assert_close(vectors(boundaries, batch), one_shot, rtol=1e-13, atol=1e-15)
 
 
-def test_state_refuses_tokens_whose_score_is_not_committed() -> None:
+def test_committed_positions_cannot_be_scored_again_and_commits_never_go_back() -> None:
+    """The engine's ledger decides when a chunk's scores are committed (tests/test_engine_scoring.py); the mixer
+    refuses what would break the order on its side: rescoring a committed position, committing backwards."""
     tokens = np.arange(100, dtype=np.uint16) % 7
     mixer = BackoffNgramMixer(7)
     logits = torch.zeros(100, 7)
-    with pytest.raises(ScoreOrderError, match="position 1 has no committed score"):
-        mixer.commit(tokens, 10)
     mixer.mix(np.arange(1, 10), tokens, logits[1:10])
-    with pytest.raises(ScoreOrderError, match="position 10 has no committed score"):
-        mixer.commit(tokens, 11)
-    mixer.mix(np.array([12, 13]), tokens, logits[:2])
-    with pytest.raises(ScoreOrderError, match="position 10"):
-        mixer.commit(tokens, 14)
     mixer.commit(tokens, 10)
     assert mixer.committed_upto == 10
     with pytest.raises(ScoreOrderError, match="already committed"):
-        mixer.mix(np.array([9]), tokens, logits[:1])
+        mixer.mix(np.array([9, 10]), tokens, logits[:2])
     with pytest.raises(ScoreOrderError, match="already committed"):
         mixer.full_distribution(5, tokens, torch.zeros(7))
-    mixer.mark_scored(10, 12)  # scored by a peer rank
+    with pytest.raises(ScoreOrderError, match="not a target"):
+        BackoffNgramMixer(7).mix(np.array([0]), tokens, logits[:1])
+    with pytest.raises(ScoreOrderError, match="goes backwards"):
+        mixer.commit(tokens, 9)
     mixer.commit(tokens, 14)
     assert mixer.committed_upto == 14
 

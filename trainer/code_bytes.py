@@ -10,8 +10,9 @@ evaluation imports**, found by following the real import graph:
   ``if TYPE_CHECKING:`` blocks), and the ``__init__.py`` of every package on the way, because importing a module
   runs them;
 - minus the modules in ``NOT_COUNTED``: code that a compliant evaluation of a .pgolf artifact never loads (a
-  non-compliant mode, the .ptz path, training-only initialisation, a failure's report). Each must be imported
-  lazily (inside a function), never at module level, so a compliant evaluation provably runs without it.
+  non-compliant mode, the .ptz path, training-only initialisation). Each must be imported lazily (inside a
+  function), never at module level, so a compliant evaluation provably runs without it. Its failure paths are
+  part of it and counted: the copy of the counted files must refuse bad inputs with the same error events.
 
 Following the imports rather than listing files keeps the count honest as the engine grows: a module the
 evaluation starts to import is counted the moment it is imported. What an evaluation does not import is not
@@ -43,8 +44,6 @@ NOT_COUNTED: dict[str, str] = {
     "trainer.upstream_config": "reads an upstream train_gpt.py's config; only a .ptz evaluation loads it",
     "trainer.init": "the reference initialisation: the evaluation builds the model on the meta device and assigns "
                     "the artifact's weights, so only training (off the meta device) loads it",
-    "service.engine.failures": "the error event of an unexpected failure (internal, resource_limit, "
-                               "order_violation); only a failing run loads it",
     "service.engine.upstream_inputs": "loads a .ptz submission for the engine; only a .ptz evaluation loads it",
 }
 

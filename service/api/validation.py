@@ -28,7 +28,7 @@ from typing import Any
 
 from service.api.limits import ResourceLimits, breach_reason, child_setup, renew_cpu_allowance
 from service.api.settings import subprocess_env
-from service.engine.failures import allocation_failure_reason
+from service.engine.events import allocation_failure_reason
 
 MAX_REPLY_BYTES = 8 << 20  # a manifest is a few KB; a reply near this is itself a sign of a broken helper
 # The address-space limit counts reserved memory, and every OpenMP thread reserves a stack and a malloc arena (up to

@@ -48,17 +48,22 @@ def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-def init_from_env(device: torch.device) -> DistContext:
-    """Join the process group torchrun describes (if any); a plain ``python`` run is rank 0 of 1."""
+def ranks_from_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) as torchrun sets them; a plain ``python`` run is rank 0 of 1. The device
+    index is LOCAL_RANK only: from the second node on, the global RANK (8, 9, …) is no device of this machine."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
+        return 0, 1, 0
+    missing = [name for name in ("RANK", "LOCAL_RANK") if name not in os.environ]
+    if missing:
+        raise ValueError(f"WORLD_SIZE={world_size} but {' and '.join(missing)} unset: launch with torchrun")
+    return int(os.environ["RANK"]), world_size, int(os.environ["LOCAL_RANK"])
+
+
+def init_from_env(device: torch.device, rank: int, world_size: int, local_rank: int) -> DistContext:
+    """Join the process group torchrun describes (``ranks_from_env``), if there is more than one process."""
+    if world_size <= 1:
         return DistContext()
-    rank = int(os.environ["RANK"])
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
     if not torch_dist.is_initialized():
         torch_dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank)
-
-
-def local_rank_from_env() -> int:
-    return int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))

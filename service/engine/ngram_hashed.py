@@ -189,7 +189,6 @@ class Hashed940Mixer(NgramMixer):
             raise ScoreOrderError(f"position {int(pos.min())} is already committed: it cannot be scored again")
         nll = self._score(pos, as_token_array(tokens, int(pos.max()) + 1), np.asarray(target_lp, np.float64),
                           np.asarray(entropy, np.float64)) if pos.size else np.zeros(0)
-        self.ledger.mark(pos)
         return nll
 
     def _mix(self, pos: np.ndarray, head: np.ndarray, logprobs: torch.Tensor) -> Mixed:

@@ -16,10 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from service.engine.dist import DistContext, init_from_env, local_rank_from_env, resolve_device
+from service.engine.dist import DistContext, init_from_env, ranks_from_env, resolve_device
 from service.engine.events import (
     Event,
     Totals,
+    allocation_failure_reason,
     chunk_event,
     end_event,
     error_event,
@@ -32,6 +33,7 @@ from service.engine.options import FALLBACK_SEQ_LEN, EvalOptions, is_upstream_ar
 from service.engine.scoring import (
     DistributionCheck,
     ScoreLedger,
+    ScoreOrderError,
     ScoringModel,
     score_chunk,
 )
@@ -92,13 +94,14 @@ def evaluate(options: EvalOptions, *, started: float | None = None) -> Iterator[
     try:
         options.validate()
         threads = apply_thread_policy()  # CPU scoring and the n-gram mixer share the cores with local peers
-        device = resolve_device(options.device, local_rank_from_env())
-        dist = init_from_env(device)
-        (model, model_config, artifact_sha256, size, train_seq_len, notes), tables, tokens = load_inputs(options,
-                                                                                                         device)
+        rank, world_size, local_rank = ranks_from_env()
+        device = resolve_device(options.device, local_rank)
+        dist = init_from_env(device, rank, world_size, local_rank)
+        loaded, tables, tokens = load_inputs(options, device)
     except Exception as exc:  # bad inputs, or e.g. a CUDA or process-group failure: still one error event
         yield _error_of(exc, time.perf_counter() - started, setting_up=True)
         return
+    model, model_config, artifact_sha256, size, train_seq_len, notes = loaded
     seq_len_source = "option" if options.seq_len is not None else (
         "artifact training.train_seq_len" if train_seq_len else f"default {FALLBACK_SEQ_LEN}")
     yield from evaluate_model(model, tokens, tables, options.resolved(train_seq_len), dist=dist, device=device,
@@ -111,13 +114,19 @@ def evaluate(options: EvalOptions, *, started: float | None = None) -> Iterator[
 
 def _error_of(exc: Exception, elapsed_s: float, totals: Totals | None = None, *, setting_up: bool = False) -> Event:
     """The error event of an exception: an input error's own code, `bad_options` for a ValueError while setting
-    up, else what ``failures.failure_event`` makes of it."""
+    up, `order_violation`, `resource_limit` when an allocation failed (the service runs evaluators under an
+    address-space rlimit), else `internal`."""
     if isinstance(exc, EvalInputError) or (setting_up and isinstance(exc, ValueError)):
         return error_event(code=getattr(exc, "code", "bad_options"), reason=str(exc), elapsed_s=elapsed_s)
     log.exception("evaluation failed")
-    from service.engine.failures import failure_event  # not counted: only a failing run needs it
-
-    return failure_event(exc, elapsed_s, totals)
+    allocation = allocation_failure_reason(exc)
+    if isinstance(exc, ScoreOrderError):
+        code, reason = "order_violation", str(exc)
+    elif allocation is not None:
+        code, reason = "resource_limit", f"{allocation}: {type(exc).__name__}: {exc}"[:2000]
+    else:
+        code, reason = "internal", f"{type(exc).__name__}: {exc}"
+    return error_event(code=code, reason=reason, totals=totals, elapsed_s=elapsed_s)
 
 
 def load_inputs(options: EvalOptions, device: torch.device) -> tuple[LoadedModel, ByteTables, np.ndarray]:
@@ -338,7 +347,6 @@ def evaluate_model(model: ScoringModel, tokens: np.ndarray, tables: ByteTables, 
             if mixer is not None:
                 commit_started = time.perf_counter()
                 # The ledger has just committed every target of the chunk (whichever rank scored it).
-                mixer.mark_scored(chunk.target_lo, chunk.target_hi)
                 mixer.commit(tokens, ledger.frontier)
                 mix_commit_seconds = time.perf_counter() - commit_started
             trained_range = None
