@@ -71,8 +71,10 @@ class FakeService:
 def fake(service_data: ServiceData, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeService]:  # noqa: F811
     root = tmp_path_factory.mktemp("fake-service")
     script = root / "behaviour.json"
+    # Three uploads at once from this one client: the per-client bound (default 2, tested in test_api_attacks.py)
+    # must not be what refuses the third one in the full-queue test, whatever the timing.
     env = {**fake_evaluator_env(script), "PGOLF_QUEUE_BOUND": "1", "PGOLF_WORKERS": "1",
-           "PGOLF_EVAL_LIMIT_SECONDS": "30", "PGOLF_KILL_GRACE_SECONDS": "0.5"}
+           "PGOLF_EVAL_LIMIT_SECONDS": "30", "PGOLF_KILL_GRACE_SECONDS": "0.5", "PGOLF_UPLOADS_PER_CLIENT": "3"}
     with ServiceProcess(root / "storage", service_data, **env) as process:
         service = FakeService(process, script)
         yield service

@@ -56,6 +56,7 @@ from service.api.storage import (
     COMPLETED,
     FAILED,
     INTERRUPTED_REASON,
+    QUEUED,
     TIMEOUT,
     JobRecord,
     LeaseLost,
@@ -86,7 +87,7 @@ def new_worker_id() -> str:
 class _Running:
     """A job's live subprocess and why it may have to stop early."""
 
-    process: asyncio.subprocess.Process
+    process: asyncio.subprocess.Process | None = None  # None until the evaluator is started
     cancel_requested: bool = False
     interrupted: bool = False  # killed because the worker is shutting down
     lost: bool = False  # the job is no longer this worker's: record nothing more
@@ -145,7 +146,10 @@ class Worker:
         while not self.stopping.is_set():
             try:
                 seen = self.hub.total()
-                job = self.store.claim_next_queued(self.worker_id, self.settings.lease_seconds)
+                # Every change anywhere wakes an idle worker, mostly other jobs' events; a claim is a write, so it
+                # is tried only when a read (an index lookup) sees a queued job.
+                job = (self.store.claim_next_queued(self.worker_id, self.settings.lease_seconds)
+                       if self.store.list_jobs(limit=1, status=QUEUED) else None)
                 if job is None:
                     await self.hub.wait_for_any(seen, CLAIM_POLL_SECONDS)
                     if self.hub.closed:
@@ -219,20 +223,43 @@ class Worker:
 
     async def _evaluate(self, job: JobRecord, progress: _Progress, started: float
                         ) -> tuple[str, dict[str, Any], str | None]:
-        cache_dir = self.settings.artifacts_dir
-        artifact = self.store.materialise_artifact(job.artifact_sha256, cache_dir)
+        """The job's outcome; the lease is kept from the claim on, also while the artifact is copied."""
+        running = _Running()
+        self._running = running
+        keeper = asyncio.create_task(self._keep_lease(job.id, running), name=f"pgolf-lease-{job.id}")
+        try:
+            outcome = await self._materialise_and_run(job, running, progress, started)
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+            self._running = None
+        if running.lost:
+            raise _JobLost(job.id)
+        if running.interrupted:
+            return _interrupted(progress)
+        return outcome
+
+    async def _materialise_and_run(self, job: JobRecord, running: _Running, progress: _Progress, started: float
+                                   ) -> tuple[str, dict[str, Any], str | None]:
+        cache_dir, budget = self.settings.artifacts_dir, self.settings.storage_retry_seconds
+        artifact = await retrying(lambda: self.store.materialise_artifact(job.artifact_sha256, cache_dir),
+                                  budget_seconds=budget, what=f"copying the artifact of {job.id}")
         if artifact is None or not artifact.is_file():
             reason = "the stored artifact file is missing"
             return FAILED, service_error("artifact_missing", reason, {}), reason
         code: Path | None = None
         if job.options.get("code_sha256"):
-            code = self.store.materialise_code(job.options["code_sha256"], cache_dir)
+            code = await retrying(lambda: self.store.materialise_code(job.options["code_sha256"], cache_dir),
+                                  budget_seconds=budget, what=f"copying the train_gpt.py of {job.id}")
             if code is None or not code.is_file():
                 reason = "the stored train_gpt.py of this upstream artifact is missing"
                 return FAILED, service_error("artifact_missing", reason, {}), reason
-        if self.stopping.is_set():
-            return _interrupted(progress)
         max_seconds = float(job.options["max_seconds"])
+        if self.stopping.is_set() or running.lost or running.cancel_requested:  # nothing to start any more
+            running.interrupted = running.interrupted or self.stopping.is_set()
+            return _outcome(progress, None, hard_killed=False, cancelled=running.cancel_requested,
+                            limit_seconds=max_seconds, elapsed=time.monotonic() - started)
         process = await asyncio.create_subprocess_exec(
             *evaluator_argv(self.settings, artifact, job.options, code),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -240,12 +267,10 @@ class Worker:
             preexec_fn=child_setup(self.settings.evaluator_limits, _die_with_parent),
         )
         log.info("job %s: evaluator pid %d started (%s)", job.id, process.pid, job.options)
-        running = _Running(process)
-        self._running = running
-        if self.stopping.is_set():  # SIGTERM arrived while the process was starting
-            running.interrupted = True
+        running.process = process
+        if self.stopping.is_set() or running.lost or running.cancel_requested:  # while the process was starting
+            running.interrupted = running.interrupted or self.stopping.is_set()
             _kill_process_group(process)
-        keeper = asyncio.create_task(self._keep_lease(job.id, running), name=f"pgolf-lease-{job.id}")
         try:
             pumps = asyncio.gather(self._pump_events(job.id, running, progress), _pump_log(process.stderr, progress))
             try:
@@ -257,17 +282,9 @@ class Worker:
             await pumps
             await process.wait()
         finally:
-            keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
-            self._running = None
             if process.returncode is None:
                 _kill_process_group(process)
                 await process.wait()
-        if running.lost:
-            raise _JobLost(job.id)
-        if running.interrupted:
-            return _interrupted(progress)
         return _outcome(progress, process.returncode, hard_killed=hard_killed,
                         cancelled=running.cancel_requested, limit_seconds=max_seconds,
                         elapsed=time.monotonic() - started, limits=self.settings.evaluator_limits)
@@ -302,7 +319,7 @@ class Worker:
     async def _pump_events(self, job_id: str, running: _Running, progress: _Progress) -> None:
         """Store each event (see public_events.py) as it comes; anything else on stdout goes to the log tail."""
         process = running.process
-        assert process.stdout is not None
+        assert process is not None and process.stdout is not None
         while True:
             try:
                 line = await process.stdout.readline()
@@ -475,10 +492,9 @@ def service_error(code: str, reason: str, partial: dict[str, Any]) -> dict[str, 
     return {"type": "error", "source": "service", "code": code, "reason": reason, **partial}
 
 
-
-def _kill_process_group(process: asyncio.subprocess.Process) -> None:
+def _kill_process_group(process: asyncio.subprocess.Process | None) -> None:
     """SIGKILL the evaluator and anything it started (torchrun ranks, data loaders)."""
-    if process.returncode is not None:
+    if process is None or process.returncode is not None:
         return
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)
