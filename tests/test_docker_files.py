@@ -1,9 +1,9 @@
 """Static checks of the Docker files, plus the parts of docker/ that run without a Docker engine.
 
-The images themselves are built and run by docker/smoke.sh (after the test suite in CI). Here: compose.yaml
-names the services and profiles the README promises, its command lines parse with the project's real command
-lines, the Dockerfiles keep the pins and the non-root service, smoke.sh reports a skip (not a pass) where no engine
-can be had, and the demo client uploads and follows an NDJSON stream.
+The images themselves are built and run by docker/smoke.sh (in CI: built beside the test suite, run after it).
+Here: compose.yaml names the services and profiles the README promises, its command lines parse with the
+project's real command lines, the Dockerfiles keep the pins and the non-root service, smoke.sh reports a skip (not
+a pass) where no engine can be had, and the demo client uploads and follows an NDJSON stream.
 """
 
 from __future__ import annotations
