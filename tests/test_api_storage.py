@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 
@@ -36,6 +37,8 @@ from service.api.storage import (
 )
 from service.api.storage_sqlite import SqliteStore
 from tests.postgres_server import PostgresServer
+
+T = TypeVar("T")
 
 OPTIONS = {"ttt": False, "ngram": "off", "max_seconds": 600.0}
 ARTIFACT = b"pretend artifact bytes " * 100
@@ -274,35 +277,50 @@ def test_cancel_queued_running_and_finished_jobs(backend: Backend) -> None:
     assert store.get_job(orphan.id).status == CANCELLED  # type: ignore[union-attr]
 
 
+def _until_available(call: Callable[[], T]) -> T:
+    """`call()`, retried while another node holds SQLite's write lock for a moment (StorageUnavailable)."""
+    while True:
+        try:
+            return call()
+        except StorageUnavailable:
+            time.sleep(0.01)
+
+
+def _run_concurrently(target: Callable[[Any], None], args: list[Any], *, timeout: float = 60) -> list[BaseException]:
+    """`target(arg)` in one thread per arg, all at once; returns what the threads raised."""
+    errors: list[BaseException] = []
+
+    def guarded(arg: Any) -> None:
+        try:
+            target(arg)
+        except BaseException as error:  # noqa: BLE001  (reported to the caller)
+            errors.append(error)
+
+    threads = [threading.Thread(target=guarded, args=(arg,)) for arg in args]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=timeout)
+    return errors
+
+
 def test_concurrent_claims_take_each_job_exactly_once(backend: Backend) -> None:
     """Four nodes (store instances, each in its own thread) drain 40 jobs: no job twice, none missed."""
     first = backend.open_with_artifact()
     job_ids = {first.create_job(SHA, OPTIONS).id for _ in range(40)}
     nodes = [backend.open() for _ in range(4)]
     claims: list[list[str]] = [[] for _ in nodes]
-    errors: list[BaseException] = []
 
     def drain(n: int) -> None:
-        try:
-            while True:
-                try:
-                    job = nodes[n].claim_next_queued(f"worker-{n}", 30.0)
-                except StorageUnavailable:  # SQLite: another node holds the write lock for a moment
-                    time.sleep(0.01)
-                    continue
-                if job is not None:
-                    claims[n].append(job.id)
-                    nodes[n].append_event(job.id, {"type": "start"}, worker_id=f"worker-{n}")
-                elif nodes[n].count_by_status().get(QUEUED, 0) == 0:
-                    return
-        except BaseException as error:  # noqa: BLE001  (reported below)
-            errors.append(error)
+        while True:
+            job = _until_available(lambda: nodes[n].claim_next_queued(f"worker-{n}", 30.0))
+            if job is not None:
+                claims[n].append(job.id)
+                nodes[n].append_event(job.id, {"type": "start"}, worker_id=f"worker-{n}")
+            elif nodes[n].count_by_status().get(QUEUED, 0) == 0:
+                return
 
-    threads = [threading.Thread(target=drain, args=(n,)) for n in range(len(nodes))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
+    errors = _run_concurrently(drain, list(range(len(nodes))), timeout=120)
     assert not errors, errors
     everything = [job_id for claimed in claims for job_id in claimed]
     assert sorted(everything) == sorted(job_ids)  # each exactly once
@@ -322,21 +340,13 @@ def test_capacity_holds_across_concurrent_admissions(backend: Backend) -> None:
 
     def admit(store: Store) -> None:
         for _ in range(4):
-            while True:
-                try:
-                    admitted.append(store.create_job(SHA, OPTIONS, max_active=6).id)
-                except CapacityReached as error:
-                    refused.append(error.active_jobs)
-                except StorageUnavailable:
-                    time.sleep(0.01)
-                    continue
-                break
+            try:
+                admitted.append(_until_available(lambda: store.create_job(SHA, OPTIONS, max_active=6)).id)
+            except CapacityReached as error:
+                refused.append(error.active_jobs)
 
-    threads = [threading.Thread(target=admit, args=(node,)) for node in nodes]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
+    errors = _run_concurrently(admit, nodes)
+    assert not errors, errors
     assert len(admitted) == 5 and refused == [6] * 11
     assert first.count_active_jobs() == 6
 
@@ -346,25 +356,13 @@ def test_concurrent_appends_number_events_without_gaps(backend: Backend) -> None
     job = first.create_job(SHA, OPTIONS)
     first.claim_next_queued("worker-a", 30.0)
     nodes = [backend.open() for _ in range(3)]
-    errors: list[BaseException] = []
 
     def append(store: Store) -> None:
         for i in range(15):
-            while True:
-                try:
-                    store.append_event(job.id, {"type": "chunk", "index": i}, worker_id="worker-a")
-                    break
-                except StorageUnavailable:
-                    time.sleep(0.01)
-                except BaseException as error:  # noqa: BLE001
-                    errors.append(error)
-                    return
+            event = {"type": "chunk", "index": i}
+            _until_available(lambda event=event: store.append_event(job.id, event, worker_id="worker-a"))
 
-    threads = [threading.Thread(target=append, args=(node,)) for node in nodes]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
+    errors = _run_concurrently(append, nodes)
     assert not errors, errors
     assert [e.seq for e in first.events_after(job.id, -1)] == list(range(45))
 
@@ -381,19 +379,12 @@ def test_concurrent_expiry_handles_each_job_once(backend: Backend) -> None:
 
     def expire(store: Store) -> None:
         for _ in range(50):
-            try:
-                found = store.expire_leases(requeue_limit=1)
-            except StorageUnavailable:
-                time.sleep(0.01)
-                continue
+            found = _until_available(lambda: store.expire_leases(requeue_limit=1))
             with lock:
                 outcomes.extend(found)
 
-    threads = [threading.Thread(target=expire, args=(node,)) for node in nodes]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
+    errors = _run_concurrently(expire, nodes)
+    assert not errors, errors
     assert sorted(outcomes) == sorted((job_id, "requeued") for job_id in job_ids)
     for job_id in job_ids:
         assert [e.type for e in first.events_after(job_id, -1)] == ["requeued"]
