@@ -47,12 +47,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def evaluate_to_report(args: argparse.Namespace, overrides: dict[str, Any], path: Path) -> list[dict[str, Any]]:
     from service.engine import EvalOptions, evaluate
+    from service.judge import judged
 
     options = EvalOptions(artifact=args.artifact, data_dir=args.data, tokenizer=args.tokenizer, device=args.device,
                           max_seconds=args.max_seconds, **overrides)
     events = []
     with path.open("w", encoding="utf-8") as out:
-        for event in evaluate(options):
+        for event in judged(evaluate(options)):
             out.write(json.dumps(event) + "\n")
             events.append(event)
             if event["type"] == "chunk":
