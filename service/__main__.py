@@ -5,9 +5,10 @@ that is its body), listed in ``SUBCOMMANDS``; ``serve`` (the HTTP API) comes fro
 (an evaluation machine of a cluster) from service/api/worker.py.
 
 ``evaluate`` streams the engine's events, judged (``service.judge.judged``: strict JSON, the terminal event's
-``compliance`` verdict), as NDJSON on stdout, one flushed line per event (rank 0 only under torchrun). Exit status: 0 after ``end``, 3 after ``timeout``, 1 after ``error`` (whose reason also goes to
-stderr). After ``end`` the reference's classic ``final_int6_sliding_window_exact`` line goes to stderr, for a
-compliant full-validation sliding-window run only (any other run gets a ``not_a_submission_score`` line).
+``compliance`` verdict), as NDJSON on stdout, one flushed line per event (rank 0 only under torchrun). Exit
+status: 0 after ``end``, 3 after ``timeout``, 1 after ``error`` (whose reason also goes to stderr). After ``end``
+the reference's classic ``final_int6_sliding_window_exact`` line goes to stderr, for a compliant full-validation
+sliding-window run only (any other run gets a ``not_a_submission_score`` line).
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as torch_dist
 
 from service.engine.dist import DistContext, init_from_env, ranks_from_env, resolve_device
 from service.engine.events import Event, Totals, allocation_failure_reason, error_event, partial_figures
@@ -146,22 +147,24 @@ def _load_pgolf(options: EvalOptions, artifact_path: Path, device: torch.device,
     return model, dict(manifest["model_config"]), artifact.file_sha256, size, train_seq_len, notes
 
 
-def _reduced(check: DistributionCheck, stats: dict[str, float], dist: DistContext, device: torch.device
+def _add_stats(total: dict[str, float], stats: dict[str, float]) -> dict[str, float]:
+    for name, value in stats.items():
+        total[name] = total.get(name, 0) + value
+    return total
+
+
+def _reduced(check: DistributionCheck, stats: dict[str, float], dist: DistContext
              ) -> tuple[DistributionCheck, dict[str, float]]:
-    """A chunk's check and mixer counters over all ranks."""
+    """A chunk's check and mixer counters over all ranks, merged as chunks are."""
     if dist.world_size == 1:
         return check, stats
-    # One MIN gives the smallest sum, the largest sum and gap (negated) and whether every rank scored from vectors.
-    gap = check.gap_max if check.gap_max is not None else -1.0
-    extremes = torch.tensor([check.sum_min, -check.sum_max, -gap, float(check.from_vector)], dtype=torch.float64,
-                            device=device)
-    dist.all_reduce_min(extremes)
-    counts = torch.tensor([check.positions, check.targets, *stats.values()], dtype=torch.float64, device=device)
-    dist.all_reduce_sum(counts)
-    low, high, gap, from_vector = extremes.tolist()
-    merged = DistributionCheck(int(counts[0]), int(counts[1]), low, -high, -gap if gap <= 0 else None,
-                               from_vector == 1.0)
-    return merged, dict(zip(stats, counts[2:].tolist(), strict=True))
+    ranks: list[Any] = [None] * dist.world_size
+    torch_dist.all_gather_object(ranks, (check, stats))
+    merged, total = DistributionCheck(), {}
+    for rank_check, rank_stats in ranks:
+        merged.merge(rank_check)
+        _add_stats(total, rank_stats)
+    return merged, total
 
 
 def evaluate_model(model: ScoringModel, tokens: np.ndarray, tables: ByteTables, options: EvalOptions, *,
@@ -240,11 +243,9 @@ def evaluate_model(model: ScoringModel, tokens: np.ndarray, tables: ByteTables, 
                                          f"{chunk.index}; nothing of that chunk was committed",
                                   totals=ledger.totals, elapsed_s=elapsed())
                 return
-            chunk_check, chunk_stats = _reduced(scores.check, mixer.take_stats() if mixer is not None else {},
-                                                dist, device)
+            chunk_check, chunk_stats = _reduced(scores.check, mixer.take_stats() if mixer is not None else {}, dist)
             check.merge(chunk_check)
-            for name, value in chunk_stats.items():
-                ngram_stats[name] = ngram_stats.get(name, 0) + value
+            _add_stats(ngram_stats, chunk_stats)
             chunk_totals = ledger.commit(scores)
             mix_commit_seconds = 0.0
             if mixer is not None:
