@@ -54,7 +54,7 @@ def model_distribution(logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 class NgramMixer:
-    """What the engine relies on; subclasses implement `_prepare`, `_mix` and `_commit`."""
+    """What the engine relies on; subclasses implement `_mix`, `_commit` and optionally `_prepare`."""
 
     mode = ""
     compliant = False
@@ -95,6 +95,9 @@ class NgramMixer:
             raise ScoreOrderError(f"commit({upto}) goes backwards from {self.committed_upto}")
         self._commit(as_token_array(tokens, upto), upto)
         self.committed_upto = upto
+
+    def _prepare(self, head: np.ndarray, end: int) -> None:
+        pass  # a mixer without a one-pass path counts in `_mix`
 
     def take_stats(self) -> dict[str, int | float]:
         """Counters of the scored batches since the last call (the engine sums them over ranks)."""
