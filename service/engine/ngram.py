@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -70,24 +70,23 @@ class NgramMixer:
         if end > self.committed_upto:
             self._prepare(as_token_array(tokens, end), end)
 
-    def mix(self, positions: np.ndarray, tokens: np.ndarray, logprobs: torch.Tensor) -> Mixed:
-        """The vectors at uncommitted target positions from the model's (n, V) logits there."""
-        pos = self.open_positions(positions)
-        mixed = self._mix(pos, as_token_array(tokens, int(pos.max()) + 1), logprobs)
+    def mix(self, pos: np.ndarray, tokens: np.ndarray, logprobs: torch.Tensor) -> Mixed:
+        """The vectors at target positions `pos` from the model's (n, V) logits there."""
+        mixed = self._mix(pos, self.head(tokens, pos), logprobs)
         for name, value in mixed.stats.items():
             self._stats[name] += value
         return mixed
 
-    def open_positions(self, positions: np.ndarray) -> np.ndarray:
-        pos = np.asarray(positions, np.int64).reshape(-1)
+    def full_distribution(self, position: int, tokens: np.ndarray, logprobs: torch.Tensor) -> torch.Tensor:
+        """The (V,) float64 vector at `position`, not counted in the stats (probes)."""
+        pos = np.array([position])
+        return self._mix(pos, self.head(tokens, pos), logprobs.reshape(1, -1)).probs[0]
+
+    def head(self, tokens: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """tokens[:max(pos) + 1]; a committed position is refused (its score is fixed, the counts moved on)."""
         if pos.min() < max(self.committed_upto, 1):
             raise ScoreOrderError(f"position {int(pos.min())} is already committed (or is not a target)")
-        return pos
-
-    def full_distribution(self, position: int, tokens: np.ndarray, logprobs: torch.Tensor) -> torch.Tensor:
-        """The (V,) float64 distribution at `position`, not counted in the stats (probes)."""
-        pos = self.open_positions(np.array([position]))
-        return self._mix(pos, as_token_array(tokens, position + 1), logprobs.reshape(1, -1)).probs[0]
+        return as_token_array(tokens, int(pos.max()) + 1)
 
     def commit(self, tokens: np.ndarray, upto: int) -> None:
         """Fold tokens[committed_upto:upto] in; the engine calls it once its ledger committed those targets."""
@@ -105,16 +104,21 @@ class NgramMixer:
         return stats
 
 
+@dataclass(eq=False)
 class CountingMixer(NgramMixer):
-    """The compliant modes' base: exact prefix counts, continuation rows on the scoring device."""
+    """The compliant modes (docs/evaluation.md §6): exact prefix counts; a mode's settings are its fields."""
 
+    vocab_size: int
     compliant = True
     widths = DEFAULT_MAX_ORDER - 1
     alpha = EntropyAlpha()  # exact and smoothed
 
-    def __init__(self, vocab_size: int) -> None:
-        super().__init__(vocab_size)
-        self.counts = PrefixCounts(vocab_size, self.widths + 1)
+    def __post_init__(self) -> None:
+        for setting in fields(self):
+            if not getattr(self, setting.name) > 0:
+                raise ValueError(f"{setting.name} must be positive")
+        super().__init__(self.vocab_size)
+        self.counts = PrefixCounts(self.vocab_size, self.widths + 1)
         self._prepare, self._commit = self.counts.prepare, self.counts.commit
 
     def statistics(self, pos: np.ndarray, head: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -124,37 +128,26 @@ class CountingMixer(NgramMixer):
 
     def inputs(self, pos: np.ndarray, head: np.ndarray, logprobs: torch.Tensor) -> tuple[
             torch.Tensor, torch.Tensor, np.ndarray, np.ndarray, torch.Tensor, torch.Tensor]:
-        """What every mode reads: the model's p and entropy, the statistics, the targets x_t and p(x_t)."""
+        """The model's p and entropy, the statistics, the targets x_t and p(x_t)."""
         p, entropy = model_distribution(logprobs)
         targets = torch.from_numpy(head[pos].astype(np.int64)).to(p.device)
         return p, entropy, *self.statistics(pos, head), targets, p.gather(1, targets[:, None]).squeeze(1)
 
     def rows(self, w: int, pos: np.ndarray, at: np.ndarray, context: np.ndarray,
              device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """At batch indices `at` whose ctx_w occurred before t: `at`, count(ctx_w, ·) (k, V) and count(ctx_w) (k, 1)
-        on `device`, counts in float64."""
+        """`at`, count(ctx_w, ·) (k, V) and count(ctx_w) (k, 1) at batch indices `at` whose ctx_w occurred."""
         query, token, count = (torch.from_numpy(a).to(device) for a in self.counts.rows(w, pos[at]))
         row = torch.zeros(at.size, self.vocab_size, dtype=torch.float64, device=device)
         row.index_put_((query, token), count.to(torch.float64), accumulate=True)
         return torch.from_numpy(at).to(device), row, torch.from_numpy(context[w - 1, at, None]).to(device, row.dtype)
 
-    @staticmethod
-    def blend(p: torch.Tensor, ngram: torch.Tensor, alpha: torch.Tensor, p_target: torch.Tensor,
-              ngram_target: torch.Tensor) -> Mixed:
-        """(1 − α)·p + α·ngram (in place) and the same of the targets' entries."""
-        return Mixed(ngram.sub_(p).mul_(alpha[:, None]).add_(p), p_target + alpha * (ngram_target - p_target))
 
-
+@dataclass(eq=False)
 class BackoffNgramMixer(CountingMixer):
-    """Mode "exact": with the widest context seen ≥ min_count times, (1 − α)·p_model + α·count(ctx, ·)/count(ctx)."""
+    """(1 − α)·p_model + α·count(ctx, ·)/count(ctx), ctx the widest seen ≥ min_count times."""
 
     mode = "exact"
-
-    def __init__(self, vocab_size: int, *, min_count: int = DEFAULT_MIN_COUNT) -> None:
-        super().__init__(vocab_size)
-        if min_count < 1:
-            raise ValueError("min_count must be at least 1")
-        self.min_count = min_count
+    min_count: int = DEFAULT_MIN_COUNT
 
     def _mix(self, pos: np.ndarray, head: np.ndarray, logprobs: torch.Tensor) -> Mixed:
         p, entropy, context, pair, _, p_target = self.inputs(pos, head, logprobs)
@@ -169,20 +162,15 @@ class BackoffNgramMixer(CountingMixer):
                 ngram.index_copy_(0, index, row.div_(seen))
         column = np.maximum(width - 1, 0), np.arange(pos.size)
         p_ngram = torch.from_numpy(pair[column] / np.maximum(context[column], 1)).to(p.device)
-        return self.blend(p, ngram, alpha, p_target, p_ngram)
+        return Mixed(ngram.sub_(p).mul_(alpha[:, None]).add_(p), p_target + alpha * (p_ngram - p_target))
 
 
+@dataclass(eq=False)
 class SmoothedNgramMixer(CountingMixer):
-    """Mode "smoothed": p_0 = p_model, p_w = (count(ctx_w, ·) + β·p_{w−1}) / (count(ctx_w) + β), p_mix =
-    (1 − α)·p_model + α·p_W."""
+    """(1 − α)·p_model + α·p_W, p_w = (count(ctx_w, ·) + β·p_{w−1}) / (count(ctx_w) + β), p_0 = p_model."""
 
     mode = "smoothed"
-
-    def __init__(self, vocab_size: int, *, concentration: float = 2.0) -> None:  # β = 2: best on the train shard
-        super().__init__(vocab_size)
-        if concentration <= 0:
-            raise ValueError("concentration must be positive")
-        self.concentration = concentration
+    concentration: float = 2.0  # β, chosen on the sample *train* shard
 
     def _mix(self, pos: np.ndarray, head: np.ndarray, logprobs: torch.Tensor) -> Mixed:
         beta = self.concentration
@@ -198,30 +186,27 @@ class SmoothedNgramMixer(CountingMixer):
                     level.index_copy_(0, index, row.add_(level.index_select(0, index), alpha=beta).div_(seen + beta))
             c, n = (torch.from_numpy(a[w - 1]).to(p.device, torch.float64) for a in (context, pair))
             level_target = (n + beta * level_target) / (c + beta)
-        return self.blend(p, level, self.alpha(entropy), p_target, level_target)
+        alpha = self.alpha(entropy)
+        return Mixed(level.sub_(p).mul_(alpha[:, None]).add_(p), p_target + alpha * (level_target - p_target))
 
 
 # Upstream's accepted tilt-log counters, plus how often the hint was the target and the summed β.
 TILT_STATS = ("total", "gated", "token_gate", "within_gate", "word_gate", "agree2plus", "hint_hits", "beta_sum")
 
 
+@dataclass(eq=False)
 class TiltMixer(CountingMixer):
-    """Mode "tilt", the token-only tilt the organisers accepted (reference §8.2): hint = the top continuation
-    (ties: smallest id) of the widest context seen ≥ min_count times with share conf ≥ threshold, β =
-    base_beta·conf, p'(v) = p(v)·e^{β·1[v = hint]}/Z. No word experts (their gates read the target: C1)."""
+    """p(v)·e^{β·1[v = hint]}/Z, the token-only tilt the organisers accepted (hint and β: docs/evaluation.md §6)."""
 
     mode = "tilt"
     stat_names = TILT_STATS
-
-    def __init__(self, vocab_size: int, *, base_beta: float = 2.0, threshold: float = 0.5,
-                 min_count: int = DEFAULT_MIN_COUNT) -> None:
-        super().__init__(vocab_size)
-        self.base_beta, self.threshold, self.min_count = base_beta, threshold, min_count
+    base_beta: float = 2.0
+    threshold: float = 0.5
+    min_count: int = DEFAULT_MIN_COUNT
 
     def _mix(self, pos: np.ndarray, head: np.ndarray, logprobs: torch.Tensor) -> Mixed:
         p, _, context, _, targets, p_target = self.inputs(pos, head, logprobs)
-        hint = torch.full((pos.size,), -1, dtype=torch.long, device=p.device)
-        beta = torch.zeros(pos.size, dtype=torch.float64, device=p.device)  # 0: no hint, e^β = 1, Z = 1
+        hint, beta = torch.full_like(targets, -1), torch.zeros_like(p_target)  # no hint: β = 0, e^β = Z = 1
         open_ = np.ones(pos.size, bool)
         for w in range(self.widths, 0, -1):
             at = np.flatnonzero(open_ & (context[w - 1] >= self.min_count))
