@@ -17,7 +17,7 @@ import torch.distributed as torch_dist
 from service.engine.dist import DistContext, init_from_env, ranks_from_env, resolve_device
 from service.engine.events import Event, Totals, allocation_failure_reason, error_event, partial_figures
 from service.engine.ngram import NgramMixer, make_mixer
-from service.engine.options import FALLBACK_SEQ_LEN, EvalOptions, is_upstream_artifact
+from service.engine.options import FALLBACK_SEQ_LEN, RECIPES, EvalOptions, TTTRecipe, is_upstream_artifact
 from service.engine.scoring import (
     DistributionCheck,
     ScoreLedger,
@@ -25,7 +25,7 @@ from service.engine.scoring import (
     ScoringModel,
     score_chunk,
 )
-from service.engine.ttt import RECIPES, TTTRecipe, TTTUpdater
+from service.engine.ttt import TTTUpdater
 from service.engine.windows import plan_chunks, plan_windows
 from trainer.data.byte_accounting import ByteTables
 from trainer.data.val_manifest import recorded_val_sha256, tokens_sha256
@@ -65,7 +65,7 @@ def evaluate(options: EvalOptions, *, started: float | None = None) -> Iterator[
         threads = apply_thread_policy()  # CPU scoring and the n-gram mixer share the cores with local peers
         rank, world_size, local_rank = ranks_from_env()
         device = resolve_device(options.device, local_rank)
-        dist = init_from_env(device, rank, world_size, local_rank)
+        dist = init_from_env(device, rank, world_size)
         loaded, tables, tokens = load_inputs(options, device)
     except Exception as exc:  # bad inputs, or e.g. a CUDA or process-group failure: still one error event
         yield _error_of(exc, time.perf_counter() - started, setting_up=True)
@@ -224,7 +224,7 @@ def evaluate_model(model: ScoringModel, tokens: np.ndarray, tables: ByteTables, 
         for chunk in chunks:
             # Stop between chunks when the budget is spent or the next chunk would likely overrun it.
             over = torch.tensor([float(elapsed() + last_chunk_seconds > options.max_seconds)], device=device)
-            dist.all_reduce_max(over)  # one rank over budget stops them all
+            dist.all_reduce(over, "max")  # one rank over budget stops them all
             if over.item() > 0:
                 yield {"type": "timeout",
                        "reason": f"wall-clock budget of {options.max_seconds:g} s reached after {chunk.index} of "
@@ -235,7 +235,7 @@ def evaluate_model(model: ScoringModel, tokens: np.ndarray, tables: ByteTables, 
             chunk_started = clock()
             scores = score_chunk(model, tokens, windows, chunk, rank=dist.rank, world_size=dist.world_size,
                                  batch_windows=options.batch_windows, device=device, mixer=mixer)
-            dist.all_reduce_sum(scores.sums)
+            dist.all_reduce(scores.sums)
             non_finite = int((~torch.isfinite(scores.sums[0])).sum())
             if non_finite:  # a score of NaN/inf is no score: stop before it enters the committed totals
                 yield error_event(code="non_finite_score",
