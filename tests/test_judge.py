@@ -13,7 +13,8 @@ def report() -> list[dict]:
     start = {"type": "start", "config": {"ngram": "exact", "max_seconds": 600.0, "seq_len": 32, "stride": 8},
              "targets": 8, "chunks": 2, "val_tokens_sha256": "ab" * 32, "validation_manifest_sha256": "ab" * 32}
     chunks = [{"type": "chunk", "index": index, "target_range": [lo, hi], "trained_range": trained,
-               "nll_sum": 4.0, "running_targets": hi - 1, "running_bytes": hi - 1,
+               "nll_sum": 4.0, "chunk_bpb": 1.0, "running_targets": hi - 1, "running_bytes": hi - 1,
+               "running_bpb": 1.0, "elapsed_s": 0.5 * (index + 1),
                "order_trace": {"chunk": index, "scored": [lo, hi], "frontier": hi, "trained": trained,
                                "step_max_targets": [hi - 1] if trained else []}}
               for index, (lo, hi, trained) in enumerate([(1, 5, [1, 5]), (5, 9, None)])]
@@ -101,3 +102,34 @@ def test_a_non_finite_measurement_ends_the_stream_with_an_error_event() -> None:
     assert error["code"] == "non_finite_value" and "measured.ngram.scored_gap_max" in error["reason"]
     assert error["targets_scored"] == 8 and error["nll_sum"] == 8.0
     json.dumps(judged_events, allow_nan=False)
+
+
+def _engine_with_a_nan(options, **_kwargs):  # stands in for service.engine.run.evaluate
+    events = report()
+    events[-1]["measured"]["ttt"] = {"losses": [2.0, float("nan")]}  # e.g. a diverged test-time training
+    yield from events
+
+
+def test_every_emitter_of_engine_events_judges_them(monkeypatch, tmp_path, capsys) -> None:
+    # The strict-JSON guard lives in the judge, so each front end must stream through it: the CLI (and with it
+    # the API's evaluator subprocess and the page) and `verifier compare`.
+    import argparse
+
+    from service import __main__ as cli
+    from service.engine import run as engine_run
+    from verifier.compare import evaluate_to_report
+
+    monkeypatch.setattr(engine_run, "evaluate", _engine_with_a_nan)
+    assert cli.main(["evaluate", str(tmp_path / "a.pgolf"), "--data", str(tmp_path)]) == cli.EXIT_ERROR
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(line)["type"] for line in lines] == ["start", "chunk", "chunk", "error"]
+    assert json.loads(lines[-1])["code"] == "non_finite_value"
+
+    args = argparse.Namespace(artifact=tmp_path / "a.pgolf", data=tmp_path, tokenizer=None, device="cpu",
+                              max_seconds=600.0)
+    events = evaluate_to_report(args, {}, tmp_path / "report.ndjson")
+    assert events[-1]["code"] == "non_finite_value" and "measured.ttt.losses[1]" in events[-1]["reason"]
+
+    monkeypatch.setattr(engine_run, "evaluate", lambda options, **_: iter(report()))
+    events = evaluate_to_report(args, {}, tmp_path / "report.ndjson")
+    assert events[-1]["compliance"]["compliant"] is True and "measured" not in events[-1]
