@@ -1,8 +1,7 @@
 """Artifact format v1 and the evaluation's reader (layout, checks in order, codes, bounds: docs/artifact-format.md).
 
-The file is hostile: nothing is unpickled or executed, a field is bounded before anything depends on it, and
-every refusal is an ``ArtifactError`` subclass with its own ``code``. The reader checks what the evaluation reads;
-the metadata sections are checked where artifacts enter (trainer/artifact_metadata.py). Writer: trainer/export.py.
+The file is hostile: nothing is unpickled or executed, and every field the evaluation reads is bounded before
+anything depends on it.
 """
 
 from __future__ import annotations
@@ -47,15 +46,15 @@ HEADER_NBYTES = HEADER.size
 
 SUBMISSION_LIMIT_BYTES = 16_000_000  # artifact + counted code, decimal bytes
 MAX_MANIFEST_BYTES = 1 << 20  # a pr940 manifest is ~15 kB
-MAX_RAW_NBYTES = 256 << 20  # hard bound on the declared decompressed payload
+MAX_RAW_NBYTES = 256 << 20
 MAX_TENSOR_NDIM = 8
 MAX_TENSORS = 4096  # a pr940 artifact has 190
 MAX_NAME_CHARS = 256
 MAX_MANIFEST_DEPTH = 8  # a valid manifest nests 4 deep (manifest → tensors → record → shape)
-MAX_INT_DIGITS = 20  # any integer field of the format fits in 64 bits
-MAX_COUNT = 2**63 - 1  # code byte counts, training.seed and steps: what a 64-bit integer holds
-# Inclusive bounds of ModelConfig's numeric fields (docs/artifact-format.md §6.1). An integer field without one is
-# refused; a float field without one must lie within ±DEFAULT_FLOAT_BOUND. Building the model checks the rest.
+MAX_INT_DIGITS = 20
+MAX_COUNT = 2**63 - 1  # what a 64-bit integer holds
+# Inclusive bounds of ModelConfig's numeric fields. An integer field without one is refused; a float field without
+# one must lie within ±DEFAULT_FLOAT_BOUND. Building the model checks the rest.
 MODEL_CONFIG_BOUNDS: dict[str, tuple[float, float]] = {
     "vocab_size": (2, 1 << 17),
     "num_layers": (1, 64),
@@ -81,9 +80,6 @@ DEFAULT_FLOAT_BOUND = 1e6
 COMPUTE_DTYPES = (torch.bfloat16,)
 _DECOMPRESS_CHUNK = 1 << 20
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-
-
-# One class per refusal; the service and verifier report its code.
 
 
 class ArtifactError(ValueError):
@@ -249,8 +245,7 @@ def _read_header_and_manifest(data: bytes) -> tuple[dict[str, Any], int]:
 
 
 def _bounded_int(text: str) -> int:
-    # No integer of the format needs more than 64 bits: refuse longer literals here rather than at Python's
-    # 4,300-digit limit, and keep every later comparison on small integers.
+    # No integer of the format needs more than 64 bits: refused here, not at Python's 4,300-digit limit.
     if len(text.lstrip("-")) > MAX_INT_DIGITS:
         raise ValueError(f"integer literal of {len(text)} characters (at most {MAX_INT_DIGITS} digits)")
     return int(text)
@@ -326,18 +321,14 @@ def _decode_tensor(record: Mapping[str, Any], raw: bytes | bytearray) -> Quantiz
         qmax = ROW_QMAX[encoding]
         if values.size and int(np.abs(values.astype(np.int16)).max()) > qmax:
             raise InvalidTensorData(f"{name}: {encoding} values outside [-{qmax}, {qmax}]")
-        scales = np.frombuffer(
-            raw,
-            dtype=SCALE_DTYPE,
-            count=record["scale_nbytes"] // SCALE_DTYPE.itemsize,
-            offset=record["scale_offset"],
-        )
+        scales = np.frombuffer(raw, dtype=SCALE_DTYPE, count=record["scale_nbytes"] // SCALE_DTYPE.itemsize,
+                               offset=record["scale_offset"])
         if not (np.isfinite(scales).all() and (scales > 0).all()):
             raise InvalidTensorData(f"{name}: scales must be finite and positive")
     elif encoding == RAW and dtype == "bool":
         if values.size and values.view(np.uint8).max() > 1:
             raise InvalidTensorData(f"{name}: bool bytes other than 0 and 1")
-    # fp16/fp32 values: their finiteness is checked once restored (_finite_as_used)
+    # fp16/fp32 values: finiteness is checked once restored (_finite_as_used)
     return QuantizedTensor(name, encoding, dtype, tuple(record["shape"]), values, scales)  # views of raw
 
 
@@ -380,14 +371,14 @@ def _show(value: Any, limit: int = 80) -> str:
 
 
 def validate_manifest(manifest: dict[str, Any], check_metadata: MetadataCheck | None = None) -> ModelConfig:
-    """The schema of what the evaluation reads; ``check_metadata`` checks the rest where it stands in the schema."""
+    """The schema of what the evaluation reads; ``check_metadata`` checks the rest, where it stands in the schema."""
     _require_keys(manifest, "manifest", _TOP_LEVEL)
     config = ModelConfig(**_config_kwargs(manifest["model_config"]))
     _validate_payload(manifest["payload"])
     _validate_tensor_table(manifest["tensors"], manifest["payload"]["raw_nbytes"])
     if check_metadata is not None:
         check_metadata(manifest)
-    # Of the metadata, the engine reads code_bytes.total and training's train_seq_len (checked where it is read).
+    # Of the metadata, the engine reads code_bytes.total and training.train_seq_len (checked where it is read).
     _require_keys(manifest["training"], "training", (), extra_ok=True)
     _require_keys(manifest["code_bytes"], "code_bytes", ("total", "files"))
     total = manifest["code_bytes"]["total"]
@@ -397,8 +388,7 @@ def validate_manifest(manifest: dict[str, Any], check_metadata: MetadataCheck | 
 
 
 def _config_kwargs(config: Any) -> dict[str, Any]:
-    """model_config checked against ModelConfig's fields, types and MODEL_CONFIG_BOUNDS, as kwargs."""
-    hints, names = _model_config_fields()
+    hints, names = typing.get_type_hints(ModelConfig), [f.name for f in fields(ModelConfig)]
     _require_keys(config, "model_config", names)
     kwargs: dict[str, Any] = {}
     for name in names:
@@ -419,11 +409,6 @@ def _config_kwargs(config: Any) -> dict[str, Any]:
             raise SchemaViolation(f"{where}: unsupported field type {hint!r}")
         kwargs[name] = value
     return kwargs
-
-
-@functools.cache
-def _model_config_fields() -> tuple[dict[str, Any], list[str]]:
-    return typing.get_type_hints(ModelConfig), [f.name for f in fields(ModelConfig)]
 
 
 def _require_within(value: float, bounds: tuple[float, float], where: str) -> None:
@@ -513,8 +498,8 @@ def _validate_tokenizer(tokenizer: Any, model_vocab_size: int) -> None:
 
 
 def check_against_model(manifest: Mapping[str, Any], config: ModelConfig) -> None:
-    """Tensor names, shapes and dtype kinds against the model the config builds (on the meta device: cheap, as the
-    config is within its bounds). The table tiles the payload, so the parameters fit in it too."""
+    """Names, shapes and dtype kinds against the model the config builds (on the meta device; the config is within
+    its bounds, so cheaply). The table tiles the payload, so the parameters fit in it too."""
     records = {r["name"]: r for r in manifest["tensors"]}
     expected = _expected_tensors(config)
     missing = [n for n in expected if n not in records]

@@ -8,7 +8,6 @@ pieces count one byte.
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,9 +65,3 @@ class ByteTables:
             total += int(self.target_bytes(tokens[lo - 1 : hi - 1], tokens[lo:hi]).sum())
         return total
 
-
-def bits_per_byte(nll_sum_nats: float, byte_count: int) -> float:
-    """ΣNLL / (ln 2 · Σbytes), float64 sums over every scored target."""
-    if byte_count <= 0:
-        raise ValueError("bits per byte needs a positive byte count")
-    return float(nll_sum_nats) / (math.log(2) * float(byte_count))

@@ -17,7 +17,6 @@ HEADER_BYTES = HEADER_WORDS * 4
 class ShardError(ValueError):
     def __init__(self, path: Path | str, problem: str) -> None:
         super().__init__(f"{path}: {problem}")
-        self.path = Path(path)
         self.problem = problem
 
 
@@ -54,9 +53,7 @@ def read_shard(path: Path | str, vocab_size: int | None = None, *, mmap: bool = 
     if mmap:
         tokens = np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(count,))
     else:
-        with path.open("rb") as f:
-            f.seek(HEADER_BYTES)
-            tokens = np.frombuffer(f.read(2 * count), dtype="<u2")
+        tokens = np.fromfile(path, dtype="<u2", count=count, offset=HEADER_BYTES)
     if vocab_size is not None:
         top = int(tokens.max())
         if top >= vocab_size:

@@ -1,6 +1,4 @@
-"""The identity of a validation stream: the sha256 of its tokens as little-endian uint16, and the digest a data
-directory's manifest.json records for it, so "scored the full validation set" is a comparison of two digests.
-"""
+"""The identity of a validation stream, so "scored the full validation set" is a comparison of two digests."""
 
 from __future__ import annotations
 
