@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.engine.ttt import RECIPES  # noqa: E402
+from service.engine.options import RECIPES  # noqa: E402
 from service.engine.windows import plan_chunks, plan_windows  # noqa: E402
 from trainer.model import ModelConfig  # noqa: E402
 

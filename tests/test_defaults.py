@@ -10,7 +10,7 @@ from service.__main__ import build_parser, evaluation_modes
 from service.api.schemas import EvaluationOptions
 from service.engine.options import (
     PLAIN,
-    TTT_REFERENCE_CHUNK_TOKENS,
+    RECIPES,
     UNTRAINED_CHUNK_TOKENS,
     EvalOptions,
 )
@@ -55,8 +55,8 @@ def test_sequence_length_and_chunk_follow_the_artifact_and_the_recipe() -> None:
     assert EvalOptions().resolved(train_seq_len=256).seq_len == 256
     assert EvalOptions().resolved().seq_len == 2048  # an artifact without a recorded train_seq_len
     assert EvalOptions(seq_len=512).resolved(train_seq_len=256).seq_len == 512
-    assert EvalOptions(ttt_recipe="legal-sgd").resolved().chunk_tokens == TTT_REFERENCE_CHUNK_TOKENS["legal-sgd"]
-    assert TTT_REFERENCE_CHUNK_TOKENS == {"legal-sgd": 32_768, "pr940": 131_072}
+    assert EvalOptions(ttt_recipe="legal-sgd").resolved().chunk_tokens == RECIPES["legal-sgd"].chunk_tokens
+    assert {name: r.chunk_tokens for name, r in RECIPES.items()} == {"legal-sgd": 32_768, "pr940": 131_072}
     assert EvalOptions(ttt_recipe="pr940").resolved().chunk_tokens == 131_072
     assert EvalOptions(**PLAIN).resolved().chunk_tokens == UNTRAINED_CHUNK_TOKENS
     assert EvalOptions(stride=None).resolved(train_seq_len=256).stride == 256  # --non-overlapping

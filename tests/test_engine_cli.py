@@ -16,7 +16,7 @@ import sentencepiece
 import torch
 
 from service.engine import EvalOptions, evaluate
-from service.engine.options import TTT_REFERENCE_CHUNK_TOKENS
+from service.engine.options import RECIPES
 from trainer.code_bytes import counted_code_bytes
 from trainer.data.shards import load_validation_tokens
 from trainer.data.val_manifest import tokens_sha256
@@ -122,7 +122,7 @@ def test_evaluate_defaults_to_ttt_and_ngram_and_marks_a_prefix(eval_data: EvalDa
     defaults = EvalOptions()
     assert (start["config"]["ttt"], start["config"]["ttt_recipe"], start["config"]["ngram"]) == (
         True, defaults.ttt_recipe, defaults.ngram)
-    assert start["config"]["chunk_tokens"] == TTT_REFERENCE_CHUNK_TOKENS[defaults.ttt_recipe]
+    assert start["config"]["chunk_tokens"] == RECIPES[defaults.ttt_recipe].chunk_tokens
     assert end["compliance"]["compliant"] and end["compliance"]["full_validation_set"] is False
     assert start["val_tokens_sha256"] != start["validation_manifest_sha256"]
     # A prefix is not a submission score: the classic line is withheld and the marked line says why.

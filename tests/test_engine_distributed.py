@@ -15,7 +15,7 @@ from test_engine_scoring import STRONG_SGD, options, repetitive_tokens, terminal
 
 from service.engine import evaluate_model
 from service.engine.dist import DistContext
-from service.engine.ttt import RECIPES
+from service.engine.options import RECIPES
 
 # (name, options, recipe): chunk 72 leaves a ragged 8-target sequence in every TTT span, so the gradient
 # weighting across ranks is exercised with unequal shares.

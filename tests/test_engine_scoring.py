@@ -19,9 +19,9 @@ import torch
 from service.engine import EvalOptions, evaluate_model
 from service.engine.dist import DistContext
 from service.engine.ngram import ScoreOrderError
-from service.engine.options import PLAIN
+from service.engine.options import PLAIN, RECIPES, TTTRecipe
 from service.engine.scoring import ScoreLedger
-from service.engine.ttt import RECIPES, TTTRecipe, TTTUpdater
+from service.engine.ttt import TTTUpdater
 from service.engine.windows import plan_chunks, plan_windows
 from trainer.data.byte_accounting import ByteTables
 from trainer.model import GPT, ModelConfig
@@ -31,7 +31,7 @@ TINY = ModelConfig(vocab_size=VOCAB, num_layers=3, model_dim=32, num_heads=2, nu
                    rope_dims=4, bigram_buckets=32, bigram_dim=8, xsa_last_n=3)
 # Strong enough that training visibly moves later scores on a random-init model.
 STRONG_SGD = TTTRecipe(name="test-sgd", optimizer="sgd", lr=0.05, epochs=2, freeze_blocks=1, grad_clip=1.0,
-                       lr_schedule="cosine", momentum=0.9, batch_sequences=3)
+                       lr_schedule="cosine", chunk_tokens=32_768, momentum=0.9, batch_sequences=3)
 
 
 @pytest.fixture(autouse=True)

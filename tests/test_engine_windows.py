@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from service.engine.options import EvalOptions
 from service.engine.windows import build_batch, plan_chunks, plan_windows, rank_share
 
 GEOMETRIES = [
@@ -103,8 +104,11 @@ def test_rank_shares_split_contiguously() -> None:
 
 
 def test_impossible_geometries_are_refused() -> None:
+    # The planner trusts its geometry: EvalOptions.validate is the one check, run before any plan is made.
     with pytest.raises(ValueError, match="stride"):
-        plan_windows(100, 8, 16)
+        EvalOptions(seq_len=8, stride=16).validate()
     with pytest.raises(ValueError):
-        plan_windows(100, 0, 1)
+        EvalOptions(seq_len=0, stride=1).validate()
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        EvalOptions(chunk_tokens=0).validate()
     assert len(plan_windows(1, 8, 4)) == 0

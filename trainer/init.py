@@ -12,11 +12,15 @@ from torch import nn
 
 from trainer.model import GPT, CastedLinear
 
+# The layers the reference initialises to zero: attention out projection, MLP down projection, attention gate.
+ZERO_INIT_LAYERS = (".attn.proj", ".mlp.proj", ".attn.attn_gate")
+
 
 def init_weights(model: GPT) -> None:
-    """Reference init: tok_emb N(0, tied_embed_init_std); zero-init layers stay zero; every other linear with both
-    dims >= 64 is orthogonal, and the remaining "*.proj" (only bigram.proj) is scaled by 1/sqrt(2L) as in the
-    non-banked code. Smaller linears keep PyTorch's default init, as upstream.
+    """Reference init: tok_emb N(0, tied_embed_init_std); ZERO_INIT_LAYERS start at zero (the gate's bias at
+    attn_gate_bias_init); every other linear with both dims >= 64 is orthogonal, and the remaining "*.proj" (only
+    bigram.proj) is scaled by 1/sqrt(2L) as in the non-banked code. Smaller linears keep PyTorch's default init,
+    as upstream.
 
     One deliberate difference, for BigramHash's projection: upstream zero-initialises both BigramHash factors
     (table and projection) in the module, then its ``_init_weights`` orthogonalises and scales the projection
@@ -32,8 +36,10 @@ def init_weights(model: GPT) -> None:
     for name, module in model.named_modules():
         if not isinstance(module, CastedLinear):
             continue
-        if module.zero_init:
+        if name.endswith(ZERO_INIT_LAYERS):
             nn.init.zeros_(module.weight)
+            if module.bias is not None:  # the attention gate: open (sigmoid(4) ≈ 0.98) at the start
+                nn.init.constant_(module.bias, model.config.attn_gate_bias_init)
         elif min(module.weight.shape) >= 64:
             nn.init.orthogonal_(module.weight, gain=1.0)
             if name.endswith(".proj"):

@@ -1,18 +1,6 @@
-"""The PR #940 transformer: 11 layers, d=512, GQA 8/4, the reference-stack §4.2 pieces, each switchable.
-
-Data flow (top to bottom in this file):
-
-    ids ─ tok_emb (+ BigramHash) ─ RMSNorm ─ SmearGate ─ x0
-    x0 ─ Block 0 … Block L−1 (U-Net: encoder outputs pushed, popped LIFO into the decoder) ─ RMSNorm
-       ─ tied head (x·tok_embᵀ) ─ 30·tanh(·/30) ─ cross-entropy in fp32
-
-    Block:  x ← m0⊙x + m1⊙x0;  x ← x + attn_scale⊙Attn(RMSNorm(x)·s_l);  x ← x + mlp_scale⊙MLP(RMSNorm(x)·s_l)
-    Attn:   q,k per-head RMSNorm → partial RoPE → q·q_gain → causal SDPA (GQA) → XSA → per-head gate → out proj
-
-Parameter names follow the upstream script (`blocks.{i}.attn.c_q.weight`, …): quantisation and optimizer grouping
-select tensors by name, as upstream. Parameters are fp32; the model runs in fp32 (CPU) or under bf16 autocast
-(CUDA), and a trainer may cast it to bf16 as upstream does, so every weight and learned scale is cast to the
-activation dtype where it is used.
+"""The PR #940 transformer, every reference-stack §4.2 component switchable. Data flow, parameter names and dtypes:
+docs/model.md. Every weight and learned scale is cast to the activation dtype where it is used: the model runs in
+fp32 (CPU) or under bf16 autocast (CUDA), and a trainer may cast it to bf16 as upstream does.
 """
 
 from __future__ import annotations
@@ -28,8 +16,8 @@ from torch import Tensor, nn
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of the model; every component of the reference stack is switchable. The manifest stores
-    ``asdict(config)`` and the reader rebuilds the model from it, so every field is a plain int, float or bool."""
+    """The manifest stores ``asdict(config)`` and the reader rebuilds the model from it, so every field is a plain
+    int, float or bool."""
 
     vocab_size: int = 1024
     num_layers: int = 11
@@ -62,37 +50,24 @@ class ModelConfig:
 
 
 def rms_norm(x: Tensor) -> Tensor:
-    """RMSNorm over the last dim with no learned weight (used everywhere in the stack, default eps)."""
     return F.rms_norm(x, (x.size(-1),))
 
 
 def autocast_for(device: torch.device) -> AbstractContextManager:
-    """How the model runs on a device: under bf16 autocast on CUDA (training and scoring), plain fp32 elsewhere."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
 class CastedLinear(nn.Linear):
-    """A linear layer whose fp32 weight is cast to the activation dtype; `zero_init` marks the layers the
-    reference initialises to zero (attention out proj, MLP down proj, attention gate)."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, zero_init: bool = False) -> None:
-        super().__init__(in_features, out_features, bias=bias)
-        self.zero_init = zero_init
-
     def forward(self, x: Tensor) -> Tensor:
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, self.weight.to(x.dtype), bias)
 
 
-# ---- Rotary position embedding (partial, with the upstream NTK quirk)
-
-
 def rotary_tables(
     seq_len: int, rope_dims: int, base: float, train_seq_len: int, device: torch.device
 ) -> tuple[Tensor, Tensor]:
-    """cos/sin tables of shape (seq_len, rope_dims/2), fp32.
+    """cos/sin tables of shape (seq_len, rope_dims/2), fp32, NTK-rescaled above ``train_seq_len`` as upstream.
 
-    Upstream hard-codes train_seq_len=1024, so at seq 2048 the base is NTK-rescaled by (T/1024)^(rd/(rd−2)).
     Rebuilt on every forward, not cached: a cache filled under inference_mode would break autograd when
     test-time training follows scoring (reference §7.3); T × rd/2 elements cost nothing next to attention.
     """
@@ -105,8 +80,7 @@ def rotary_tables(
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate the first 2·cos.size(-1) dims of x (…, T, head_dim), rotate-half ([0, rd/2) pairs with
-    [rd/2, rd)); the other dims pass through."""
+    """Rotate-half on the first 2·cos.size(-1) dims of x (…, T, head_dim); the other dims pass through."""
     rope_dims = 2 * cos.size(-1)
     half = rope_dims // 2
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
@@ -114,22 +88,17 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, x_pass), dim=-1)
 
 
-# ---- Embedding path: BigramHash and SmearGate
-
-
 class BigramHash(nn.Module):
-    """A hashed embedding of the (current, previous) input-token pair, added to the token embedding. Input
-    tokens only, so causal; no previous token (position 0, a masked BOS) uses the reserved last bucket."""
-
     def __init__(self, buckets: int, bigram_dim: int, model_dim: int) -> None:
         super().__init__()
         self.buckets = buckets
         self.embed = nn.Embedding(buckets, bigram_dim)
         # The upstream module exists only as a projection when the dims differ.
-        self.proj = CastedLinear(bigram_dim, model_dim) if bigram_dim != model_dim else None
+        self.proj = CastedLinear(bigram_dim, model_dim, bias=False) if bigram_dim != model_dim else None
         self.scale = nn.Parameter(torch.tensor(0.05, dtype=torch.float32))
 
     def bucket_ids(self, input_ids: Tensor, previous_token_kept: Tensor | None) -> Tensor:
+        # Input tokens only, so causal; no previous token (position 0, a masked BOS) uses the reserved last bucket.
         reserved = self.buckets - 1
         tokens = input_ids.to(torch.int32)
         # int32 arithmetic as upstream; `%` is a floor modulo, so a product that wraps past 2^31 (vocabularies
@@ -148,8 +117,6 @@ class BigramHash(nn.Module):
 
 
 class SmearGate(nn.Module):
-    """x_t ← (1−σ(g))⊙x_t + σ(g)⊙x_{t−1} with x_{−1} = 0; g init 0 makes it a 50/50 blend at the start."""
-
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.gate = nn.Parameter(torch.zeros(dim, dtype=torch.float32))
@@ -162,9 +129,6 @@ class SmearGate(nn.Module):
             # it. A BOS position then looks exactly like position 0 of a row.
             previous = previous * previous_token_kept.unsqueeze(-1).to(x.dtype)
         return (1 - g) * x + g * previous
-
-
-# ---- Attention, MLP, block
 
 
 def exclude_self_value(y: Tensor, v: Tensor) -> Tensor:
@@ -187,20 +151,17 @@ class CausalSelfAttention(nn.Module):
         self.head_dim = dim // config.num_heads
         kv_dim = config.num_kv_heads * self.head_dim
         self.use_xsa = use_xsa
-        self.c_q = CastedLinear(dim, dim)
-        self.c_k = CastedLinear(dim, kv_dim)
-        self.c_v = CastedLinear(dim, kv_dim)
-        self.proj = CastedLinear(dim, dim, zero_init=True)
+        self.c_q = CastedLinear(dim, dim, bias=False)
+        self.c_k = CastedLinear(dim, kv_dim, bias=False)
+        self.c_v = CastedLinear(dim, kv_dim, bias=False)
+        self.proj = CastedLinear(dim, dim, bias=False)
         self.q_gain = nn.Parameter(torch.full((config.num_heads,), config.qk_gain_init, dtype=torch.float32))
         # Every layer carries a (λ0, λ1) pair as upstream, although layer 0 never uses its own (it produces v0);
         # keeping it preserves the reference parameter count and state-dict layout.
         self.vr_lambda = (
             nn.Parameter(torch.tensor([0.5, 0.5], dtype=torch.float32)) if config.value_residual else None
         )
-        self.attn_gate: CastedLinear | None = None
-        if config.gated_attention:
-            self.attn_gate = CastedLinear(dim, config.num_heads, bias=True, zero_init=True)
-            nn.init.constant_(self.attn_gate.bias, config.attn_gate_bias_init)
+        self.attn_gate = CastedLinear(dim, config.num_heads) if config.gated_attention else None
 
     def forward(self, x: Tensor, v0: Tensor | None, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
         """Return (output, this layer's own value tensor before mixing): the caller keeps layer 0's as v0."""
@@ -227,14 +188,12 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """down(leaky_relu(up(x), slope)²); slope 0 is the older relu²."""
-
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         hidden = config.mlp_mult * config.model_dim
         self.negative_slope = config.leaky_relu_slope
-        self.fc = CastedLinear(config.model_dim, hidden)
-        self.proj = CastedLinear(hidden, config.model_dim, zero_init=True)
+        self.fc = CastedLinear(config.model_dim, hidden, bias=False)
+        self.proj = CastedLinear(hidden, config.model_dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(F.leaky_relu(self.fc(x), self.negative_slope).square())
@@ -252,7 +211,6 @@ class Block(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(dim, dtype=torch.float32))
         # Row 0 weighs the running residual, row 1 the embedding-stage x0; (1, 0) starts as a plain residual.
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))).float())
-        # LN scale (PR #315): deeper layers see a smaller normalised input.
         self.ln_scale_factor = 1.0 / math.sqrt(layer_index + 1) if config.ln_scale else 1.0
 
     def forward(
@@ -264,9 +222,6 @@ class Block(nn.Module):
         x = x + self.attn_scale.to(x.dtype) * attn_out
         x = x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln_scale_factor)
         return x, own_v
-
-
-# ---- The model
 
 
 def _validate(config: ModelConfig) -> None:
@@ -310,8 +265,7 @@ class GPT(nn.Module):
         self.bigram = BigramHash(config.bigram_buckets, config.bigram_dim, dim) if config.bigram_buckets else None
         self.smear = SmearGate(dim) if config.smear_gate else None
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
-        # U-Net: the first L//2 blocks are the encoder; the decoder block i receives the i-th popped encoder
-        # output (LIFO), so the deepest encoder output feeds the first decoder block.
+        # U-Net: the first L//2 blocks are the encoder, their outputs popped LIFO into the decoder blocks.
         self.num_encoder_layers = config.num_layers // 2 if config.unet_skips else 0
         self.skip_weights = (
             nn.Parameter(torch.ones(self.num_encoder_layers, dim, dtype=torch.float32))
@@ -323,10 +277,7 @@ class GPT(nn.Module):
 
             init_weights(self)
 
-    # ---- forward
-
     def input_embeddings(self, input_ids: Tensor) -> Tensor:
-        """x0: token embedding (+ BigramHash) → RMSNorm → SmearGate. Shape (B, T, model_dim)."""
         # With mask_bos, a BOS input position drops its previous-token features, so nothing from the document
         # before it leaks in through them (compliance-rules §3.4).
         previous_token_kept = input_ids != self.config.bos_id if self.config.mask_bos else None
@@ -339,7 +290,6 @@ class GPT(nn.Module):
         return x
 
     def final_hidden(self, input_ids: Tensor) -> Tensor:
-        """Run the blocks and the final norm; (B, T, model_dim)."""
         config = self.config
         x0 = self.input_embeddings(input_ids)
         cos, sin = rotary_tables(

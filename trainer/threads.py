@@ -1,8 +1,5 @@
-"""CPU intra-op threads for training and evaluation: the idle usable cores, shared by the local processes.
-
-torch's default (one thread per core, whatever else runs) was 7.6x slower at 2 threads than at 1 on a busy
-2-core machine (README "CPU threads"). So: max(1, (usable cores − rounded 1-min load) // LOCAL_WORLD_SIZE); an
-explicit OMP_NUM_THREADS or MKL_NUM_THREADS is honoured.
+"""CPU intra-op threads for training and evaluation: the idle usable cores, shared by the local processes. The
+policy and the measurements behind it: docs/performance.md §5, README "CPU threads".
 """
 
 from __future__ import annotations
@@ -11,12 +8,10 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-EXPLICIT_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-
 
 @dataclass(frozen=True)
 class ThreadChoice:
-    threads: int  # the intra-op thread count to use
+    threads: int
     reason: str  # how it was chosen, for the log
 
     def describe(self) -> str:
@@ -25,9 +20,9 @@ class ThreadChoice:
 
 def choose_threads(environ: Mapping[str, str] | None = None, *, cores: int | None = None,
                    load: float | None = None) -> ThreadChoice:
-    """The policy (``cores`` and ``load`` default to this machine's)."""
+    """max(1, (usable cores − rounded 1-min load) // LOCAL_WORLD_SIZE), unless OMP/MKL_NUM_THREADS is set."""
     env = os.environ if environ is None else environ
-    for name in EXPLICIT_VARIABLES:
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         if env.get(name, "").strip():
             import torch
 
@@ -41,7 +36,6 @@ def choose_threads(environ: Mapping[str, str] | None = None, *, cores: int | Non
 
 
 def apply_thread_policy(environ: Mapping[str, str] | None = None) -> ThreadChoice:
-    """Choose and set torch's intra-op thread count for this process."""
     import torch
 
     choice = choose_threads(environ)

@@ -34,9 +34,9 @@ from torch import nn
 
 from service.engine import run as engine_run
 from service.engine.ngram import NgramMixer
-from service.engine.options import EvalOptions
+from service.engine.options import EvalOptions, TTTRecipe
 from service.engine.scoring import ChunkScores, autocast_for
-from service.engine.ttt import TTTRecipe, TTTUpdater
+from service.engine.ttt import TTTUpdater
 from service.engine.windows import Chunk, WindowPlan
 from trainer.data.byte_accounting import ByteTables
 from trainer.model import GPT, ModelConfig

@@ -1,5 +1,5 @@
-"""The evaluation engine (no HTTP). `evaluate` and `evaluate_model` load lazily, so that importing the options
-does not pull torch into the CLI parser or the HTTP service.
+"""The evaluation engine (no HTTP). `evaluate` and `evaluate_model` load lazily: importing the options must not
+pull torch into the CLI parser or the HTTP service.
 """
 
 from typing import Any

@@ -15,23 +15,11 @@ import torch.distributed as torch_dist
 class DistContext:
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def all_reduce_sum(self, tensor: torch.Tensor) -> None:
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> None:
+        """In place over all ranks; ``op`` names a ``torch.distributed.ReduceOp`` (sum, max, min)."""
         if self.world_size > 1:
-            torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
-
-    def all_reduce_max(self, tensor: torch.Tensor) -> None:
-        if self.world_size > 1:
-            torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
-
-    def all_reduce_min(self, tensor: torch.Tensor) -> None:
-        if self.world_size > 1:
-            torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MIN)
+            torch_dist.all_reduce(tensor, op=getattr(torch_dist.ReduceOp, op.upper()))
 
 
 def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
@@ -49,8 +37,8 @@ def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
 
 
 def ranks_from_env() -> tuple[int, int, int]:
-    """(rank, world size, local rank) as torchrun sets them; a plain ``python`` run is rank 0 of 1. The device
-    index is LOCAL_RANK only: from the second node on, the global RANK (8, 9, …) is no device of this machine."""
+    """(rank, world size, local rank); a plain ``python`` run is rank 0 of 1. The device index is LOCAL_RANK only:
+    from the second node on, the global RANK (8, 9, …) is no device of this machine."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return 0, 1, 0
@@ -60,10 +48,10 @@ def ranks_from_env() -> tuple[int, int, int]:
     return int(os.environ["RANK"]), world_size, int(os.environ["LOCAL_RANK"])
 
 
-def init_from_env(device: torch.device, rank: int, world_size: int, local_rank: int) -> DistContext:
-    """Join the process group torchrun describes (``ranks_from_env``), if there is more than one process."""
+def init_from_env(device: torch.device, rank: int, world_size: int) -> DistContext:
+    """Join the process group torchrun describes, if there is more than one process."""
     if world_size <= 1:
         return DistContext()
     if not torch_dist.is_initialized():
         torch_dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank)
+    return DistContext(rank=rank, world_size=world_size)

@@ -1,21 +1,53 @@
 """Options of one evaluation, shared by the CLI, the HTTP service and the Python API; torch-free, so those can
-name the modes without loading the engine. The defaults were chosen by measurement (README, "Measured");
-``PLAIN`` is the reference's plain sliding-window score (``--plain``).
+name the modes and recipes without loading the engine. The defaults were chosen by measurement (README,
+"Measured"); ``PLAIN`` is the reference's plain sliding-window score (``--plain``).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 NGRAM_MODES = ("off", "exact", "smoothed", "tilt", "hashed-940")
 COMPLIANT_NGRAM_MODES = tuple(mode for mode in NGRAM_MODES if mode != "hashed-940")
-# Each TTT recipe's reference chunk (docs/evaluation.md §4); the recipe decides unless told otherwise.
-TTT_REFERENCE_CHUNK_TOKENS = {"pr940": 131_072, "legal-sgd": 32_768}
-TTT_RECIPE_NAMES = tuple(TTT_REFERENCE_CHUNK_TOKENS)
 UNTRAINED_CHUNK_TOKENS = 131_072  # without TTT the chunk is only the granularity of the streamed events
 FALLBACK_SEQ_LEN = 2048  # the challenge's sequence length, for a model whose artifact does not record its own
+
+
+@dataclass(frozen=True)
+class TTTRecipe:
+    name: str
+    optimizer: str  # "adamw" | "sgd"
+    lr: float
+    epochs: int
+    freeze_blocks: int
+    grad_clip: float
+    lr_schedule: str  # "constant" | "cosine" (over chunks: lr at chunk 0, 0 at the last chunk, never trained)
+    chunk_tokens: int  # the reference chunk, used unless the options name one
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    batch_sequences: int = 32  # sequences per optimizer step, across all ranks
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def lr_for_chunk(self, chunk_index: int, num_chunks: int) -> float:
+        if self.lr_schedule == "constant" or num_chunks <= 1:
+            return self.lr
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * chunk_index / (num_chunks - 1)))
+
+
+RECIPES: dict[str, TTTRecipe] = {  # docs/evaluation.md §4
+    # One step per epoch over a whole 131,072-token chunk (64 sequences: 8 per rank on 8 GPUs, as the fork).
+    "pr940": TTTRecipe(name="pr940", optimizer="adamw", lr=1e-4, epochs=4, freeze_blocks=2, grad_clip=1.0,
+                       lr_schedule="constant", chunk_tokens=131_072, weight_decay=0.0, batch_sequences=64),
+    # Reference §7.3: batches of at most 32 sequences.
+    "legal-sgd": TTTRecipe(name="legal-sgd", optimizer="sgd", lr=0.002, epochs=3, freeze_blocks=0, grad_clip=1.0,
+                           lr_schedule="cosine", chunk_tokens=32_768, momentum=0.9, batch_sequences=32),
+}
+TTT_RECIPE_NAMES = tuple(RECIPES)
 
 DEFAULT_TTT = True
 DEFAULT_TTT_RECIPE = "legal-sgd"
@@ -38,7 +70,7 @@ class EvalOptions:
     tokenizer: Path | None = None  # SentencePiece model of the data; default DATA_DIR/tokenizer.model
     seq_len: int | None = None  # None: the artifact's training sequence length (FALLBACK_SEQ_LEN if unrecorded)
     stride: int | None = 64  # None (or seq_len): the non-overlapping evaluation
-    chunk_tokens: int | None = None  # None: the TTT recipe's reference chunk (UNTRAINED_CHUNK_TOKENS without TTT)
+    chunk_tokens: int | None = None  # None: the TTT recipe's chunk (UNTRAINED_CHUNK_TOKENS without TTT)
     batch_windows: int = 32  # windows per forward pass (per rank)
     ttt: bool = DEFAULT_TTT
     ttt_recipe: str = DEFAULT_TTT_RECIPE
@@ -51,7 +83,8 @@ class EvalOptions:
     env: tuple[str, ...] = ()
 
     def validate(self) -> None:
-        """Raise ValueError with a plain message for any option outside its domain."""
+        """Raise ValueError with a plain message for any option outside its domain; the one check of the window
+        geometry (service/engine/windows.py trusts it)."""
         if self.seq_len is not None and self.seq_len < 1:
             raise ValueError(f"seq_len must be positive, got {self.seq_len}")
         if self.stride is not None and (self.stride < 1 or (self.seq_len is not None and self.stride > self.seq_len)):
@@ -60,7 +93,7 @@ class EvalOptions:
             raise ValueError(f"chunk_tokens must be positive, got {self.chunk_tokens}")
         if self.batch_windows < 1:
             raise ValueError(f"batch_windows must be positive, got {self.batch_windows}")
-        if self.ttt_recipe not in TTT_RECIPE_NAMES:
+        if self.ttt_recipe not in RECIPES:
             raise ValueError(f"unknown TTT recipe {self.ttt_recipe!r}; choose one of {', '.join(TTT_RECIPE_NAMES)}")
         if self.ngram not in NGRAM_MODES:
             raise ValueError(f"unknown n-gram mode {self.ngram!r}; choose one of {', '.join(NGRAM_MODES)}")
@@ -70,12 +103,12 @@ class EvalOptions:
             raise ValueError(f"max_tokens must be at least 2 (one target), got {self.max_tokens}")
 
     def resolved(self, train_seq_len: int | None = None) -> EvalOptions:
-        """Every "decide from context" field made concrete: seq_len from the artifact's ``train_seq_len``, the
-        chunk from the TTT recipe."""
+        """seq_len from the artifact's ``train_seq_len``, the chunk from the TTT recipe, unless given."""
         seq_len = self.seq_len if self.seq_len is not None else (train_seq_len or FALLBACK_SEQ_LEN)
         chunk_tokens = self.chunk_tokens
-        if chunk_tokens is None:
-            chunk_tokens = TTT_REFERENCE_CHUNK_TOKENS.get(self.ttt_recipe) if self.ttt else UNTRAINED_CHUNK_TOKENS
+        if chunk_tokens is None:  # an unknown recipe leaves None, for validate() to refuse the name
+            recipe = RECIPES.get(self.ttt_recipe)
+            chunk_tokens = (recipe.chunk_tokens if recipe else None) if self.ttt else UNTRAINED_CHUNK_TOKENS
         return replace(self, seq_len=seq_len, stride=seq_len if self.stride is None else self.stride,
                        chunk_tokens=chunk_tokens)
 

@@ -29,7 +29,7 @@ from service.engine.events import (
     timeout_event,
 )
 from service.engine.ngram import NgramMixer, make_mixer
-from service.engine.options import FALLBACK_SEQ_LEN, EvalOptions, is_upstream_artifact
+from service.engine.options import FALLBACK_SEQ_LEN, RECIPES, EvalOptions, TTTRecipe, is_upstream_artifact
 from service.engine.scoring import (
     DistributionCheck,
     ScoreLedger,
@@ -37,7 +37,7 @@ from service.engine.scoring import (
     ScoringModel,
     score_chunk,
 )
-from service.engine.ttt import RECIPES, TTTRecipe, TTTUpdater
+from service.engine.ttt import TTTUpdater
 from service.engine.windows import Chunk, plan_chunks, plan_windows
 from trainer.artifact import SUBMISSION_LIMIT_BYTES
 from trainer.data.byte_accounting import ByteTables
@@ -96,7 +96,7 @@ def evaluate(options: EvalOptions, *, started: float | None = None) -> Iterator[
         threads = apply_thread_policy()  # CPU scoring and the n-gram mixer share the cores with local peers
         rank, world_size, local_rank = ranks_from_env()
         device = resolve_device(options.device, local_rank)
-        dist = init_from_env(device, rank, world_size, local_rank)
+        dist = init_from_env(device, rank, world_size)
         loaded, tables, tokens = load_inputs(options, device)
     except Exception as exc:  # bad inputs, or e.g. a CUDA or process-group failure: still one error event
         yield _error_of(exc, time.perf_counter() - started, setting_up=True)
@@ -195,7 +195,7 @@ class _Budget:
     def should_stop(self, dist: DistContext, device: torch.device) -> bool:
         over = self.elapsed() + self.last_chunk_seconds > self.max_seconds
         flag = torch.tensor([1.0 if over else 0.0], device=device)
-        dist.all_reduce_max(flag)  # one rank over budget stops them all
+        dist.all_reduce(flag, "max")  # one rank over budget stops them all
         return bool(flag.item() > 0)
 
 
@@ -208,9 +208,9 @@ def _reduced(check: DistributionCheck, stats: dict[str, float], dist: DistContex
     gap = check.gap_max if check.gap_max is not None else -1.0
     extremes = torch.tensor([check.sum_min, -check.sum_max, -gap, float(check.from_vector)], dtype=torch.float64,
                             device=device)
-    dist.all_reduce_min(extremes)
+    dist.all_reduce(extremes, "min")
     counts = torch.tensor([check.positions, check.targets, *stats.values()], dtype=torch.float64, device=device)
-    dist.all_reduce_sum(counts)
+    dist.all_reduce(counts)
     low, high, gap, from_vector = extremes.tolist()
     merged = DistributionCheck(int(counts[0]), int(counts[1]), low, -high, -gap if gap <= 0 else None,
                                from_vector == 1.0)
@@ -327,7 +327,7 @@ def evaluate_model(model: ScoringModel, tokens: np.ndarray, tables: ByteTables, 
             chunk_started = clock()
             scores = score_chunk(model, tokens, windows, chunk, rank=dist.rank, world_size=dist.world_size,
                                  batch_windows=options.batch_windows, device=device, mixer=mixer)
-            dist.all_reduce_sum(scores.sums)
+            dist.all_reduce(scores.sums)
             non_finite = int((~torch.isfinite(scores.sums[0])).sum())
             if non_finite:  # a score of NaN/inf is no score: stop before it enters the committed totals
                 yield error_event(code="non_finite_score",

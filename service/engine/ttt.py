@@ -1,53 +1,18 @@
-"""Score-first test-time training: adapt the model on chunks whose scores are already committed.
-
-The updater trains only on ``CommittedSpan`` objects of the evaluation's own ``ScoreLedger`` and re-checks the
-frontier before every optimizer step. Recipes and the distributed gradient: docs/evaluation.md §4.
+"""Score-first test-time training: the updater trains only on ``CommittedSpan`` objects of the evaluation's own
+``ScoreLedger`` and re-checks the frontier before every optimizer step (docs/evaluation.md §4).
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from service.engine.dist import DistContext
+from service.engine.options import TTTRecipe
 from service.engine.scoring import CommittedSpan, ScoreLedger, ScoreOrderError, ScoringModel, autocast_for
 from service.engine.windows import rank_share
-
-
-@dataclass(frozen=True)
-class TTTRecipe:
-    name: str
-    optimizer: str  # "adamw" | "sgd"
-    lr: float
-    epochs: int
-    freeze_blocks: int
-    grad_clip: float
-    lr_schedule: str  # "constant" | "cosine" (over chunks: lr at chunk 0, 0 at the last chunk, never trained)
-    weight_decay: float = 0.0
-    momentum: float = 0.0
-    batch_sequences: int = 32  # sequences per optimizer step, across all ranks
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def lr_for_chunk(self, chunk_index: int, num_chunks: int) -> float:
-        if self.lr_schedule == "constant" or num_chunks <= 1:
-            return self.lr
-        return self.lr * 0.5 * (1.0 + math.cos(math.pi * chunk_index / (num_chunks - 1)))
-
-
-RECIPES: dict[str, TTTRecipe] = {  # docs/evaluation.md §4
-    # One step per epoch over a whole 131,072-token chunk (64 sequences: 8 per rank on 8 GPUs, as the fork).
-    "pr940": TTTRecipe(name="pr940", optimizer="adamw", lr=1e-4, epochs=4, freeze_blocks=2, grad_clip=1.0,
-                       lr_schedule="constant", weight_decay=0.0, batch_sequences=64),
-    # Reference §7.3: batches of at most 32 sequences.
-    "legal-sgd": TTTRecipe(name="legal-sgd", optimizer="sgd", lr=0.002, epochs=3, freeze_blocks=0, grad_clip=1.0,
-                           lr_schedule="cosine", momentum=0.9, batch_sequences=32),
-}
 
 # Sequences per forward/backward pass on one rank: bounds activation memory without changing the gradient.
 MICRO_BATCH_SEQUENCES = 16
@@ -137,17 +102,12 @@ class TTTUpdater:
                 with autocast_for(self.device):
                     loss = self.model(batch[:, :-1], batch[:, 1:])
                 (loss.float() * (rows.shape[0] * (int(length) - 1) / global_targets)).backward()
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.parameters]
-        if self.dist.world_size > 1:
-            flat = torch.cat([g.reshape(-1).float() for g in grads])
-            self.dist.all_reduce_sum(flat)
-            offset = 0
-            for parameter, grad in zip(self.parameters, grads, strict=True):
-                parameter.grad = flat[offset : offset + grad.numel()].view_as(grad).to(grad.dtype)
-                offset += grad.numel()
-        else:
-            for parameter, grad in zip(self.parameters, grads, strict=True):
-                parameter.grad = grad
+        # One flat all-reduce; a parameter without a gradient (unused, or no sequences on this rank) counts zero.
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
+                          for p in self.parameters])
+        self.dist.all_reduce(flat)
+        for parameter, grad in zip(self.parameters, flat.split([p.numel() for p in self.parameters]), strict=True):
+            parameter.grad = grad.view_as(parameter).to(parameter.dtype)
         torch.nn.utils.clip_grad_norm_(self.parameters, self.recipe.grad_clip)
         self.optimizer.step()
         return step_max_target

@@ -1,7 +1,7 @@
-"""Window and chunk planning: which tokens each forward pass sees and which targets it scores.
-
-Target position p is the prediction of ``tokens[p]`` from ``tokens[:p]``; the sliding rule and the chunking are
-specified in docs/evaluation.md §1 (every target 1..N−1 scored exactly once, the tail included).
+"""Window and chunk planning: which tokens each forward pass sees and which targets it scores. Target position p
+is the prediction of ``tokens[p]`` from ``tokens[:p]``; the sliding rule, the chunks and the padding are specified
+in docs/evaluation.md §1. The geometry (seq_len ≥ 1, 1 ≤ stride ≤ seq_len, chunk_tokens ≥ 1) is checked once,
+by ``EvalOptions.validate``.
 """
 
 from __future__ import annotations
@@ -15,9 +15,7 @@ import numpy as np
 class WindowPlan:
     """All windows of one evaluation, in stream order (parallel int64 arrays)."""
 
-    num_tokens: int
     seq_len: int
-    stride: int
     starts: np.ndarray  # first input token of each window
     ends: np.ndarray  # one past the last input token
     score_from: np.ndarray  # first scored target position
@@ -42,28 +40,20 @@ class Chunk:
 
 
 def plan_windows(num_tokens: int, seq_len: int, stride: int) -> WindowPlan:
-    """The sliding windows over a stream of ``num_tokens`` tokens (docs/evaluation.md §1)."""
-    if seq_len < 1 or stride < 1:
-        raise ValueError(f"seq_len and stride must be positive, got seq_len={seq_len} stride={stride}")
-    if stride > seq_len:
-        raise ValueError(f"stride {stride} exceeds seq_len {seq_len}: targets would be skipped")
     last_target = num_tokens - 1
     if last_target < 1:
         empty = np.zeros(0, dtype=np.int64)
-        return WindowPlan(num_tokens, seq_len, stride, empty, empty.copy(), empty.copy())
+        return WindowPlan(seq_len, empty, empty.copy(), empty.copy())
     # Window k ≥ 1 starts at k·stride and scores from k·stride + seq − stride + 1; keep it while that is ≤ N−1.
     later = max(0, -(-(last_target - seq_len) // stride))  # ceil((N−1−seq)/stride), clamped at 0
     starts = np.arange(later + 1, dtype=np.int64) * stride
     ends = np.minimum(starts + seq_len, last_target)
     score_from = starts + (seq_len - stride) + 1
     score_from[0] = 1
-    return WindowPlan(num_tokens, seq_len, stride, starts, ends, score_from)
+    return WindowPlan(seq_len, starts, ends, score_from)
 
 
 def plan_chunks(windows: WindowPlan, chunk_tokens: int) -> list[Chunk]:
-    """Group windows into chunks by the chunk of their first scored x-index (reference §7.3)."""
-    if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
     if len(windows) == 0:
         return []
     chunk_of_window = (windows.score_from - 1) // chunk_tokens
@@ -86,8 +76,6 @@ def rank_share(lo: int, hi: int, rank: int, world_size: int) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class WindowBatch:
-    """Model inputs for a batch of windows plus where each scored output goes."""
-
     inputs: np.ndarray  # (B, seq_len) int64, right-padded with token 0 (padding never reaches a scored output)
     rows: np.ndarray  # (S,) batch row of each scored output
     cols: np.ndarray  # (S,) column (local index) of each scored output
@@ -95,9 +83,8 @@ class WindowBatch:
 
 
 def build_batch(tokens: np.ndarray, windows: WindowPlan, lo: int, hi: int) -> WindowBatch:
-    """Assemble windows [lo, hi) into one padded batch and the index of every scored output."""
     starts, ends, score_from = windows.starts[lo:hi], windows.ends[lo:hi], windows.score_from[lo:hi]
-    # Always seq_len wide, right-padded: RoPE depends on the width (docs/evaluation.md §1), padding is after.
+    # Always seq_len wide: RoPE depends on the width (docs/evaluation.md §1).
     inputs = np.zeros((hi - lo, windows.seq_len), dtype=np.int64)
     for row, (a, b) in enumerate(zip(starts, ends, strict=True)):
         inputs[row, : b - a] = tokens[a:b]
