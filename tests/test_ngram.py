@@ -299,7 +299,7 @@ class GoldOnlyMixer(BackoffNgramMixer):
     def _mix(self, pos: np.ndarray, head: np.ndarray, logprobs: torch.Tensor) -> Mixed:
         honest = super()._mix(pos, head, logprobs)
         probs, _ = model_distribution(logprobs)
-        probs[torch.arange(pos.size), self.targets(pos, head, probs.device)] = honest.shortcut
+        probs[torch.arange(pos.size), torch.from_numpy(head[pos].astype(np.int64))] = honest.shortcut
         return Mixed(probs, honest.shortcut)
 
 

@@ -1,13 +1,9 @@
-"""Causal n-gram mixing over the whole vocabulary: a mixer builds the full mixed distribution at every scored
-position and the engine scores the target from it (compliance-rules.md §1, §3.1). C1: counts at t come from
-tokens before t. C2: every vector is a convex combination or a renormalised tilt; the engine sums each one and
-compares its x_t entry with the mixer's closed form (`Mixed.shortcut`). C3: the counts hold only what `commit`
-folded in after the engine's ledger committed the scores. `hashed-940` (non-compliant) is imported only when chosen.
-"""
+"""Causal n-gram mixing over the whole vocabulary (exact, smoothed, tilt): design and C1–C3 in docs/evaluation.md
+§6. `hashed-940` (non-compliant) is imported only when chosen."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -25,7 +21,7 @@ class ScoreOrderError(RuntimeError):
 
 @dataclass(frozen=True)
 class EntropyAlpha:
-    """α(H) = base + span·σ(slope·(H − center)) of the model's entropy H (nats), never of the target (§8.1)."""
+    """α of the model's entropy H (nats), never of the target (reference §8.1)."""
 
     base: float = 0.05
     span: float = 0.55
@@ -38,20 +34,17 @@ class EntropyAlpha:
 
 @dataclass
 class Mixed:
-    """A batch's mixed distributions and the mixer's closed-form probability of each target."""
-
     probs: torch.Tensor  # (m, V) float64 distributions
     shortcut: torch.Tensor  # (n,) float64 p(x_t) from the gold token's counts (another code path)
     rows: torch.Tensor | None = None  # batch indices `probs` covers; None: all n, in order
     stats: dict[str, int | float] = field(default_factory=dict)
 
 
-def as_token_array(tokens: np.ndarray | torch.Tensor, end: int) -> np.ndarray:
-    """tokens[:end] as a numpy array: nothing at or after `end` is read."""
+def as_token_array(tokens: np.ndarray, end: int) -> np.ndarray:
+    """tokens[:end]: nothing at or after `end` is read."""
     if end > len(tokens):
         raise ValueError(f"position {end - 1} is outside the token stream of length {len(tokens)}")
-    head = tokens[:end]
-    return head.detach().cpu().numpy() if isinstance(head, torch.Tensor) else np.asarray(head)
+    return np.asarray(tokens[:end])
 
 
 def model_distribution(logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,33 +66,29 @@ class NgramMixer:
         self.committed_upto = 0
         self._stats = dict.fromkeys(self.stat_names, 0)
 
-    def prepare(self, tokens: np.ndarray | torch.Tensor, end: int) -> None:
-        """Count the targets up to end − 1 in one pass (a chunk; prefix counts, nothing committed)."""
+    def prepare(self, tokens: np.ndarray, end: int) -> None:
         if end > self.committed_upto:
             self._prepare(as_token_array(tokens, end), end)
 
-    def mix(self, positions: np.ndarray, tokens: np.ndarray | torch.Tensor, logprobs: torch.Tensor) -> Mixed:
-        """The mixed distributions at uncommitted target positions from the model's (n, V) logits there."""
-        pos = self.open_positions(positions)
-        mixed = self._mix(pos, as_token_array(tokens, int(pos.max()) + 1 if pos.size else 0), logprobs)
+    def mix(self, pos: np.ndarray, tokens: np.ndarray, logprobs: torch.Tensor) -> Mixed:
+        """The vectors at target positions `pos` from the model's (n, V) logits there."""
+        mixed = self._mix(pos, self.head(tokens, pos), logprobs)
         for name, value in mixed.stats.items():
             self._stats[name] += value
         return mixed
 
-    def open_positions(self, positions: np.ndarray) -> np.ndarray:
-        """The positions as int64; a committed one (its score is fixed) is refused."""
-        pos = np.asarray(positions, np.int64).reshape(-1)
-        if pos.size and pos.min() < max(self.committed_upto, 1):
+    def full_distribution(self, position: int, tokens: np.ndarray, logprobs: torch.Tensor) -> torch.Tensor:
+        """The (V,) float64 vector at `position`, not counted in the stats (probes)."""
+        pos = np.array([position])
+        return self._mix(pos, self.head(tokens, pos), logprobs.reshape(1, -1)).probs[0]
+
+    def head(self, tokens: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """tokens[:max(pos) + 1]; a committed position is refused (its score is fixed, the counts moved on)."""
+        if pos.min() < max(self.committed_upto, 1):
             raise ScoreOrderError(f"position {int(pos.min())} is already committed (or is not a target)")
-        return pos
+        return as_token_array(tokens, int(pos.max()) + 1)
 
-    def full_distribution(self, position: int, tokens: np.ndarray | torch.Tensor,
-                          logprobs: torch.Tensor) -> torch.Tensor:
-        """The (V,) float64 distribution at `position` (probes)."""
-        pos = self.open_positions(np.array([position]))
-        return self._mix(pos, as_token_array(tokens, position + 1), logprobs.reshape(1, -1)).probs[0]
-
-    def commit(self, tokens: np.ndarray | torch.Tensor, upto: int) -> None:
+    def commit(self, tokens: np.ndarray, upto: int) -> None:
         """Fold tokens[committed_upto:upto] in; the engine calls it once its ledger committed those targets."""
         if upto < self.committed_upto:
             raise ScoreOrderError(f"commit({upto}) goes backwards from {self.committed_upto}")
@@ -107,7 +96,7 @@ class NgramMixer:
         self.committed_upto = upto
 
     def _prepare(self, head: np.ndarray, end: int) -> None:
-        pass
+        pass  # a mixer without a one-pass path counts in `_mix`
 
     def take_stats(self) -> dict[str, int | float]:
         """Counters of the scored batches since the last call (the engine sums them over ranks)."""
@@ -115,102 +104,89 @@ class NgramMixer:
         return stats
 
 
+@dataclass(eq=False)
 class CountingMixer(NgramMixer):
-    """The compliant modes' base: exact prefix counts, continuation rows on the scoring device."""
+    """The compliant modes (docs/evaluation.md §6): exact prefix counts; a mode's settings are its fields."""
 
+    vocab_size: int
     compliant = True
+    widths = DEFAULT_MAX_ORDER - 1
+    alpha = EntropyAlpha()  # exact and smoothed
 
-    def __init__(self, vocab_size: int, *, max_order: int = DEFAULT_MAX_ORDER,
-                 alpha: EntropyAlpha = EntropyAlpha()) -> None:
-        if max_order < 2:
-            raise ValueError("max_order must be at least 2")
-        super().__init__(vocab_size)
-        self.widths = max_order - 1
-        self.counts = PrefixCounts(vocab_size, max_order)
-        self._prepare, self._commit, self.alpha = self.counts.prepare, self.counts.commit, alpha
+    def __post_init__(self) -> None:
+        for setting in fields(self):
+            if not getattr(self, setting.name) > 0:
+                raise ValueError(f"{setting.name} must be positive")
+        super().__init__(self.vocab_size)
+        self.counts = PrefixCounts(self.vocab_size, self.widths + 1)
+        self._prepare, self._commit = self.counts.prepare, self.counts.commit
 
     def statistics(self, pos: np.ndarray, head: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(W, n) count(ctx_w) and count(ctx_w, x_t) at the targets."""
         self.counts.prepare(head, int(pos.max()) + 1)
         return self.counts.context_counts(pos), self.counts.pair_counts(pos)
 
-    def rows(self, width: int, pos: np.ndarray, device: torch.device) -> torch.Tensor:
-        """(n, V) float64 count(ctx_width, v) at targets whose context occurred before t."""
-        query, token, count = (torch.from_numpy(a).to(device) for a in self.counts.rows(width, pos))
-        out = torch.zeros(pos.size, self.vocab_size, dtype=torch.float64, device=device)
-        return out.index_put_((query, token), count.to(torch.float64), accumulate=True)
+    def inputs(self, pos: np.ndarray, head: np.ndarray, logprobs: torch.Tensor) -> tuple[
+            torch.Tensor, torch.Tensor, np.ndarray, np.ndarray, torch.Tensor, torch.Tensor]:
+        """The model's p and entropy, the statistics, the targets x_t and p(x_t)."""
+        p, entropy = model_distribution(logprobs)
+        targets = torch.from_numpy(head[pos].astype(np.int64)).to(p.device)
+        return p, entropy, *self.statistics(pos, head), targets, p.gather(1, targets[:, None]).squeeze(1)
 
-    @staticmethod
-    def targets(pos: np.ndarray, head: np.ndarray, device: torch.device) -> torch.Tensor:
-        return torch.from_numpy(head[pos].astype(np.int64)).to(device)
+    def rows(self, w: int, pos: np.ndarray, at: np.ndarray, context: np.ndarray,
+             device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`at`, count(ctx_w, ·) (k, V) and count(ctx_w) (k, 1) at batch indices `at` whose ctx_w occurred."""
+        query, token, count = (torch.from_numpy(a).to(device) for a in self.counts.rows(w, pos[at]))
+        row = torch.zeros(at.size, self.vocab_size, dtype=torch.float64, device=device)
+        row.index_put_((query, token), count.to(torch.float64), accumulate=True)
+        return torch.from_numpy(at).to(device), row, torch.from_numpy(context[w - 1, at, None]).to(device, row.dtype)
 
 
+@dataclass(eq=False)
 class BackoffNgramMixer(CountingMixer):
-    """Mode "exact": with the widest context seen ≥ min_count times, (1 − α)·p_model + α·count(ctx, ·)/count(ctx)."""
+    """(1 − α)·p_model + α·count(ctx, ·)/count(ctx), ctx the widest seen ≥ min_count times."""
 
     mode = "exact"
-
-    def __init__(self, vocab_size: int, *, max_order: int = DEFAULT_MAX_ORDER, min_count: int = DEFAULT_MIN_COUNT,
-                 alpha: EntropyAlpha = EntropyAlpha()) -> None:
-        super().__init__(vocab_size, max_order=max_order, alpha=alpha)
-        if min_count < 1:
-            raise ValueError("min_count must be at least 1")
-        self.min_count = min_count
+    min_count: int = DEFAULT_MIN_COUNT
 
     def _mix(self, pos: np.ndarray, head: np.ndarray, logprobs: torch.Tensor) -> Mixed:
-        device = logprobs.device
-        p, entropy = model_distribution(logprobs)
-        context, pair = self.statistics(pos, head)
-        # A context never occurs more often than its suffix: widths 1..width are eligible (0: the model).
+        p, entropy, context, pair, _, p_target = self.inputs(pos, head, logprobs)
+        # A context never occurs more often than its suffix: widths 1..width are eligible (0: the model, α = 0).
         width = (context >= self.min_count).sum(axis=0)
-        alpha = torch.where(torch.from_numpy(width > 0).to(device), self.alpha(entropy), 0.0)
-        probs = p.clone()
+        alpha = torch.where(torch.from_numpy(width > 0).to(p.device), self.alpha(entropy), 0.0)
+        ngram = p.clone()
         for w in range(1, self.widths + 1):
             at = np.flatnonzero(width == w)
             if at.size:
-                index = torch.from_numpy(at).to(device)
-                model = p.index_select(0, index)
-                row = self.rows(w, pos[at], device).div_(torch.from_numpy(context[w - 1, at]).to(device)[:, None])
-                probs.index_copy_(0, index, row.sub_(model).mul_(alpha[index, None]).add_(model))
+                index, row, seen = self.rows(w, pos, at, context, p.device)
+                ngram.index_copy_(0, index, row.div_(seen))
         column = np.maximum(width - 1, 0), np.arange(pos.size)
-        p_ngram = torch.from_numpy(pair[column] / np.maximum(context[column], 1)).to(device)
-        p_target = p.gather(1, self.targets(pos, head, device)[:, None]).squeeze(1)
-        return Mixed(probs, p_target + alpha * (p_ngram - p_target))
+        p_ngram = torch.from_numpy(pair[column] / np.maximum(context[column], 1)).to(p.device)
+        return Mixed(ngram.sub_(p).mul_(alpha[:, None]).add_(p), p_target + alpha * (p_ngram - p_target))
 
 
+@dataclass(eq=False)
 class SmoothedNgramMixer(CountingMixer):
-    """Mode "smoothed": p_0 = p_model, p_w = (count(ctx_w, ·) + β·p_{w−1}) / (count(ctx_w) + β), p_mix =
-    (1 − α)·p_model + α·p_W. β = 2 was chosen on the sample *train* shard."""
+    """(1 − α)·p_model + α·p_W, p_w = (count(ctx_w, ·) + β·p_{w−1}) / (count(ctx_w) + β), p_0 = p_model."""
 
     mode = "smoothed"
-
-    def __init__(self, vocab_size: int, *, max_order: int = DEFAULT_MAX_ORDER, concentration: float = 2.0,
-                 alpha: EntropyAlpha = EntropyAlpha()) -> None:
-        super().__init__(vocab_size, max_order=max_order, alpha=alpha)
-        if concentration <= 0:
-            raise ValueError("concentration must be positive")
-        self.concentration = concentration
+    concentration: float = 2.0  # β, chosen on the sample *train* shard
 
     def _mix(self, pos: np.ndarray, head: np.ndarray, logprobs: torch.Tensor) -> Mixed:
-        device, beta = logprobs.device, self.concentration
-        p, entropy = model_distribution(logprobs)
-        context, pair = self.statistics(pos, head)
-        alpha = self.alpha(entropy)
-        level = p.clone()
-        p_target = p.gather(1, self.targets(pos, head, device)[:, None]).squeeze(1)
-        level_target = p_target
+        beta = self.concentration
+        p, entropy, context, pair, _, p_target = self.inputs(pos, head, logprobs)
+        level, level_target = p.clone(), p_target
         for w in range(1, self.widths + 1):
             at = np.flatnonzero(context[w - 1] > 0)
             if at.size:
-                seen = torch.from_numpy(context[w - 1, at]).to(device, torch.float64)[:, None] + beta
-                if at.size == pos.size:
-                    level = self.rows(w, pos, device).add_(level, alpha=beta).div_(seen)
+                index, row, seen = self.rows(w, pos, at, context, p.device)
+                if at.size == pos.size:  # every context seen: no gather and scatter of the whole batch
+                    level = row.add_(level, alpha=beta).div_(seen + beta)
                 else:
-                    index = torch.from_numpy(at).to(device)
-                    row = self.rows(w, pos[at], device).add_(level.index_select(0, index), alpha=beta)
-                    level.index_copy_(0, index, row.div_(seen))
-            c, n = (torch.from_numpy(a[w - 1]).to(device, torch.float64) for a in (context, pair))
+                    level.index_copy_(0, index, row.add_(level.index_select(0, index), alpha=beta).div_(seen + beta))
+            c, n = (torch.from_numpy(a[w - 1]).to(p.device, torch.float64) for a in (context, pair))
             level_target = (n + beta * level_target) / (c + beta)
+        alpha = self.alpha(entropy)
         return Mixed(level.sub_(p).mul_(alpha[:, None]).add_(p), p_target + alpha * (level_target - p_target))
 
 
@@ -218,47 +194,37 @@ class SmoothedNgramMixer(CountingMixer):
 TILT_STATS = ("total", "gated", "token_gate", "within_gate", "word_gate", "agree2plus", "hint_hits", "beta_sum")
 
 
+@dataclass(eq=False)
 class TiltMixer(CountingMixer):
-    """Mode "tilt", the token-only tilt the organisers accepted (reference §8.2): hint = the top continuation
-    (ties: smallest id) of the widest context seen ≥ min_count times with share conf ≥ threshold, β =
-    base_beta·conf, p'(v) = p(v)·e^{β·1[v = hint]}/Z. No word experts (their gates read the target: C1)."""
+    """p(v)·e^{β·1[v = hint]}/Z, the token-only tilt the organisers accepted (hint and β: docs/evaluation.md §6)."""
 
     mode = "tilt"
     stat_names = TILT_STATS
-
-    def __init__(self, vocab_size: int, *, max_order: int = DEFAULT_MAX_ORDER, base_beta: float = 2.0,
-                 threshold: float = 0.5, min_count: int = DEFAULT_MIN_COUNT) -> None:
-        super().__init__(vocab_size, max_order=max_order)
-        self.base_beta, self.threshold, self.min_count = base_beta, threshold, min_count
+    base_beta: float = 2.0
+    threshold: float = 0.5
+    min_count: int = DEFAULT_MIN_COUNT
 
     def _mix(self, pos: np.ndarray, head: np.ndarray, logprobs: torch.Tensor) -> Mixed:
-        device = logprobs.device
-        p, _ = model_distribution(logprobs)
-        context, _ = self.statistics(pos, head)
-        hint = torch.full((pos.size,), -1, dtype=torch.long, device=device)
-        beta = torch.zeros(pos.size, dtype=torch.float64, device=device)
+        p, _, context, _, targets, p_target = self.inputs(pos, head, logprobs)
+        hint, beta = torch.full_like(targets, -1), torch.zeros_like(p_target)  # no hint: β = 0, e^β = Z = 1
         open_ = np.ones(pos.size, bool)
         for w in range(self.widths, 0, -1):
             at = np.flatnonzero(open_ & (context[w - 1] >= self.min_count))
-            if not at.size:
-                continue
-            best, token = self.rows(w, pos[at], device).max(dim=1)  # max: the first (smallest) id on ties
-            conf = best / torch.from_numpy(context[w - 1, at]).to(device, torch.float64)
-            chosen = conf >= self.threshold
-            index = torch.from_numpy(at).to(device)[chosen]
-            hint[index], beta[index] = token[chosen], self.base_beta * conf[chosen]
-            open_[at[chosen.cpu().numpy()]] = False
-        has, rows, on_hint = hint >= 0, torch.arange(pos.size, device=device), hint.clamp_min(0)
-        boost = torch.where(has, beta.exp(), 1.0)
+            if at.size:
+                index, row, seen = self.rows(w, pos, at, context, p.device)
+                best, token = row.max(dim=1)  # max: the first (smallest) id on ties
+                conf = best / seen[:, 0]
+                chosen = conf >= self.threshold
+                hint[index[chosen]], beta[index[chosen]] = token[chosen], self.base_beta * conf[chosen]
+                open_[at[chosen.cpu().numpy()]] = False
+        rows, on_hint, boost = torch.arange(pos.size, device=p.device), hint.clamp_min(0), beta.exp()
         z = 1.0 + p[rows, on_hint] * (boost - 1.0)
         tilted = p.clone()
         tilted[rows, on_hint] *= boost
-        targets = self.targets(pos, head, device)
-        logp_target = p.gather(1, targets[:, None]).squeeze(1).log()
-        nll = -logp_target + torch.where(has, z.log() - beta * (targets == hint), 0.0)
-        gated = int(has.sum())
-        stats = {"total": pos.size, "gated": gated, "token_gate": gated,
-                 "hint_hits": int((has & (targets == hint)).sum()), "beta_sum": float(beta.sum())}
+        nll = -p_target.log() + (z.log() - beta * (targets == hint))
+        gated = int((hint >= 0).sum())
+        stats = {"total": pos.size, "gated": gated, "token_gate": gated, "hint_hits": int((targets == hint).sum()),
+                 "beta_sum": float(beta.sum())}
         return Mixed(tilted / z[:, None], torch.exp(-nll), stats=stats)
 
 
