@@ -83,7 +83,8 @@ def evaluation_modes(args: argparse.Namespace) -> dict[str, object]:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from service.engine import EvalOptions, evaluate
+    from service.engine.options import EvalOptions
+    from service.engine.run import evaluate
     from service.judge import judged
 
     options = EvalOptions(

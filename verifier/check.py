@@ -73,10 +73,11 @@ def inspect_artifact(path: Path, *, upstream: bool) -> ArtifactFacts:
     facts = ArtifactFacts(path, path.stat().st_size, _sha256_file(path))
     if upstream:
         return facts
-    from trainer.artifact import ArtifactError, read_artifact
+    from trainer.artifact import ArtifactError
+    from trainer.artifact_metadata import read_submission  # the reader plus the sections the evaluation skips
 
     try:
-        facts.artifact = read_artifact(path)
+        facts.artifact = read_submission(path)
     except ArtifactError as exc:
         facts.error_code, facts.error = exc.code, str(exc)
     return facts

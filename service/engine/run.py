@@ -210,7 +210,7 @@ def evaluate_model(model: ScoringModel, tokens: np.ndarray, tables: ByteTables, 
         updater = (TTTUpdater(model, recipe, ledger, seq_len=options.seq_len,
                               num_chunks=len(chunks), dist=dist, device=device) if recipe is not None else None)
         config = {**options.to_dict(), "world_size": dist.world_size, "device_resolved": str(device),
-                  "ttt_recipe_settings": recipe.to_dict() if recipe is not None else None,
+                  "ttt_recipe_settings": asdict(recipe) if recipe is not None else None,
                   **(extra_config or {})}
         yield {"type": "start", "config": config, "artifact_sha256": artifact_sha256, "tokens": len(tokens),
                "targets": len(tokens) - 1, "bytes": tables.total_bytes(tokens), "chunks": len(chunks),
