@@ -37,8 +37,8 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from service.engine import EvalOptions, evaluate  # noqa: E402
-from service.engine.options import PLAIN  # noqa: E402
+from service.engine.options import PLAIN, EvalOptions  # noqa: E402
+from service.engine.run import evaluate  # noqa: E402
 
 # Overrides of the bench's base options, which are PLAIN (no TTT, no n-gram) with the command line's settings.
 MODES: dict[str, dict[str, object]] = {

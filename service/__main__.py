@@ -82,7 +82,8 @@ def evaluation_modes(args: argparse.Namespace) -> dict[str, object]:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from service.engine import EvalOptions, evaluate
+    from service.engine.options import EvalOptions
+    from service.engine.run import evaluate
 
     options = EvalOptions(
         artifact=args.artifact, data_dir=args.data, tokenizer=args.tokenizer, seq_len=args.seq_len,

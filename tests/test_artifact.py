@@ -13,6 +13,7 @@ import json
 import pickle
 import re
 import struct
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +127,7 @@ def test_round_trip(state: dict[str, torch.Tensor], good_bytes: bytes, tmp_path:
     path.write_bytes(good_bytes)
     artifact = read_artifact(path)
     manifest = artifact.manifest
-    assert manifest["model_config"] == SMALL.to_dict()
+    assert manifest["model_config"] == asdict(SMALL)
     assert manifest["tokenizer"] == {"sha256": TOKENIZER_SHA, "vocab_size": SMALL.vocab_size}
     assert manifest["training"] == TRAINING
     assert manifest["code_bytes"] == {"total": CODE.total, "files": CODE.files}

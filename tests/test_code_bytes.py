@@ -46,7 +46,8 @@ NON_COMPLIANT_MODES = ("hashed-940",)
 DRIVER = r"""
 import json, sys
 from pathlib import Path
-from service.engine import EvalOptions, evaluate
+from service.engine.options import EvalOptions
+from service.engine.run import evaluate
 
 TIMING = {"elapsed_s", "phase_seconds"}
 runs = []

@@ -13,9 +13,9 @@ import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 from test_engine_scoring import STRONG_SGD, options, repetitive_tokens, terminal, tiny_model, tiny_tables
 
-from service.engine import evaluate_model
 from service.engine.dist import DistContext
 from service.engine.options import RECIPES
+from service.engine.run import evaluate_model
 
 # (name, options, recipe): chunk 72 leaves a ragged 8-target sequence in every TTT span, so the gradient
 # weighting across ranks is exercised with unequal shares.
@@ -87,8 +87,9 @@ def test_ttt_comparison_is_sensitive() -> None:
 def test_ranks_come_from_torchrun_and_the_device_from_local_rank_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """From the second node on the global RANK (8, 9, …) is no device index: without LOCAL_RANK the evaluation
     refuses to start instead of picking cuda:RANK."""
-    from service.engine import EvalOptions, evaluate
     from service.engine.dist import ranks_from_env
+    from service.engine.options import EvalOptions
+    from service.engine.run import evaluate
 
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)

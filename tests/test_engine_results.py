@@ -14,9 +14,9 @@ import torch
 from test_engine_cli import FAST, EvalData, artifact, eval_data, evaluate_cli  # noqa: F401  (fixtures)
 from test_engine_scoring import repetitive_tokens, tiny_model, tiny_tables
 
-from service.engine import EvalOptions, evaluate_model
 from service.engine.events import error_event, finite_events, non_finite_path
-from service.engine.run import EVAL_TIME_LIMIT_SECONDS, SubmissionSize
+from service.engine.options import EvalOptions
+from service.engine.run import EVAL_TIME_LIMIT_SECONDS, SubmissionSize, evaluate_model
 
 OPTIONS = EvalOptions(seq_len=32, stride=16, chunk_tokens=96, batch_windows=4, device="cpu")
 
@@ -101,7 +101,7 @@ def test_an_artifact_declaring_too_much_code_is_not_compliant(eval_data: EvalDat
 
 def test_an_upstream_artifact_is_sized_with_its_script(tmp_path: Path, embedded_data: Path) -> None:
     """For a .ptz the rule counts bytes(train_gpt.py) + bytes(compressed model), the script given with --code."""
-    from service.engine import evaluate
+    from service.engine.run import evaluate
     from tests.test_upstream_artifact import PR940_CODE, PR940_ENV, upstream_file
 
     path, _, _ = upstream_file(tmp_path, "int6", "zstd", seed=3)

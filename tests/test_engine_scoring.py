@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from service.engine import EvalOptions, evaluate_model
 from service.engine.dist import DistContext
 from service.engine.ngram import ScoreOrderError
-from service.engine.options import PLAIN, RECIPES, TTTRecipe
+from service.engine.options import PLAIN, RECIPES, EvalOptions, TTTRecipe
+from service.engine.run import evaluate_model
 from service.engine.scoring import ScoreLedger
 from service.engine.ttt import TTTUpdater
 from service.engine.windows import plan_chunks, plan_windows

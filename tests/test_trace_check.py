@@ -7,8 +7,8 @@ import copy
 import pytest
 from test_engine_scoring import STRONG_SGD, options, repetitive_tokens, tiny_model, tiny_tables
 
-from service.engine import evaluate_model
 from service.engine.events import order_trace_digest
+from service.engine.run import evaluate_model
 from verifier.trace_check import check_order_trace
 
 

@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from service.engine import EvalOptions
-from service.engine.options import PLAIN
+from service.engine.options import PLAIN, EvalOptions
 from service.engine.run import evaluate_model
 from trainer.data.byte_accounting import ByteTables
 from trainer.data.shards import load_validation_tokens

@@ -12,7 +12,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,7 +49,7 @@ def encode_artifact(
     records, raw = _layout_payload(tensors)
     compressed = zstandard.ZstdCompressor(level=level).compress(raw)
     manifest = {
-        "model_config": model_config.to_dict(),
+        "model_config": asdict(model_config),
         "tokenizer": {"sha256": tokenizer_sha256, "vocab_size": vocab_size},
         "tensors": records,
         "payload": {

@@ -20,6 +20,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,6 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from trainer import __version__
 from trainer.artifact import load_model
 from trainer.code_bytes import counted_code_bytes
 from trainer.config import TrainConfig, to_dict
@@ -40,6 +40,10 @@ from trainer.model import GPT, autocast_for
 from trainer.muon import Muon
 from trainer.threads import apply_thread_policy
 
+try:
+    __version__ = version("pgolf")  # pyproject.toml's: the one copy of the version
+except PackageNotFoundError:  # a source checkout that was never installed
+    __version__ = "0+source"
 TRAIN_TIME_LIMIT_MS = 600_000  # the challenge's limit, whatever cap a run was configured with
 
 

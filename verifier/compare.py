@@ -46,7 +46,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def evaluate_to_report(args: argparse.Namespace, overrides: dict[str, Any], path: Path) -> list[dict[str, Any]]:
-    from service.engine import EvalOptions, evaluate
+    from service.engine.options import EvalOptions
+    from service.engine.run import evaluate
 
     options = EvalOptions(artifact=args.artifact, data_dir=args.data, tokenizer=args.tokenizer, device=args.device,
                           max_seconds=args.max_seconds, **overrides)

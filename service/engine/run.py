@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -305,7 +305,7 @@ def evaluate_model(model: ScoringModel, tokens: np.ndarray, tables: ByteTables, 
         updater = (TTTUpdater(model, recipe, ledger, seq_len=options.seq_len,
                               num_chunks=len(chunks), dist=dist, device=device) if recipe is not None else None)
         config = {**options.to_dict(), "world_size": dist.world_size, "device_resolved": str(device),
-                  "ttt_recipe_settings": recipe.to_dict() if recipe is not None else None,
+                  "ttt_recipe_settings": asdict(recipe) if recipe is not None else None,
                   **(extra_config or {})}
         yield start_event(config=config, artifact_sha256=artifact_sha256, tokens=len(tokens),
                           targets=len(tokens) - 1, bytes_total=tables.total_bytes(tokens),
