@@ -147,10 +147,9 @@ def _load_pgolf(options: EvalOptions, artifact_path: Path, device: torch.device,
     return model, dict(manifest["model_config"]), artifact.file_sha256, size, train_seq_len, notes
 
 
-def _add_stats(total: dict[str, float], stats: dict[str, float]) -> dict[str, float]:
+def _add_stats(total: dict[str, float], stats: dict[str, float]) -> None:
     for name, value in stats.items():
         total[name] = total.get(name, 0) + value
-    return total
 
 
 def _reduced(check: DistributionCheck, stats: dict[str, float], dist: DistContext
