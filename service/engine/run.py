@@ -203,8 +203,7 @@ def evaluate_model(model: ScoringModel, tokens: np.ndarray, tables: ByteTables, 
             raise EvalInputError("bad_data", f"the validation stream has {len(tokens)} tokens; nothing to score")
         windows = plan_windows(len(tokens), options.seq_len, options.stride)
         chunks = plan_chunks(windows, options.chunk_tokens)
-        vocab_size = len(tables.base_bytes)
-        mixer = make_mixer(options.ngram, vocab_size)
+        mixer = make_mixer(options.ngram, len(tables.base_bytes))
         recipe = (ttt_recipe or RECIPES[options.ttt_recipe]) if options.ttt else None
         updater = (TTTUpdater(model, recipe, ledger, seq_len=options.seq_len,
                               num_chunks=len(chunks), dist=dist, device=device) if recipe is not None else None)
