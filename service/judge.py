@@ -23,15 +23,12 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from service.engine.events import Totals, error_event
+from trainer.limits import EVAL_LIMIT_SECONDS, SUBMISSION_LIMIT_BYTES
 
 # C2 tolerances (docs/evaluation.md §3): |Σ_v p(v) − 1| (fp32 log-softmax rounding alone is ~1e-7), and
 # |p_vector(x_t) − p_shortcut(x_t)| (both float64 from the same counts: rounding only).
 NORMALISATION_TOLERANCE = 1e-5
 SHORTCUT_TOLERANCE = 1e-9
-# The challenge's limits (compliance-rules §7): evaluation ≤ 600 s whatever the run's own budget; artifact +
-# counted code ≤ 16,000,000 decimal bytes (trainer.artifact.SUBMISSION_LIMIT_BYTES, kept apart to stay torch-free).
-EVAL_TIME_LIMIT_SECONDS = 600.0
-SIZE_LIMIT_BYTES = 16_000_000
 # The engine's C2 figures, as they appear in ``measured.ngram`` and in ``compliance.ngram``.
 NGRAM_FIGURES = ("mixer_compliant", "probability_sum", "positions", "targets", "sum_error_max", "scored_gap_max",
                  "scored_from_vector", "stats")
@@ -112,7 +109,8 @@ def size_verdict(size: dict[str, Any] | None) -> dict[str, Any] | None:
     if size is None:
         return None
     total = size["artifact_bytes"] + size["code_bytes"]
-    return {**size, "total_bytes": total, "limit_bytes": SIZE_LIMIT_BYTES, "within_limit": total <= SIZE_LIMIT_BYTES}
+    return {**size, "total_bytes": total, "limit_bytes": SUBMISSION_LIMIT_BYTES,
+            "within_limit": total <= SUBMISSION_LIMIT_BYTES}
 
 
 def verdict(start: Event, chunks: list[Event], terminal: Event) -> dict[str, Any]:
@@ -131,7 +129,7 @@ def verdict(start: Event, chunks: list[Event], terminal: Event) -> dict[str, Any
     score_before_update = not order_problems(chunks, start.get("chunks", len(chunks)) - 1)
     elapsed = terminal.get("elapsed_s")
     timed = isinstance(elapsed, (int, float)) and math.isfinite(elapsed)
-    within_time_limit = timed and elapsed <= EVAL_TIME_LIMIT_SECONDS
+    within_time_limit = timed and elapsed <= EVAL_LIMIT_SECONDS
     size = size_verdict(measured.get("size"))
     val_sha256, manifest_sha256 = start.get("val_tokens_sha256"), start.get("validation_manifest_sha256")
     seq_len, stride = config.get("seq_len"), config.get("stride")
@@ -150,7 +148,7 @@ def verdict(start: Event, chunks: list[Event], terminal: Event) -> dict[str, Any
         "trace_digest": order_trace_digest([chunk.get("order_trace") for chunk in chunks]),
         "within_time_budget": timed and elapsed <= config.get("max_seconds", math.inf),
         "within_time_limit": within_time_limit,
-        "time_limit_seconds": EVAL_TIME_LIMIT_SECONDS,
+        "time_limit_seconds": EVAL_LIMIT_SECONDS,
         "size": size,
         # A max_tokens prefix, a truncated shard or data without a manifest all fail this.
         "full_validation_set": isinstance(val_sha256, str) and val_sha256 == manifest_sha256,

@@ -17,7 +17,8 @@ from test_engine_scoring import repetitive_tokens, tiny_model, tiny_tables
 from service.engine.events import error_event
 from service.engine.options import EvalOptions
 from service.engine.run import SubmissionSize, evaluate_model
-from service.judge import EVAL_TIME_LIMIT_SECONDS, finite_events, judged, non_finite_path
+from service.judge import finite_events, judged, non_finite_path
+from trainer.limits import EVAL_LIMIT_SECONDS
 
 OPTIONS = EvalOptions(seq_len=32, stride=16, chunk_tokens=96, batch_windows=4, device="cpu")
 
@@ -61,7 +62,7 @@ def test_the_time_limit_is_600_s_whatever_the_budget() -> None:
     events = list(judged(evaluate_model(tiny_model(), repetitive_tokens(300), tiny_tables(),
                                         replace(OPTIONS, max_seconds=1e9), clock=lambda: next(ticks))))
     compliance = events[-1]["compliance"]
-    assert events[-1]["type"] == "end" and events[-1]["elapsed_s"] > EVAL_TIME_LIMIT_SECONDS
+    assert events[-1]["type"] == "end" and events[-1]["elapsed_s"] > EVAL_LIMIT_SECONDS
     assert compliance["within_time_budget"] is True and compliance["within_time_limit"] is False
     assert compliance["time_limit_seconds"] == 600 and compliance["compliant"] is False
     assert compliance["scored_once"] and compliance["score_before_update"]  # only the time rule fails

@@ -5,7 +5,8 @@ from __future__ import annotations
 import copy
 import json
 
-from service.judge import NORMALISATION_TOLERANCE, SIZE_LIMIT_BYTES, judged, verdict
+from service.judge import NORMALISATION_TOLERANCE, judged, verdict
+from trainer.limits import SUBMISSION_LIMIT_BYTES
 
 
 def report() -> list[dict]:
@@ -37,7 +38,7 @@ def test_an_honest_report_is_compliant_and_keeps_every_field_consumers_read() ->
     assert compliance["scored_once"] and compliance["score_before_update"] and compliance["ngram"]["normalised"]
     assert compliance["full_validation_set"] and compliance["sliding_window"] and compliance["within_time_limit"]
     assert compliance["size"] == {"artifact_bytes": 1000, "code_bytes": 100, "code_source": "manifest",
-                                  "total_bytes": 1100, "limit_bytes": SIZE_LIMIT_BYTES, "within_limit": True}
+                                  "total_bytes": 1100, "limit_bytes": SUBMISSION_LIMIT_BYTES, "within_limit": True}
     assert compliance["ngram"]["mode"] == "exact" and compliance["ngram"]["probability_sum"]["positions"] == 8
     assert "measured" not in list(judged(report()))[-1]
 
@@ -74,7 +75,7 @@ def test_time_size_and_prefix_rules() -> None:
     events[-1]["elapsed_s"] = 600.5
     assert compliance_of(events)["within_time_limit"] is False and compliance_of(events)["compliant"] is False
     events = report()
-    events[-1]["measured"]["size"]["code_bytes"] = SIZE_LIMIT_BYTES - 999
+    events[-1]["measured"]["size"]["code_bytes"] = SUBMISSION_LIMIT_BYTES - 999
     assert compliance_of(events)["size"]["within_limit"] is False and not compliance_of(events)["compliant"]
     events = report()
     events[0]["validation_manifest_sha256"] = None  # data without a manifest: not the full validation set

@@ -37,6 +37,7 @@ from trainer.encodings import (
     dequantize_tensor,
     num_rows,
 )
+from trainer.limits import SUBMISSION_LIMIT_BYTES
 from trainer.model import GPT, ModelConfig
 
 MAGIC = b"\x89PGOLF\r\n"  # non-ASCII first byte and CRLF catch text-mode mangling, as in PNG
@@ -44,7 +45,6 @@ FORMAT_VERSION = 1
 HEADER = struct.Struct("<8sII")  # magic, version, manifest length
 HEADER_NBYTES = HEADER.size
 
-SUBMISSION_LIMIT_BYTES = 16_000_000  # artifact + counted code, decimal bytes
 MAX_MANIFEST_BYTES = 1 << 20  # a pr940 manifest is ~15 kB
 MAX_RAW_NBYTES = 256 << 20
 MAX_TENSOR_NDIM = 8

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from service.judge import EVAL_TIME_LIMIT_SECONDS, SIZE_LIMIT_BYTES, distribution_problems, verdict
+from service.judge import distribution_problems, verdict
+from trainer.limits import EVAL_LIMIT_SECONDS, SUBMISSION_LIMIT_BYTES
 from verifier import trace_check
 from verifier.logs import LogError, TrainRecord, manifest_record, read_eval_events, read_train_record
 from verifier.report import (
@@ -127,10 +128,10 @@ def check_size(artifact_bytes: int, code: Sequence[Path] | None) -> CheckResult:
                            f"cannot count the code bytes: {exc}")
     total = artifact_bytes + code_bytes
     figure = (f"{artifact_bytes:,} artifact + {code_bytes:,} code = {total:,} bytes "
-              f"{'<=' if total <= SIZE_LIMIT_BYTES else '>'} {SIZE_LIMIT_BYTES:,} ({origin})")
-    if total > SIZE_LIMIT_BYTES:
+              f"{'<=' if total <= SUBMISSION_LIMIT_BYTES else '>'} {SUBMISSION_LIMIT_BYTES:,} ({origin})")
+    if total > SUBMISSION_LIMIT_BYTES:
         return CheckResult("submission_size", FAIL, figure,
-                           f"over the cap by {total - SIZE_LIMIT_BYTES:,} bytes (decimal bytes, code included)")
+                           f"over the cap by {total - SUBMISSION_LIMIT_BYTES:,} bytes (decimal bytes, code included)")
     return CheckResult("submission_size", PASS, figure)
 
 
@@ -303,9 +304,9 @@ def check_train_sizes(records: Sequence[TrainRecord], facts: ArtifactFacts) -> C
                                 f"this file has {facts.nbytes:,}")
         if record.total_bytes is not None:
             parts.append(f"{record.source}: total {record.total_bytes:,}")
-            if record.total_bytes > SIZE_LIMIT_BYTES:
+            if record.total_bytes > SUBMISSION_LIMIT_BYTES:
                 problems.append(f"{record.source} states a submission of {record.total_bytes:,} bytes, "
-                                f"over {SIZE_LIMIT_BYTES:,}")
+                                f"over {SUBMISSION_LIMIT_BYTES:,}")
     figure = "; ".join(parts)
     return CheckResult("train_log_sizes", FAIL if problems else PASS, figure, "; ".join(problems))
 
@@ -381,8 +382,8 @@ def _eval_time(terminal: dict[str, Any]) -> CheckResult:
     elapsed = terminal.get("elapsed_s")
     if not _is_finite(elapsed):
         return CheckResult("eval_time", FAIL, "", "the terminal event states no elapsed_s")
-    figure = f"{elapsed:.3f} s {'<=' if elapsed <= EVAL_TIME_LIMIT_SECONDS else '>'} 600 s"
-    if elapsed > EVAL_TIME_LIMIT_SECONDS:
+    figure = f"{elapsed:.3f} s {'<=' if elapsed <= EVAL_LIMIT_SECONDS else '>'} 600 s"
+    if elapsed > EVAL_LIMIT_SECONDS:
         return CheckResult("eval_time", FAIL, figure, "evaluation wall-clock over 600 s")
     return CheckResult("eval_time", PASS, figure)
 

@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from trainer.limits import EVAL_LIMIT_SECONDS
+
 NGRAM_MODES = ("off", "exact", "smoothed", "tilt", "hashed-940")
 UNTRAINED_CHUNK_TOKENS = 131_072  # without TTT the chunk is only the granularity of the streamed events
 FALLBACK_SEQ_LEN = 2048  # the challenge's sequence length, for a model whose artifact does not record its own
@@ -66,7 +68,7 @@ class EvalOptions:
     ttt: bool = True
     ttt_recipe: str = "legal-sgd"
     ngram: str = "smoothed"  # one of NGRAM_MODES
-    max_seconds: float = 600.0  # wall-clock budget, checked between chunks
+    max_seconds: float = EVAL_LIMIT_SECONDS  # wall-clock budget, checked between chunks
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     max_tokens: int | None = None  # evaluate only a prefix of the stream (a preview, not a full-val score)
     # .ptz only (ignored, with a note, for .pgolf): the submission's train_gpt.py and its run command's KEY=VALUEs.

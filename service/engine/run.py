@@ -228,7 +228,7 @@ def evaluate_model(model: ScoringModel, tokens: np.ndarray, tables: ByteTables, 
                        "reason": f"wall-clock budget of {options.max_seconds:g} s reached after {chunk.index} of "
                                  f"{len(chunks)} chunks; stopped cleanly before chunk {chunk.index}",
                        **partial_figures(ledger.totals), "chunks_done": chunk.index,
-                       "elapsed_s": round(elapsed(), 4), "measured": measured()}
+                       "elapsed_s": elapsed(), "measured": measured()}
                 return
             chunk_started = clock()
             scores = score_chunk(model, tokens, windows, chunk, rank=dist.rank, world_size=dist.world_size,
@@ -277,5 +277,5 @@ def evaluate_model(model: ScoringModel, tokens: np.ndarray, tables: ByteTables, 
         return
     totals = ledger.totals
     yield {"type": "end", "val_loss": totals.val_loss, "val_bpb": totals.val_bpb, "targets_scored": totals.targets,
-           "bytes": totals.bytes, "nll_sum": totals.nll_sum, "elapsed_s": round(elapsed(), 4),
+           "bytes": totals.bytes, "nll_sum": totals.nll_sum, "elapsed_s": elapsed(),
            "measured": measured()}
