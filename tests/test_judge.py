@@ -6,7 +6,7 @@ import copy
 import json
 
 from service.judge import NORMALISATION_TOLERANCE, judged, verdict
-from trainer.limits import SUBMISSION_LIMIT_BYTES
+from trainer.limits import EVAL_LIMIT_SECONDS, SUBMISSION_LIMIT_BYTES
 
 
 def report() -> list[dict]:
@@ -74,6 +74,14 @@ def test_time_size_and_prefix_rules() -> None:
     events = report()
     events[-1]["elapsed_s"] = 600.5
     assert compliance_of(events)["within_time_limit"] is False and compliance_of(events)["compliant"] is False
+    for elapsed, within in ((EVAL_LIMIT_SECONDS, True), (EVAL_LIMIT_SECONDS + 5e-5, False)):  # the limit is exact
+        events = report()
+        events[-1]["elapsed_s"] = elapsed
+        assert compliance_of(events)["within_time_limit"] is within
+    events = report()
+    events[-1]["measured"]["size"]["code_bytes"] = SUBMISSION_LIMIT_BYTES - 1000  # exactly 16,000,000 in all
+    assert compliance_of(events)["size"]["total_bytes"] == SUBMISSION_LIMIT_BYTES
+    assert compliance_of(events)["size"]["within_limit"] is True
     events = report()
     events[-1]["measured"]["size"]["code_bytes"] = SUBMISSION_LIMIT_BYTES - 999
     assert compliance_of(events)["size"]["within_limit"] is False and not compliance_of(events)["compliant"]
