@@ -22,7 +22,7 @@ import math
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from service.engine.events import Totals, error_event
+from service.engine.events import Event, Totals, error_event
 from trainer.limits import EVAL_LIMIT_SECONDS, SUBMISSION_LIMIT_BYTES
 
 # C2 tolerances (docs/evaluation.md §3): |Σ_v p(v) − 1| (fp32 log-softmax rounding alone is ~1e-7), and
@@ -32,8 +32,6 @@ SHORTCUT_TOLERANCE = 1e-9
 # The engine's C2 figures, as they appear in ``measured.ngram`` and in ``compliance.ngram``.
 NGRAM_FIGURES = ("mixer_compliant", "probability_sum", "positions", "targets", "sum_error_max", "scored_gap_max",
                  "scored_from_vector", "stats")
-
-Event = dict[str, Any]
 
 
 # A report is untrusted (``verifier check`` judges what submitters hand in): every field is read through these, so

@@ -12,6 +12,7 @@ import copy
 import json
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from unittest import mock
 
 import numpy as np
@@ -410,3 +411,13 @@ def test_bad_options_and_empty_streams_give_error_events() -> None:
     assert events == [events[0]] and events[0]["type"] == "error" and events[0]["code"] == "bad_options"
     events, _ = run(tiny_model(), repetitive_tokens(1), options())
     assert events[0]["type"] == "error" and events[0]["code"] == "bad_data"
+
+
+def test_a_recipe_run_directly_brings_its_own_chunk() -> None:
+    # evaluate_model(ttt_recipe=R) with no chunk in the options chunks by R's reference chunk, not by the named
+    # recipe's, so the start event's chunk_tokens and ttt_recipe_settings.chunk_tokens agree.
+    recipe = replace(STRONG_SGD, chunk_tokens=64)
+    events, _ = run(tiny_model(), repetitive_tokens(200), options(chunk_tokens=None, ttt=True), ttt_recipe=recipe)
+    config = events[0]["config"]
+    assert config["chunk_tokens"] == config["ttt_recipe_settings"]["chunk_tokens"] == 64
+    assert events[0]["chunks"] == len(events) - 2 >= 3  # 199 targets in chunks of 64

@@ -497,8 +497,9 @@ def check_against_model(manifest: Mapping[str, Any], config: ModelConfig) -> Non
     missing = [n for n in expected if n not in records]
     unexpected = [n for n in records if n not in expected]
     if missing or unexpected:
-        raise ShapeMismatch(f"tensor names disagree with the model: missing {_show(missing)}, "
-                            f"unexpected {_show(unexpected)}")
+        # The first 5 of each, whole; the unexpected ones are the manifest's, so they are bounded too.
+        raise ShapeMismatch(f"tensor names disagree with the model: missing {missing[:5]}{'…' * (len(missing) > 5)}, "
+                            f"unexpected {_show(unexpected[:5], 600)}{'…' * (len(unexpected) > 5)}")
     for name, (shape, is_float) in expected.items():
         record = records[name]
         if tuple(record["shape"]) != shape:

@@ -65,12 +65,12 @@ def evaluate_to_report(args: argparse.Namespace, overrides: dict[str, Any], path
 
 
 def probe_verdicts(args: argparse.Namespace) -> tuple[dict[str, str], dict[str, str]]:
-    from verifier.probe import condition_verdicts, load_probe_inputs, probe_mode
+    from verifier.probe import load_probe_inputs, probe_condition_verdicts, probe_mode
 
     inputs = load_probe_inputs(args.artifact, args.data, args.tokenizer)
     honest, _ = probe_mode("default", inputs)
     claimed, _ = probe_mode("claimed", inputs)
-    return condition_verdicts(honest), condition_verdicts(claimed)
+    return probe_condition_verdicts(honest), probe_condition_verdicts(claimed)
 
 
 def run(args: argparse.Namespace) -> int:

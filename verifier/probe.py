@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from service.engine.options import EvalOptions
+from verifier.check import NON_COMPLIANT_NGRAM_MODES
 from verifier.report import FAIL, PASS, CheckResult, render_table
 
 if TYPE_CHECKING:  # the subjects import torch and the engine: only the probe command itself needs them
@@ -222,7 +223,7 @@ MODES: dict[str, tuple[bool, str]] = {
     "hashed-940": (False, "hashed-940"),
     "claimed": (True, "hashed-940"),
 }
-MODE_GROUPS = {"compliant": [mode for mode, (_, ngram) in MODES.items() if ngram != "hashed-940"],
+MODE_GROUPS = {"compliant": [mode for mode, (_, ngram) in MODES.items() if ngram not in NON_COMPLIANT_NGRAM_MODES],
                "all": list(MODES)}
 FULL_VAL_TOKENS = 62_021_632  # the FineWeb val stream (reference §11)
 
@@ -315,7 +316,7 @@ def probe_mode(mode: str, inputs: ProbeInputs) -> tuple[list[CheckResult], str]:
     return probe_subject(subject, inputs.streams), geometry
 
 
-def condition_verdicts(rows: Sequence[CheckResult]) -> dict[str, str]:
+def probe_condition_verdicts(rows: Sequence[CheckResult]) -> dict[str, str]:
     """C1..C4 -> PASS, or FAIL when the condition failed on any stream."""
     verdicts: dict[str, str] = {}
     for row in rows:

@@ -94,12 +94,13 @@ class EvalOptions:
         if self.max_tokens is not None and self.max_tokens < 2:
             raise ValueError(f"max_tokens must be at least 2 (one target), got {self.max_tokens}")
 
-    def resolved(self, train_seq_len: int | None = None) -> EvalOptions:
-        """seq_len from the artifact's ``train_seq_len``, the chunk from the TTT recipe, unless given."""
+    def resolved(self, train_seq_len: int | None = None, recipe: TTTRecipe | None = None) -> EvalOptions:
+        """seq_len from the artifact's ``train_seq_len``, the chunk from the TTT recipe run (``recipe``, else the
+        named one), unless given."""
         seq_len = self.seq_len if self.seq_len is not None else (train_seq_len or FALLBACK_SEQ_LEN)
         chunk_tokens = self.chunk_tokens
         if chunk_tokens is None:  # an unknown recipe leaves None, for validate() to refuse the name
-            recipe = RECIPES.get(self.ttt_recipe)
+            recipe = recipe or RECIPES.get(self.ttt_recipe)
             chunk_tokens = (recipe.chunk_tokens if recipe else None) if self.ttt else UNTRAINED_CHUNK_TOKENS
         return replace(self, seq_len=seq_len, stride=seq_len if self.stride is None else self.stride,
                        chunk_tokens=chunk_tokens)

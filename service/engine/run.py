@@ -177,7 +177,7 @@ def evaluate_model(model: ScoringModel, tokens: np.ndarray, tables: ByteTables, 
     dist = dist or DistContext()
     device = torch.device(device)
     started = clock() if started is None else started
-    options = options.resolved()  # already concrete when called from evaluate(); else seq 2048, recipe chunk
+    options = options.resolved(recipe=ttt_recipe)  # concrete when called from evaluate(); else seq 2048, recipe chunk
     ledger = ScoreLedger(tokens, tables)
     check = DistributionCheck()
     ngram_stats: dict[str, float] = {}
