@@ -40,6 +40,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from bench.train_step import make_step  # noqa: E402
 from service.engine.options import EvalOptions  # noqa: E402
 from service.engine.run import evaluate  # noqa: E402
+from service.judge import judged  # noqa: E402
 from trainer.code_bytes import counted_code_bytes  # noqa: E402
 from trainer.config import PRESETS, TrainConfig  # noqa: E402
 from trainer.data.byte_accounting import ByteTables  # noqa: E402
@@ -156,7 +157,7 @@ def check_eval(model: torch.nn.Module, model_config: ModelConfig, data: Path, wo
     phases = {"score": 0.0, "ngram": 0.0, "train": 0.0}
     trained = 0
     end: dict = {}
-    for event in evaluate(options):
+    for event in judged(evaluate(options)):
         if event["type"] == "chunk":
             for name in phases:
                 phases[name] += event["phase_seconds"].get(name, 0.0)

@@ -25,6 +25,7 @@ import sentencepiece
 import torch
 
 from service.engine.options import NGRAM_MODES, TTT_RECIPE_NAMES
+from service.judge import judged
 from trainer.artifact import HEADER_NBYTES, SchemaViolation, read_artifact
 from trainer.artifact_metadata import read_submission
 from trainer.code_bytes import NOT_COUNTED, counted_code_bytes
@@ -39,22 +40,27 @@ TINY = ModelConfig(num_layers=2, model_dim=64, num_heads=2, num_kv_heads=1, mlp_
 VAL_TOKENS = 1500
 SMALL_RUN = {"device": "cpu", "seq_len": 128, "stride": 64, "chunk_tokens": 512, "batch_windows": 8}
 NON_COMPLIANT_MODES = ("hashed-940",)
+TIMING = {"elapsed_s", "phase_seconds"}  # wall-clock fields: the only ones that may differ between the two runs
 
-# Runs evaluations given as JSON on argv[1]; prints their events (minus wall-clock fields) and the project
-# modules the process loaded. A failure to import is recorded, not raised, so the excluded mode can be shown
-# to need an uncounted file.
+
+def _untimed(events: list[dict]) -> list[dict]:
+    return [{k: v for k, v in event.items() if k not in TIMING} for event in events]
+
+
+# Runs evaluations given as JSON on argv[1]; prints their raw engine events and the project modules the process
+# loaded (the judge, service/judge.py, is not counted: the test judges both runs' events itself). A failure to
+# import is recorded, not raised, so the excluded mode can be shown to need an uncounted file.
 DRIVER = r"""
 import json, sys
 from pathlib import Path
 from service.engine.options import EvalOptions
 from service.engine.run import evaluate
 
-TIMING = {"elapsed_s", "phase_seconds"}
 runs = []
 for case in json.loads(sys.argv[1]):
     paths = {k: Path(v) for k, v in case.items() if k in ("artifact", "data_dir", "tokenizer")}
     try:
-        events = [{k: v for k, v in e.items() if k not in TIMING} for e in evaluate(EvalOptions(**{**case, **paths}))]
+        events = list(evaluate(EvalOptions(**{**case, **paths})))
     except ImportError as exc:
         events = [{"type": "import_error", "name": exc.name}]
     runs.append(events)
@@ -119,6 +125,7 @@ def _run_driver(cases: list[dict], *, isolated_root: Path | None) -> dict:
 def test_the_counted_files_alone_evaluate_an_artifact_bit_identically(tmp_path: Path,
                                                                       eval_inputs: dict[str, str]) -> None:
     code = counted_code_bytes()
+    assert "service/judge.py" not in code.files  # the engine measures; the judge is the service's
     isolated = tmp_path / "counted"
     for rel in code.files:
         (isolated / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -137,13 +144,17 @@ def test_the_counted_files_alone_evaluate_an_artifact_bit_identically(tmp_path: 
     normal = _run_driver(cases + failing, isolated_root=None)
     alone = _run_driver(cases + failing + excluded, isolated_root=isolated)
 
-    for run in normal["runs"][: len(cases)]:
+    # The judge decides on both runs' measurements alike: the same verdict, compliant in every compliant mode.
+    verdicts = [_untimed(list(judged(run))) for run in normal["runs"]]
+    for run in verdicts[: len(cases)]:
         assert run[-1]["type"] == "end" and run[-1]["compliance"]["compliant"], run[-1]
         assert math.isfinite(run[-1]["val_bpb"])
     assert [run[-1]["code"] for run in normal["runs"][len(cases):]] == ["bad_data", "bad_tokenizer",
                                                                         "schema_violation"]
     assert "training must be an object, got list" in normal["runs"][-1][-1]["reason"]
-    assert alone["runs"][: len(cases) + len(failing)] == normal["runs"]
+    assert [_untimed(run) for run in alone["runs"][: len(cases) + len(failing)]] == [
+        _untimed(run) for run in normal["runs"]]
+    assert [_untimed(list(judged(run))) for run in alone["runs"][: len(cases) + len(failing)]] == verdicts
     # The non-compliant mode needs a file that is not counted, so the copy really is all there is.
     assert all(run == [{"type": "import_error", "name": "service.engine.ngram_hashed"}]
                for run in alone["runs"][len(cases) + len(failing):])
@@ -196,7 +207,8 @@ def test_counted_code_bytes_of_this_checkout() -> None:
     assert all(code.files[rel] == (REPO_ROOT / rel).stat().st_size for rel in code.files)
     assert code.total == sum(code.files.values()) and list(code.files) == sorted(code.files)
     never = ("verifier/", "service/api/", "service/__main__.py", "trainer/train.py", "trainer/muon.py",
-             "trainer/code_bytes.py", "trainer/export.py", "trainer/data/download.py", "trainer/cli.py")
+             "trainer/code_bytes.py", "trainer/export.py", "trainer/data/download.py", "trainer/cli.py",
+             "trainer/artifact_metadata.py", "trainer/evaluate.py")
     assert not [rel for rel in code.files if rel.startswith(never)]
     assert not [rel for rel in code.files if rel.removesuffix(".py").replace("/", ".") in NOT_COUNTED]
 

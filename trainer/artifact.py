@@ -37,6 +37,7 @@ from trainer.encodings import (
     dequantize_tensor,
     num_rows,
 )
+from trainer.limits import SUBMISSION_LIMIT_BYTES
 from trainer.model import GPT, ModelConfig
 
 MAGIC = b"\x89PGOLF\r\n"  # non-ASCII first byte and CRLF catch text-mode mangling, as in PNG
@@ -44,7 +45,6 @@ FORMAT_VERSION = 1
 HEADER = struct.Struct("<8sII")  # magic, version, manifest length
 HEADER_NBYTES = HEADER.size
 
-SUBMISSION_LIMIT_BYTES = 16_000_000  # artifact + counted code, decimal bytes
 MAX_MANIFEST_BYTES = 1 << 20  # a pr940 manifest is ~15 kB
 MAX_RAW_NBYTES = 256 << 20
 MAX_TENSOR_NDIM = 8
@@ -179,18 +179,15 @@ def parse_artifact(data: bytes, *, max_file_bytes: int = SUBMISSION_LIMIT_BYTES,
 
     expected_end = payload_start + payload_info["compressed_nbytes"]
     if len(data) < expected_end:
-        raise Truncated(
-            f"payload truncated: file has {len(data) - payload_start} payload bytes, "
-            f"manifest declares {payload_info['compressed_nbytes']}"
-        )
+        raise Truncated(f"payload truncated: file has {len(data) - payload_start} payload bytes, "
+                        f"manifest declares {payload_info['compressed_nbytes']}")
     if len(data) > expected_end:
         raise TrailingData(f"{len(data) - expected_end} unexpected bytes after the declared payload")
     compressed = data[payload_start:]
     digest = hashlib.sha256(compressed).hexdigest()
     if digest != payload_info["compressed_sha256"]:
-        raise HashMismatch(
-            f"compressed payload sha256 {digest} does not match manifest {payload_info['compressed_sha256']}"
-        )
+        raise HashMismatch(f"compressed payload sha256 {digest} does not match manifest "
+                           f"{payload_info['compressed_sha256']}")
 
     check_against_model(manifest, config)
     raw = _bounded_decompress(compressed, payload_info["raw_nbytes"])
@@ -225,9 +222,7 @@ def _read_header_and_manifest(data: bytes) -> tuple[dict[str, Any], int]:
         raise ManifestTooLarge(f"manifest declares {manifest_nbytes} bytes, over the {MAX_MANIFEST_BYTES} limit")
     payload_start = HEADER_NBYTES + manifest_nbytes
     if len(data) < payload_start:
-        raise Truncated(
-            f"manifest truncated: {len(data) - HEADER_NBYTES} of {manifest_nbytes} declared bytes present"
-        )
+        raise Truncated(f"manifest truncated: {len(data) - HEADER_NBYTES} of {manifest_nbytes} declared bytes present")
     try:
         manifest = json.loads(
             data[HEADER_NBYTES:payload_start].decode("utf-8"),
@@ -380,8 +375,7 @@ def validate_manifest(manifest: dict[str, Any], check_metadata: MetadataCheck | 
         check_metadata(manifest)
     # Of the metadata, the engine reads code_bytes.total and training.train_seq_len (checked where it is read).
     _require_keys(manifest["training"], "training", (), extra_ok=True)
-    _require_keys(manifest["code_bytes"], "code_bytes", ("total", "files"))
-    total = manifest["code_bytes"]["total"]
+    total = manifest["code_bytes"].get("total") if isinstance(manifest["code_bytes"], dict) else None
     _require(_is_int(total) and 0 <= total <= MAX_COUNT, "code_bytes.total must be a non-negative integer")
     _validate_tokenizer(manifest["tokenizer"], config.vocab_size)
     return config
@@ -432,9 +426,8 @@ def _validate_payload(payload: Any) -> None:
     for key in ("compressed_sha256", "raw_sha256"):
         _validate_sha256(payload[key], f"payload.{key}")
     if payload["raw_nbytes"] > MAX_RAW_NBYTES:
-        raise DeclaredSizeTooLarge(
-            f"declared raw payload size {payload['raw_nbytes']} bytes exceeds the bound of {MAX_RAW_NBYTES}"
-        )
+        raise DeclaredSizeTooLarge(f"declared raw payload size {payload['raw_nbytes']} bytes exceeds the bound of "
+                                   f"{MAX_RAW_NBYTES}")
 
 
 def _validate_tensor_table(tensors: Any, raw_nbytes: int) -> None:
@@ -492,9 +485,8 @@ def _validate_tokenizer(tokenizer: Any, model_vocab_size: int) -> None:
     if not (_is_int(vocab) and vocab > 0):
         raise TokenizerFieldError(f"tokenizer.vocab_size must be a positive integer, got {_show(vocab)}")
     if vocab != model_vocab_size:
-        raise TokenizerFieldError(
-            f"tokenizer.vocab_size {vocab} disagrees with model_config.vocab_size {model_vocab_size}"
-        )
+        raise TokenizerFieldError(f"tokenizer.vocab_size {vocab} disagrees with model_config.vocab_size "
+                                  f"{model_vocab_size}")
 
 
 def check_against_model(manifest: Mapping[str, Any], config: ModelConfig) -> None:

@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from trainer.limits import EVAL_LIMIT_SECONDS
+
 NGRAM_MODES = ("off", "exact", "smoothed", "tilt", "hashed-940")
 UNTRAINED_CHUNK_TOKENS = 131_072  # without TTT the chunk is only the granularity of the streamed events
 FALLBACK_SEQ_LEN = 2048  # the challenge's sequence length, for a model whose artifact does not record its own
@@ -37,9 +39,9 @@ class TTTRecipe:
 
 RECIPES: dict[str, TTTRecipe] = {  # docs/evaluation.md §4
     "pr940": TTTRecipe(name="pr940", optimizer="adamw", lr=1e-4, epochs=4, freeze_blocks=2, grad_clip=1.0,
-                       lr_schedule="constant", chunk_tokens=131_072, weight_decay=0.0, batch_sequences=64),
+                       lr_schedule="constant", chunk_tokens=131_072, batch_sequences=64),
     "legal-sgd": TTTRecipe(name="legal-sgd", optimizer="sgd", lr=0.002, epochs=3, freeze_blocks=0, grad_clip=1.0,
-                           lr_schedule="cosine", chunk_tokens=32_768, momentum=0.9, batch_sequences=32),
+                           lr_schedule="cosine", chunk_tokens=32_768, momentum=0.9),
 }
 TTT_RECIPE_NAMES = tuple(RECIPES)
 
@@ -66,7 +68,7 @@ class EvalOptions:
     ttt: bool = True
     ttt_recipe: str = "legal-sgd"
     ngram: str = "smoothed"  # one of NGRAM_MODES
-    max_seconds: float = 600.0  # wall-clock budget, checked between chunks
+    max_seconds: float = EVAL_LIMIT_SECONDS  # wall-clock budget, checked between chunks
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     max_tokens: int | None = None  # evaluate only a prefix of the stream (a preview, not a full-val score)
     # .ptz only (ignored, with a note, for .pgolf): the submission's train_gpt.py and its run command's KEY=VALUEs.
@@ -102,12 +104,8 @@ class EvalOptions:
         return replace(self, seq_len=seq_len, stride=seq_len if self.stride is None else self.stride,
                        chunk_tokens=chunk_tokens)
 
-    def resolved_tokenizer(self) -> Path:
-        if self.tokenizer is not None:
-            return Path(self.tokenizer)
-        if self.data_dir is None:
-            raise ValueError("no tokenizer given and no data directory to look for tokenizer.model in")
-        return Path(self.data_dir) / "tokenizer.model"
+    def resolved_tokenizer(self) -> Path:  # the engine refuses a missing data_dir first
+        return Path(self.tokenizer) if self.tokenizer is not None else Path(self.data_dir) / "tokenizer.model"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready copy (paths as strings) for the start event."""
