@@ -66,7 +66,7 @@ class NgramMixer:
         return self._mix(pos, self.head(tokens, pos), logprobs.reshape(1, -1)).probs[0]
 
     def head(self, tokens: np.ndarray, pos: np.ndarray) -> np.ndarray:
-        """tokens[:last target + 1] (C1); refuses a committed position (its score is fixed, the counts moved on)."""
+        """tokens[:last target + 1] (C1); a committed position is refused: the counts moved on."""
         if pos.min() < max(self.committed_upto, 1):
             raise ScoreOrderError(f"position {int(pos.min())} is already committed (or is not a target)")
         return tokens[: pos.max() + 1]
@@ -79,7 +79,7 @@ class NgramMixer:
         self.committed_upto = upto
 
     def _prepare(self, head: np.ndarray, end: int) -> None:
-        pass  # a mixer without a one-pass path counts in `_mix`
+        pass  # no one-pass path: `_mix` counts
 
     def take_stats(self) -> dict[str, int | float]:
         """The counters since the last call (the engine sums them over ranks)."""
@@ -169,7 +169,7 @@ class SmoothedNgramMixer(CountingMixer):
         return Mixed(level.sub_(p).mul_(alpha[:, None]).add_(p), p_target + alpha * (level_target - p_target))
 
 
-# The upstream tilt log's counters, then how often the hint was the target and the summed β.
+# The upstream tilt log's counters, the hint hits and the summed β.
 TILT_STATS = ("total", "gated", "token_gate", "within_gate", "word_gate", "agree2plus", "hint_hits", "beta_sum")
 
 
@@ -197,15 +197,16 @@ class TiltMixer(CountingMixer):
         on_hint, boost = hint.clamp_min(0)[:, None], beta.exp()[:, None]
         hinted = p.gather(1, on_hint)
         z = 1.0 + hinted * (boost - 1.0)
+        tilted = (p / z).scatter_(1, on_hint, hinted * boost / z)  # no clone: one pass
         nll = -p_target.log() + (z[:, 0].log() - beta * (targets == hint))
         gated = int((hint >= 0).sum())
         stats = {"total": pos.size, "gated": gated, "token_gate": gated, "hint_hits": int((targets == hint).sum()),
                  "beta_sum": float(beta.sum())}
-        return Mixed(p.scatter(1, on_hint, hinted * boost) / z, torch.exp(-nll), stats=stats)
+        return Mixed(tilted, torch.exp(-nll), stats=stats)
 
 
 def make_mixer(mode: str, vocab_size: int) -> NgramMixer | None:
-    """The mixer of a `--ngram` mode (EvalOptions.validate checked the name) with its defaults; None: off."""
+    """The mixer of a `--ngram` mode (EvalOptions.validate checked it), default settings; None: off."""
     if mode == "hashed-940":  # the non-compliant reproduction: never imported by a compliant evaluation
         from service.engine.ngram_hashed import Hashed940Mixer
 
