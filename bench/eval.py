@@ -37,8 +37,9 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from service.engine import EvalOptions, evaluate  # noqa: E402
-from service.engine.options import PLAIN  # noqa: E402
+from service.engine.options import PLAIN, EvalOptions  # noqa: E402
+from service.engine.run import evaluate  # noqa: E402
+from service.judge import judged  # noqa: E402
 
 # Overrides of the bench's base options, which are PLAIN (no TTT, no n-gram) with the command line's settings.
 MODES: dict[str, dict[str, object]] = {
@@ -66,7 +67,7 @@ def run_mode(base: EvalOptions, overrides: dict[str, object], speaks: bool) -> d
     options = EvalOptions(**{**base.__dict__, **overrides})
     last: dict = {}
     ngram_seconds = 0.0
-    for event in evaluate(options):
+    for event in judged(evaluate(options)):
         last = event
         if event["type"] == "chunk":
             ngram_seconds += event["phase_seconds"].get("ngram", 0.0)

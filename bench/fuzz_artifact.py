@@ -1,4 +1,7 @@
-"""Fuzz the .pgolf reader: mutate a valid artifact N times and count what `parse_artifact` does with each.
+"""Fuzz the .pgolf reader: mutate a valid artifact N times and count what `parse_submission` does with each.
+
+`parse_submission` is the upload path: the evaluation's reader (`parse_artifact`) with the checks of the metadata
+sections it skips hooked in, so it runs every line of the reader and those checks too.
 
     .venv/bin/python bench/fuzz_artifact.py                      # 100,000 inputs, 2 worker processes
     .venv/bin/python bench/fuzz_artifact.py --inputs 2000 --workers 1 --json out.json
@@ -414,10 +417,11 @@ def mutation_for(seed: int) -> tuple[str, random.Random]:
 
 
 def classify(data: bytes) -> tuple[str, str]:
-    from trainer.artifact import ArtifactError, parse_artifact
+    from trainer.artifact import ArtifactError
+    from trainer.artifact_metadata import parse_submission
 
     try:
-        parse_artifact(data)
+        parse_submission(data)
     except ArtifactError as error:
         return f"refused:{error.code}", ""
     except BaseException as error:  # noqa: BLE001  (the point: anything that is not the reader's own)
@@ -570,7 +574,8 @@ def fuzz(inputs: int, workers: int, *, seed: int, hang_seconds: float, address_s
 
 
 def named_attacks() -> list[dict[str, Any]]:
-    from trainer.artifact import ArtifactError, parse_artifact
+    from trainer.artifact import ArtifactError
+    from trainer.artifact_metadata import parse_submission
 
     base = Base(build_base_artifact())
     cases: dict[str, bytes] = {}
@@ -591,7 +596,7 @@ def named_attacks() -> list[dict[str, Any]]:
         rss_before = vm_hwm_bytes()
         started = time.perf_counter()
         try:
-            parse_artifact(data)
+            parse_submission(data)
             outcome = "accepted"
         except ArtifactError as error:
             outcome = f"refused:{error.code}"

@@ -9,7 +9,7 @@ Steps (progress goes to stderr):
    whether the compiled loss equals the eager one on the same batch;
 2. logits: bf16 autocast against fp32 (TF32 off) on the same weights and tokens: largest logit and log-prob
    differences, NLL of each, argmax agreement;
-3. eval: the trained weights written as a real artifact, then `service.engine.evaluate` of a prefix of the stream
+3. eval: the trained weights written as a real artifact, then `service.engine.run.evaluate` of a prefix of the stream
    (4 M tokens) with score-first TTT and the engine's n-gram mixing: tokens/s per phase (score, n-gram, TTT
    training) from the chunk events;
 4. peak GPU memory of each step.
@@ -38,7 +38,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from bench.train_step import make_step  # noqa: E402
-from service.engine import EvalOptions, evaluate  # noqa: E402
+from service.engine.options import EvalOptions  # noqa: E402
+from service.engine.run import evaluate  # noqa: E402
+from service.judge import judged  # noqa: E402
 from trainer.code_bytes import counted_code_bytes  # noqa: E402
 from trainer.config import PRESETS, TrainConfig  # noqa: E402
 from trainer.data.byte_accounting import ByteTables  # noqa: E402
@@ -155,7 +157,7 @@ def check_eval(model: torch.nn.Module, model_config: ModelConfig, data: Path, wo
     phases = {"score": 0.0, "ngram": 0.0, "train": 0.0}
     trained = 0
     end: dict = {}
-    for event in evaluate(options):
+    for event in judged(evaluate(options)):
         if event["type"] == "chunk":
             for name in phases:
                 phases[name] += event["phase_seconds"].get(name, 0.0)

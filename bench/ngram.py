@@ -173,7 +173,8 @@ def bigram_stand_in(train: np.ndarray, mass: float = 10.0) -> np.ndarray:
 
 
 def quality(args: argparse.Namespace) -> None:
-    from trainer.data.byte_accounting import ByteTables, bits_per_byte
+    from trainer.data.byte_accounting import ByteTables
+    from trainer.evaluate import bits_per_byte
 
     root = sample_dir()
     data = root / "datasets" / "fineweb10B_sp1024"

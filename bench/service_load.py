@@ -39,11 +39,13 @@ from pathlib import Path
 
 import httpx
 
+from trainer.limits import SUBMISSION_LIMIT_BYTES
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENGINE_ARGS = "--device cpu --seq-len 256 --stride 128 --chunk-tokens 2048 --max-tokens 65537"
 TINY_MODEL = {"num_layers": 2, "model_dim": 64, "num_heads": 2, "num_kv_heads": 1, "mlp_mult": 2,
               "bigram_buckets": 64, "bigram_dim": 16, "xsa_last_n": 2}
-CAP = 16_000_000
+CAP = SUBMISSION_LIMIT_BYTES
 BENCH_TOKEN = "pgolf-bench-token-0123456789"  # the service's admin token for this run
 AUTH = {"Authorization": f"Bearer {BENCH_TOKEN}"}
 

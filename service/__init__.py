@@ -1,1 +1,0 @@
-"""pgolf service: the evaluation engine (service.engine) and the HTTP API around it."""

@@ -4,10 +4,11 @@ Each subcommand is one ``add_*_parser`` function (its arguments, with ``handler`
 that is its body), listed in ``SUBCOMMANDS``; ``serve`` (the HTTP API) comes from service/api/cli.py, ``worker``
 (an evaluation machine of a cluster) from service/api/worker.py.
 
-``evaluate`` streams the engine's events as NDJSON on stdout, one flushed line per event (rank 0 only under
-torchrun). Exit status: 0 after ``end``, 3 after ``timeout``, 1 after ``error`` (whose reason also goes to
-stderr). After ``end`` the reference's classic ``final_int6_sliding_window_exact`` line goes to stderr, for a
-compliant full-validation sliding-window run only (any other run gets a ``not_a_submission_score`` line).
+``evaluate`` streams the engine's events, judged (``service.judge.judged``: strict JSON, the terminal event's
+``compliance`` verdict), as NDJSON on stdout, one flushed line per event (rank 0 only under torchrun). Exit
+status: 0 after ``end``, 3 after ``timeout``, 1 after ``error`` (whose reason also goes to stderr). After ``end``
+the reference's classic ``final_int6_sliding_window_exact`` line goes to stderr, for a compliant full-validation
+sliding-window run only (any other run gets a ``not_a_submission_score`` line).
 """
 
 from __future__ import annotations
@@ -82,7 +83,9 @@ def evaluation_modes(args: argparse.Namespace) -> dict[str, object]:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from service.engine import EvalOptions, evaluate
+    from service.engine.options import EvalOptions
+    from service.engine.run import evaluate
+    from service.judge import judged
 
     options = EvalOptions(
         artifact=args.artifact, data_dir=args.data, tokenizer=args.tokenizer, seq_len=args.seq_len,
@@ -94,7 +97,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     status = EXIT_ERROR
     start: dict = {}
     try:
-        for event in evaluate(options, started=PROCESS_STARTED):
+        for event in judged(evaluate(options, started=PROCESS_STARTED)):
             if event["type"] == "start":
                 start = event
             if speaks:

@@ -7,7 +7,8 @@ evaluate``, or a service job's stored events); ``render_markdown`` writes the ta
 picture, both for ``python -m verifier compare`` and for the service's ``/comparisons`` routes.
 
 The C1–C4 columns come from the verifier's black-box probes when the caller ran them (``verifier compare``);
-otherwise they are the engine's own self-checks as its end event reports them, and the table says which.
+otherwise they are the verdicts of service/judge.py as the evaluation's end event carries them, and the table
+says which.
 Torch-free: the HTTP service imports this module; matplotlib is imported only to draw.
 """
 
@@ -18,6 +19,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from service.judge import condition_verdicts
 
 # PR #940's method as far as the engine runs it: its TTT recipe (score-first here: the engine cannot train before it
 # scores, which is what the upstream code did, reference §7.4) and its target-keyed hashed n-gram cache.
@@ -64,18 +67,6 @@ def describe_method(config: dict[str, Any]) -> str:
     return f"{ttt} + ngram {config.get('ngram')}, seq {config.get('seq_len')} / stride {config.get('stride')}"
 
 
-def _engine_conditions(compliance: dict[str, Any]) -> dict[str, str]:
-    """What the engine's end event says about C2–C4 (C1 is by construction, not measured in a run)."""
-    ngram = compliance.get("ngram") or {}
-
-    def verdict(value: Any) -> str:
-        return "n/a" if value is None else ("PASS" if value else "FAIL")
-
-    normalised = None if not ngram else bool(ngram.get("normalised")) and ngram.get("mixer_compliant") is not False
-    return {"C1": "n/a", "C2": verdict(normalised), "C3": verdict(compliance.get("score_before_update")),
-            "C4": verdict(compliance.get("scored_once"))}
-
-
 def summarize(events: Sequence[dict[str, Any]], label: str,
               probe_verdicts: dict[str, str] | None = None) -> EvaluationSide:
     """One side of the comparison from an evaluation's events (start, chunk…, terminal; a leading `queued`
@@ -93,7 +84,7 @@ def summarize(events: Sequence[dict[str, Any]], label: str,
         status=str(terminal.get("type")), val_bpb=terminal.get("val_bpb", terminal.get("partial_val_bpb")),
         targets_scored=terminal.get("targets_scored"), elapsed_s=terminal.get("elapsed_s"),
         compliant=compliance.get("compliant"), probability_sum=dict(sums),
-        conditions=dict(probe_verdicts) if probe_verdicts else _engine_conditions(compliance),
+        conditions=dict(probe_verdicts) if probe_verdicts else condition_verdicts(compliance),
         conditions_source="verifier probes" if probe_verdicts else "engine self-check", chunks=chunks)
 
 

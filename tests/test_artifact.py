@@ -1,7 +1,9 @@
 """Artifact format v1: round trip, every refusal of the reader, the fit-to-budget ladder, counted code bytes.
 
 Malformed artifacts are crafted by hand from the bytes of a real one (header, manifest, payload), re-hashing
-where needed so that the check under test is the one that fires.
+where needed so that the check under test is the one that fires. Each is refused by the upload path
+(``parse_submission``) and, with the same error, by the evaluation's reader (``parse_artifact``), except faults in
+the metadata sections the evaluation never reads, which only the upload path refuses.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import pickle
 import re
 import struct
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,7 @@ from trainer.artifact import (
     parse_artifact,
     read_artifact,
 )
+from trainer.artifact_metadata import parse_submission
 from trainer.code_bytes import CodeBytes, counted_code_bytes
 from trainer.encodings import INT5_ROW, INT6_ROW, dequantize_tensor
 from trainer.export import BudgetExceeded, export_to_budget, int5_downgrade_order, write_artifact
@@ -100,10 +104,18 @@ def raw_payload(data: bytes) -> bytes:
     return zstandard.ZstdDecompressor().decompress(split(data)[1])
 
 
-def refuses(data: bytes, error: type[ArtifactError], match: str) -> ArtifactError:
+def refuses(data: bytes, error: type[ArtifactError], match: str, *, metadata: bool = False) -> ArtifactError:
+    """The upload path refuses ``data`` with ``error``; so does the evaluation's reader, with the same message,
+    unless the fault is in a ``metadata`` section, which the evaluation does not read (and so accepts)."""
     with pytest.raises(ArtifactError, match=match) as caught:
-        parse_artifact(data)
+        parse_submission(data)
     assert type(caught.value) is error, f"expected {error.__name__}, got {type(caught.value).__name__}"
+    if metadata:
+        parse_artifact(data)
+    else:
+        with pytest.raises(error) as by_reader:
+            parse_artifact(data)
+        assert str(by_reader.value) == str(caught.value)
     return caught.value
 
 
@@ -115,7 +127,7 @@ def test_round_trip(state: dict[str, torch.Tensor], good_bytes: bytes, tmp_path:
     path.write_bytes(good_bytes)
     artifact = read_artifact(path)
     manifest = artifact.manifest
-    assert manifest["model_config"] == SMALL.to_dict()
+    assert manifest["model_config"] == asdict(SMALL)
     assert manifest["tokenizer"] == {"sha256": TOKENIZER_SHA, "vocab_size": SMALL.vocab_size}
     assert manifest["training"] == TRAINING
     assert manifest["code_bytes"] == {"total": CODE.total, "files": CODE.files}
@@ -313,7 +325,28 @@ def _mutate(manifest: dict[str, Any], change: str) -> None:
 def test_schema_violations(good_bytes: bytes, change: str, match: str) -> None:
     manifest, payload = split(good_bytes)
     _mutate(manifest, change)
-    refuses(assemble(manifest if manifest else [], payload), art.SchemaViolation, match)
+    refuses(assemble(manifest if manifest else [], payload), art.SchemaViolation, match,
+            metadata=change in METADATA_CHANGES)
+
+
+# Faults inside the training and code_bytes sections: refused where an artifact enters, not by the evaluation.
+METADATA_CHANGES = {"wrong-typed field", "boolean as integer", "non-scalar training extra",
+                    "code bytes that do not add up"}
+
+
+def test_the_evaluation_still_checks_the_metadata_it_reads(good_bytes: bytes) -> None:
+    """The engine reads ``training`` as an object and ``code_bytes.total``: the reader checks those two itself."""
+    manifest, payload = split(good_bytes)
+    manifest["training"] = []
+    refuses(assemble(manifest, payload), art.SchemaViolation, "training must be an object, got list")
+    manifest["training"] = {"seed": 0}  # an object without the required fields: only the upload path minds
+    refuses(assemble(manifest, payload), art.SchemaViolation, "training is missing steps", metadata=True)
+    manifest, payload = split(good_bytes)
+    manifest["code_bytes"]["total"] = "1000"
+    with pytest.raises(art.SchemaViolation, match="code_bytes.total must equal the sum of code_bytes.files"):
+        parse_submission(assemble(manifest, payload))
+    with pytest.raises(art.SchemaViolation, match="code_bytes.total must be a non-negative integer"):
+        parse_artifact(assemble(manifest, payload))
 
 
 def test_declared_raw_size_over_the_bound(good_bytes: bytes) -> None:
@@ -397,8 +430,7 @@ def test_shapes_that_disagree_with_the_config(good_bytes: bytes) -> None:
     manifest, payload = split(good_bytes)
     manifest["model_config"]["num_layers"] = 4  # within bounds, but more parameters than the payload can hold
     manifest["model_config"]["xsa_last_n"] = 4
-    refuses(assemble(manifest, payload), art.ShapeMismatch,
-            r"model_config describes \d+ parameters, which need at least \d+ bytes, but payload.raw_nbytes declares")
+    refuses(assemble(manifest, payload), art.ShapeMismatch, r"names disagree with the model: missing \[.blocks.3")
 
     manifest, payload = split(good_bytes)
     manifest["tensors"][0]["name"] = "not_in_the_model"

@@ -57,27 +57,34 @@ def test_deep_json_is_refused(good_bytes: bytes, depth: int) -> None:  # noqa: F
 
 
 @pytest.mark.parametrize(
-    ("change", "error", "match"),
+    ("change", "error", "match", "metadata"),
     [
-        (lambda m: m["tensors"][0].update(dtype=["float16"]), art.SchemaViolation, r"dtype \['float16'\] cannot use"),
-        (lambda m: m["tensors"][0].update(dtype={"a": 1}), art.SchemaViolation, "cannot use encoding"),
-        (lambda m: m["tensors"][0].update(encoding=["fp16"]), art.SchemaViolation, "is not one of"),
-        (lambda m: m["tensors"][0].update(shape=[2**62, 2**62]), art.SchemaViolation, "non-negative integers of at"),
-        (lambda m: m["tensors"][0].update(name="n" * 257), art.SchemaViolation, "string of 1 to 256 characters"),
+        (lambda m: m["tensors"][0].update(dtype=["float16"]), art.SchemaViolation, r"dtype \['float16'\] cannot use",
+         False),
+        (lambda m: m["tensors"][0].update(dtype={"a": 1}), art.SchemaViolation, "cannot use encoding", False),
+        (lambda m: m["tensors"][0].update(encoding=["fp16"]), art.SchemaViolation, "is not one of", False),
+        (lambda m: m["tensors"][0].update(shape=[2**62, 2**62]), art.SchemaViolation, "non-negative integers of at",
+         False),
+        (lambda m: m["tensors"][0].update(name="n" * 257), art.SchemaViolation, "string of 1 to 256 characters",
+         False),
         (lambda m: m["tensors"].extend([m["tensors"][0]] * art.MAX_TENSORS), art.SchemaViolation,
-         "more than the bound 4096"),
-        (lambda m: m["training"].update(world_size=2**40), art.SchemaViolation, "world_size must be an integer in"),
-        (lambda m: m["training"].update(note="x" * 500_000), art.SchemaViolation, "at most 4096 characters"),
+         "more than the bound 4096", False),
+        # The metadata sections: bounded at upload; the evaluation only bounds them by the manifest's limits.
+        (lambda m: m["training"].update(world_size=2**40), art.SchemaViolation, "world_size must be an integer in",
+         True),
+        (lambda m: m["training"].update(note="x" * 500_000), art.SchemaViolation, "at most 4096 characters", True),
         (lambda m: m["code_bytes"]["files"].update({f"f{i}": 0 for i in range(10_001)}), art.SchemaViolation,
-         "at most 10000 paths"),
-        (lambda m: m["payload"].update(raw_nbytes=2**63), art.DeclaredSizeTooLarge, "exceeds the bound"),
-        (lambda m: m["model_config"].update(model_dim="x" * 500_000), art.SchemaViolation, "must be an integer"),
+         "at most 10000 paths", True),
+        (lambda m: m["payload"].update(raw_nbytes=2**63), art.DeclaredSizeTooLarge, "exceeds the bound", False),
+        (lambda m: m["model_config"].update(model_dim="x" * 500_000), art.SchemaViolation, "must be an integer",
+         False),
     ],
 )
-def test_fields_outside_their_bounds(good_bytes: bytes, change: Any, error: type, match: str) -> None:  # noqa: F811
+def test_fields_outside_their_bounds(good_bytes: bytes, change: Any, error: type, match: str,  # noqa: F811
+                                     metadata: bool) -> None:
     manifest, payload = split(good_bytes)
     change(manifest)
-    refused = refuses(assemble(manifest, payload), error, match)
+    refused = refuses(assemble(manifest, payload), error, match, metadata=metadata)
     assert len(str(refused)) < 1000  # the message names the field; it does not echo the input
 
 

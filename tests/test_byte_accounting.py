@@ -7,9 +7,9 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from trainer.data.byte_accounting import ByteTables, bits_per_byte
+from trainer.data.byte_accounting import ByteTables
 from trainer.data.shards import read_shard
-from trainer.evaluate import byte_lookup, target_bytes_torch
+from trainer.evaluate import bits_per_byte, byte_lookup, target_bytes_torch
 
 
 @pytest.fixture(scope="module")

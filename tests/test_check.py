@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from trainer.artifact import SUBMISSION_LIMIT_BYTES
 from trainer.data.shards import load_validation_tokens
 from trainer.data.writer import write_shard, write_val_manifest
-from verifier.check import SIZE_LIMIT_BYTES, check_size, run_checks
+from trainer.limits import SUBMISSION_LIMIT_BYTES
+from verifier.check import check_size, run_checks
 from verifier.report import CheckResult
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -139,7 +139,7 @@ def test_without_logs_the_report_checks_are_skipped_not_passed(demo: Demo) -> No
 
 
 def test_size_limit_is_exact(demo: Demo, tmp_path: Path) -> None:
-    assert SIZE_LIMIT_BYTES == SUBMISSION_LIMIT_BYTES == 16_000_000
+    assert SUBMISSION_LIMIT_BYTES == 16_000_000
     artifact_bytes = demo.artifact.stat().st_size
     code = tmp_path / "train_gpt.py"
     with code.open("wb") as fh:

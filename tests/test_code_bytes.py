@@ -11,7 +11,9 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
+import struct
 import subprocess
 import sys
 import sysconfig
@@ -23,6 +25,9 @@ import sentencepiece
 import torch
 
 from service.engine.options import NGRAM_MODES, TTT_RECIPE_NAMES
+from service.judge import judged
+from trainer.artifact import HEADER_NBYTES, SchemaViolation, read_artifact
+from trainer.artifact_metadata import read_submission
 from trainer.code_bytes import NOT_COUNTED, counted_code_bytes
 from trainer.data.shards import load_validation_tokens
 from trainer.data.writer import write_shard
@@ -35,21 +40,27 @@ TINY = ModelConfig(num_layers=2, model_dim=64, num_heads=2, num_kv_heads=1, mlp_
 VAL_TOKENS = 1500
 SMALL_RUN = {"device": "cpu", "seq_len": 128, "stride": 64, "chunk_tokens": 512, "batch_windows": 8}
 NON_COMPLIANT_MODES = ("hashed-940",)
+TIMING = {"elapsed_s", "phase_seconds"}  # wall-clock fields: the only ones that may differ between the two runs
 
-# Runs evaluations given as JSON on argv[1]; prints their events (minus wall-clock fields) and the project
-# modules the process loaded. A failure to import is recorded, not raised, so the excluded mode can be shown
-# to need an uncounted file.
+
+def _untimed(events: list[dict]) -> list[dict]:
+    return [{k: v for k, v in event.items() if k not in TIMING} for event in events]
+
+
+# Runs evaluations given as JSON on argv[1]; prints their raw engine events and the project modules the process
+# loaded (the judge, service/judge.py, is not counted: the test judges both runs' events itself). A failure to
+# import is recorded, not raised, so the excluded mode can be shown to need an uncounted file.
 DRIVER = r"""
 import json, sys
 from pathlib import Path
-from service.engine import EvalOptions, evaluate
+from service.engine.options import EvalOptions
+from service.engine.run import evaluate
 
-TIMING = {"elapsed_s", "phase_seconds"}
 runs = []
 for case in json.loads(sys.argv[1]):
     paths = {k: Path(v) for k, v in case.items() if k in ("artifact", "data_dir", "tokenizer")}
     try:
-        events = [{k: v for k, v in e.items() if k not in TIMING} for e in evaluate(EvalOptions(**{**case, **paths}))]
+        events = list(evaluate(EvalOptions(**{**case, **paths})))
     except ImportError as exc:
         events = [{"type": "import_error", "name": exc.name}]
     runs.append(events)
@@ -79,8 +90,20 @@ def eval_inputs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
     broken = tmp_path_factory.mktemp("sufficiency_truncated_shard")  # for the failure path: a shard cut short
     shard = (out / "fineweb_val_000000.bin").read_bytes()
     (broken / "fineweb_val_000000.bin").write_bytes(shard[: len(shard) - 7])
+    # The engine reads the training section as an object: one that is not is refused by the counted reader itself.
+    with_training(out / "tiny.pgolf", out / "training_not_an_object.pgolf", ["seed", 0])
     return {"artifact": str(out / "tiny.pgolf"), "data_dir": str(out), "tokenizer": str(tokenizer),
-            "truncated_data_dir": str(broken)}
+            "truncated_data_dir": str(broken), "bad_training": str(out / "training_not_an_object.pgolf")}
+
+
+def with_training(source: Path, target: Path, training: object) -> None:
+    """A copy of an artifact whose manifest's training section is replaced (the payload and its hashes are kept)."""
+    data = source.read_bytes()
+    (length,) = struct.unpack_from("<I", data, 12)
+    manifest = json.loads(data[HEADER_NBYTES: HEADER_NBYTES + length])
+    manifest["training"] = training
+    body = json.dumps(manifest).encode()
+    target.write_bytes(data[:12] + struct.pack("<I", len(body)) + body + data[HEADER_NBYTES + length:])
 
 
 def _run_driver(cases: list[dict], *, isolated_root: Path | None) -> dict:
@@ -102,28 +125,36 @@ def _run_driver(cases: list[dict], *, isolated_root: Path | None) -> dict:
 def test_the_counted_files_alone_evaluate_an_artifact_bit_identically(tmp_path: Path,
                                                                       eval_inputs: dict[str, str]) -> None:
     code = counted_code_bytes()
+    assert "service/judge.py" not in code.files  # the engine measures; the judge is the service's
     isolated = tmp_path / "counted"
     for rel in code.files:
         (isolated / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(REPO_ROOT / rel, isolated / rel)
     compliant = [mode for mode in NGRAM_MODES if mode not in NON_COMPLIANT_MODES]
-    inputs = {k: v for k, v in eval_inputs.items() if k != "truncated_data_dir"}
+    inputs = {k: v for k, v in eval_inputs.items() if k not in ("truncated_data_dir", "bad_training")}
     cases = [{**inputs, **SMALL_RUN}]  # the engine's defaults
     cases += [{**inputs, **SMALL_RUN, "ttt": True, "ttt_recipe": recipe, "ngram": mode}
               for recipe in TTT_RECIPE_NAMES for mode in compliant]
     # The failure paths are part of the evaluation: the copy must refuse bad inputs with the same error events.
     failing = [{**inputs, **SMALL_RUN, "data_dir": eval_inputs["truncated_data_dir"]},
-               {**inputs, **SMALL_RUN, "tokenizer": str(Path(inputs["data_dir"]) / "missing.model")}]
+               {**inputs, **SMALL_RUN, "tokenizer": str(Path(inputs["data_dir"]) / "missing.model")},
+               {**inputs, **SMALL_RUN, "artifact": eval_inputs["bad_training"]}]
     excluded = [{**inputs, **SMALL_RUN, "ngram": mode} for mode in NON_COMPLIANT_MODES]
 
     normal = _run_driver(cases + failing, isolated_root=None)
     alone = _run_driver(cases + failing + excluded, isolated_root=isolated)
 
-    for run in normal["runs"][: len(cases)]:
+    # The judge decides on both runs' measurements alike: the same verdict, compliant in every compliant mode.
+    verdicts = [_untimed(list(judged(run))) for run in normal["runs"]]
+    for run in verdicts[: len(cases)]:
         assert run[-1]["type"] == "end" and run[-1]["compliance"]["compliant"], run[-1]
         assert math.isfinite(run[-1]["val_bpb"])
-    assert [run[-1]["code"] for run in normal["runs"][len(cases):]] == ["bad_data", "bad_tokenizer"]
-    assert alone["runs"][: len(cases) + len(failing)] == normal["runs"]
+    assert [run[-1]["code"] for run in normal["runs"][len(cases):]] == ["bad_data", "bad_tokenizer",
+                                                                        "schema_violation"]
+    assert "training must be an object, got list" in normal["runs"][-1][-1]["reason"]
+    assert [_untimed(run) for run in alone["runs"][: len(cases) + len(failing)]] == [
+        _untimed(run) for run in normal["runs"]]
+    assert [_untimed(list(judged(run))) for run in alone["runs"][: len(cases) + len(failing)]] == verdicts
     # The non-compliant mode needs a file that is not counted, so the copy really is all there is.
     assert all(run == [{"type": "import_error", "name": "service.engine.ngram_hashed"}]
                for run in alone["runs"][len(cases) + len(failing):])
@@ -134,6 +165,35 @@ def test_the_counted_files_alone_evaluate_an_artifact_bit_identically(tmp_path: 
     assert loaded <= set(code.files), sorted(loaded - set(code.files))
     print(f"counted {code.total:,} bytes in {len(code.files)} files; loaded by the normal run: {len(loaded)}; "
           f"counted but not loaded here: {sorted(set(code.files) - loaded)}")
+
+
+def test_metadata_the_evaluation_skips_is_still_refused_at_upload_and_by_verifier_check(
+        tmp_path: Path, eval_inputs: dict[str, str]) -> None:
+    """The training section is checked where an artifact enters, not by the counted reader (ruling R2): a bad one
+    is refused by the service's upload validator and by ``verifier check`` with the code and message it always had.
+    """
+    training = {"seed": 0, "steps": 0, "world_size": 0, "device": "cpu", "train_time_ms": 0.0, "code_version": "t"}
+    bad = tmp_path / "world_size_0.pgolf"
+    with_training(Path(eval_inputs["artifact"]), bad, training)
+    message = "training.world_size must be an integer in [1, 65536]"
+    assert read_artifact(bad).manifest["training"] == training  # the evaluation's reader: not its business
+    with pytest.raises(SchemaViolation, match=re.escape(message)):
+        read_submission(bad)
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    request = json.dumps({"path": str(bad), "max_file_bytes": 16_000_000}) + "\n"
+    helper = subprocess.run([sys.executable, "-m", "service.api.validation"], input=request, capture_output=True,
+                            text=True, cwd=REPO_ROOT, env=env, timeout=600)
+    assert helper.returncode == 0, helper.stderr[-4000:]
+    assert json.loads(helper.stdout.splitlines()[-1]) == {"ok": False, "code": "schema_violation", "message": message}
+
+    report = tmp_path / "check.json"
+    done = subprocess.run([sys.executable, "-m", "verifier", "check", str(bad), "--json", str(report)],
+                          capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=600)
+    assert done.returncode == 1, done.stdout + done.stderr
+    integrity = next(c for c in json.loads(report.read_text())["checks"] if c["name"] == "artifact_integrity")
+    assert integrity["status"] == "FAIL" and integrity["figure"] == "refused: schema_violation", integrity
+    assert message in integrity["reason"], integrity
 
 
 # ---- the rule ----------------------------------------------------------------------------------------------
@@ -147,7 +207,8 @@ def test_counted_code_bytes_of_this_checkout() -> None:
     assert all(code.files[rel] == (REPO_ROOT / rel).stat().st_size for rel in code.files)
     assert code.total == sum(code.files.values()) and list(code.files) == sorted(code.files)
     never = ("verifier/", "service/api/", "service/__main__.py", "trainer/train.py", "trainer/muon.py",
-             "trainer/code_bytes.py", "trainer/export.py", "trainer/data/download.py", "trainer/cli.py")
+             "trainer/code_bytes.py", "trainer/export.py", "trainer/data/download.py", "trainer/cli.py",
+             "trainer/artifact_metadata.py", "trainer/evaluate.py")
     assert not [rel for rel in code.files if rel.startswith(never)]
     assert not [rel for rel in code.files if rel.removesuffix(".py").replace("/", ".") in NOT_COUNTED]
 

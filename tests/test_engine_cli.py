@@ -15,8 +15,8 @@ import pytest
 import sentencepiece
 import torch
 
-from service.engine import EvalOptions, evaluate
-from service.engine.options import RECIPES
+from service.engine.options import RECIPES, EvalOptions
+from service.engine.run import evaluate
 from trainer.code_bytes import counted_code_bytes
 from trainer.data.shards import load_validation_tokens
 from trainer.data.val_manifest import tokens_sha256

@@ -13,9 +13,10 @@ import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 from test_engine_scoring import STRONG_SGD, options, repetitive_tokens, terminal, tiny_model, tiny_tables
 
-from service.engine import evaluate_model
 from service.engine.dist import DistContext
 from service.engine.options import RECIPES
+from service.engine.run import evaluate_model
+from service.judge import judged
 
 # (name, options, recipe): chunk 72 leaves a ragged 8-target sequence in every TTT span, so the gradient
 # weighting across ranks is exercised with unequal shares.
@@ -34,8 +35,9 @@ def _worker(rank: int, world_size: int, rendezvous: str, out_dir: str) -> None:
         tokens = repetitive_tokens(TOKENS, seed=4)
         results = {}
         for name, (opts, recipe) in CASES.items():
-            events = list(evaluate_model(tiny_model(), tokens, tiny_tables(), opts,
-                                         dist=DistContext(rank=rank, world_size=world_size), ttt_recipe=recipe))
+            events = list(judged(evaluate_model(tiny_model(), tokens, tiny_tables(), opts,
+                                                dist=DistContext(rank=rank, world_size=world_size),
+                                                ttt_recipe=recipe)))
             results[name] = events
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
         torch_dist.barrier()  # no rank tears gloo down while its peer still uses it
@@ -55,7 +57,7 @@ def test_two_gloo_ranks_equal_one_process(case: str, two_process_results: list[d
     torch.set_num_threads(1)
     opts, recipe = CASES[case]
     tokens = repetitive_tokens(TOKENS, seed=4)
-    single = list(evaluate_model(tiny_model(), tokens, tiny_tables(), opts, ttt_recipe=recipe))
+    single = list(judged(evaluate_model(tiny_model(), tokens, tiny_tables(), opts, ttt_recipe=recipe)))
     expected = terminal(single)
     assert expected["type"] == "end" and expected["compliance"]["compliant"]
     for rank_events in (r[case] for r in two_process_results):
@@ -79,16 +81,19 @@ def test_ttt_comparison_is_sensitive() -> None:
     torch.set_num_threads(1)
     tokens = repetitive_tokens(TOKENS, seed=4)
     adapted_options, recipe = CASES["ttt-strong"]
-    plain = terminal(list(evaluate_model(tiny_model(), tokens, tiny_tables(), replace(adapted_options, ttt=False))))
-    adapted = terminal(list(evaluate_model(tiny_model(), tokens, tiny_tables(), adapted_options, ttt_recipe=recipe)))
+    plain = terminal(list(judged(evaluate_model(tiny_model(), tokens, tiny_tables(),
+                                                replace(adapted_options, ttt=False)))))
+    adapted = terminal(list(judged(evaluate_model(tiny_model(), tokens, tiny_tables(), adapted_options,
+                                                  ttt_recipe=recipe))))
     assert abs(adapted["val_bpb"] - plain["val_bpb"]) > 1e-3 * plain["val_bpb"]
 
 
 def test_ranks_come_from_torchrun_and_the_device_from_local_rank_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """From the second node on the global RANK (8, 9, …) is no device index: without LOCAL_RANK the evaluation
     refuses to start instead of picking cuda:RANK."""
-    from service.engine import EvalOptions, evaluate
     from service.engine.dist import ranks_from_env
+    from service.engine.options import EvalOptions
+    from service.engine.run import evaluate
 
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)

@@ -14,9 +14,11 @@ import torch
 from test_engine_cli import FAST, EvalData, artifact, eval_data, evaluate_cli  # noqa: F401  (fixtures)
 from test_engine_scoring import repetitive_tokens, tiny_model, tiny_tables
 
-from service.engine import EvalOptions, evaluate_model
-from service.engine.events import error_event, finite_events, non_finite_path
-from service.engine.run import EVAL_TIME_LIMIT_SECONDS, SubmissionSize
+from service.engine.events import error_event
+from service.engine.options import EvalOptions
+from service.engine.run import SubmissionSize, evaluate_model
+from service.judge import finite_events, judged, non_finite_path
+from trainer.limits import EVAL_LIMIT_SECONDS
 
 OPTIONS = EvalOptions(seq_len=32, stride=16, chunk_tokens=96, batch_windows=4, device="cpu")
 
@@ -30,7 +32,7 @@ def test_a_model_that_scores_nan_ends_with_an_error_event_and_no_result() -> Non
     tokens = repetitive_tokens(600)
     with torch.no_grad():
         model.tok_emb.weight[int(tokens[200])] = float("inf")  # this token's embedding poisons what follows it
-    events = list(evaluate_model(model, tokens, tiny_tables(), OPTIONS))
+    events = list(judged(evaluate_model(model, tokens, tiny_tables(), OPTIONS)))
     strict(events)
     terminal = events[-1]
     assert terminal["type"] == "error" and terminal["code"] == "non_finite_score", terminal
@@ -57,10 +59,10 @@ def test_any_event_with_a_non_finite_number_becomes_an_error_with_the_figures_be
 
 def test_the_time_limit_is_600_s_whatever_the_budget() -> None:
     ticks = itertools.count(0.0, 250.0)  # every clock read is 250 s later: the run "takes" well over 600 s
-    events = list(evaluate_model(tiny_model(), repetitive_tokens(300), tiny_tables(),
-                                 replace(OPTIONS, max_seconds=1e9), clock=lambda: next(ticks)))
+    events = list(judged(evaluate_model(tiny_model(), repetitive_tokens(300), tiny_tables(),
+                                        replace(OPTIONS, max_seconds=1e9), clock=lambda: next(ticks))))
     compliance = events[-1]["compliance"]
-    assert events[-1]["type"] == "end" and events[-1]["elapsed_s"] > EVAL_TIME_LIMIT_SECONDS
+    assert events[-1]["type"] == "end" and events[-1]["elapsed_s"] > EVAL_LIMIT_SECONDS
     assert compliance["within_time_budget"] is True and compliance["within_time_limit"] is False
     assert compliance["time_limit_seconds"] == 600 and compliance["compliant"] is False
     assert compliance["scored_once"] and compliance["score_before_update"]  # only the time rule fails
@@ -69,7 +71,8 @@ def test_the_time_limit_is_600_s_whatever_the_budget() -> None:
 def test_the_size_rule_counts_artifact_plus_code_against_16_000_000_bytes() -> None:
     def verdict(artifact_bytes: int, code_bytes: int) -> dict:
         size = SubmissionSize(artifact_bytes, code_bytes, "manifest code_bytes.total")
-        events = list(evaluate_model(tiny_model(), repetitive_tokens(200), tiny_tables(), OPTIONS, submission=size))
+        events = list(judged(evaluate_model(tiny_model(), repetitive_tokens(200), tiny_tables(), OPTIONS,
+                                            submission=size)))
         return events[-1]["compliance"]
 
     over = verdict(1_300_000, 15_000_000)  # the issue's case: 16.3 MB in total
@@ -101,14 +104,14 @@ def test_an_artifact_declaring_too_much_code_is_not_compliant(eval_data: EvalDat
 
 def test_an_upstream_artifact_is_sized_with_its_script(tmp_path: Path, embedded_data: Path) -> None:
     """For a .ptz the rule counts bytes(train_gpt.py) + bytes(compressed model), the script given with --code."""
-    from service.engine import evaluate
+    from service.engine.run import evaluate
     from tests.test_upstream_artifact import PR940_CODE, PR940_ENV, upstream_file
 
     path, _, _ = upstream_file(tmp_path, "int6", "zstd", seed=3)
     options = EvalOptions(artifact=path, data_dir=embedded_data, code=PR940_CODE, device="cpu", max_tokens=300,
                           env=tuple(f"{k}={v}" for k, v in PR940_ENV.items()), seq_len=128, stride=128,
                           chunk_tokens=1024, batch_windows=4)
-    end = list(evaluate(options))[-1]
+    end = list(judged(evaluate(options)))[-1]
     assert end["type"] == "end", end
     size = end["compliance"]["size"]
     assert size["artifact_bytes"] == path.stat().st_size

@@ -1,28 +1,32 @@
 """The evaluation loop on a real (tiny) GPT: exact-once scoring, causality, score-first TTT, timeouts.
 
-Every test runs ``evaluate_model`` end to end on a short token stream; per-position NLLs come from its chunk
-observer, training calls are recorded by a GPT subclass, so the ordering checks do not trust the engine's own
-trace.
+Every test runs ``evaluate_model`` end to end on a short token stream; per-position NLLs come from its ledger's
+commits (observed from outside the engine), training calls are recorded by a GPT subclass, so the ordering checks
+do not trust the engine's own trace.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from unittest import mock
 
 import numpy as np
 import pytest
 import torch
 
-from service.engine import EvalOptions, evaluate_model
 from service.engine.dist import DistContext
+from service.engine.events import Totals
 from service.engine.ngram import ScoreOrderError
-from service.engine.options import PLAIN, RECIPES, TTTRecipe
-from service.engine.scoring import ScoreLedger
+from service.engine.options import PLAIN, RECIPES, EvalOptions, TTTRecipe
+from service.engine.run import evaluate_model
+from service.engine.scoring import ChunkScores, ScoreLedger
 from service.engine.ttt import TTTUpdater
-from service.engine.windows import plan_chunks, plan_windows
+from service.engine.windows import Chunk, plan_chunks, plan_windows
+from service.judge import judged, order_problems
 from trainer.data.byte_accounting import ByteTables
 from trainer.model import GPT, ModelConfig
 
@@ -73,14 +77,29 @@ def repetitive_tokens(n: int, seed: int = 0) -> np.ndarray:
     return np.array(out[:n], dtype=np.uint16)
 
 
+@contextlib.contextmanager
+def observing_commits(observe: Callable[[Chunk, np.ndarray], None]) -> Iterator[None]:
+    """Calls ``observe(chunk, per-position float64 NLL)`` right after every ledger commit, from outside the engine."""
+    commit = ScoreLedger.commit
+
+    def recording(ledger: ScoreLedger, scores: ChunkScores) -> Totals:
+        totals = commit(ledger, scores)
+        observe(scores.chunk, scores.sums[0].cpu().numpy())
+        return totals
+
+    with mock.patch.object(ScoreLedger, "commit", recording):
+        yield
+
+
 def run(model: GPT, tokens: np.ndarray, options: EvalOptions, **kwargs) -> tuple[list[dict], np.ndarray]:
     """All events, and the per-position NLL (index p for target p; NaN where never committed)."""
     nll = np.full(len(tokens), np.nan)
 
-    def observe(chunk, chunk_nll: np.ndarray) -> None:
+    def observe(chunk: Chunk, chunk_nll: np.ndarray) -> None:
         nll[chunk.target_lo : chunk.target_hi] = chunk_nll
 
-    events = list(evaluate_model(model, tokens, tiny_tables(), options, observer=observe, **kwargs))
+    with observing_commits(observe):
+        events = list(judged(evaluate_model(model, tokens, tiny_tables(), options, **kwargs)))
     return events, nll
 
 
@@ -213,7 +232,8 @@ def test_ttt_never_trains_on_a_target_before_its_score_is_committed(recipe: TTTR
     def observe(chunk, _nll: np.ndarray) -> None:
         model.calls.append(("commit", chunk.target_hi))
 
-    events = list(evaluate_model(model, tokens, tiny_tables(), opts, observer=observe, ttt_recipe=recipe))
+    with observing_commits(observe):
+        events = list(judged(evaluate_model(model, tokens, tiny_tables(), opts, ttt_recipe=recipe)))
     end = terminal(events)
     assert end["type"] == "end" and end["compliance"]["score_before_update"]
     frontier = 1
@@ -270,7 +290,6 @@ def test_ledger_refuses_out_of_order_commits_and_uncommitted_training() -> None:
     plan = plan_windows(len(tokens), 32, 8)
     chunks = plan_chunks(plan, 64)
     ledger = ScoreLedger(tokens, tiny_tables())
-    from service.engine.scoring import ChunkScores
 
     def scores_for(chunk) -> ChunkScores:
         return ChunkScores(chunk, torch.stack([torch.ones(chunk.num_targets, dtype=torch.float64)] * 2))
@@ -296,19 +315,24 @@ def test_forged_traces_fail_the_score_before_update_check() -> None:
     tokens = repetitive_tokens(200)
     chunks = plan_chunks(plan_windows(len(tokens), 32, 8), 64)
     ledger = ScoreLedger(tokens, tiny_tables())
-    from service.engine.scoring import ChunkScores
 
     for chunk in chunks:
         ledger.commit(ChunkScores(chunk, torch.stack([torch.ones(chunk.num_targets, dtype=torch.float64)] * 2)))
     trace = ledger.trace
-    assert trace.score_before_update(chunks[-1].index)
+
+    def score_before_update() -> bool:  # the judge reads the trace entries as the chunk events carry them
+        events = [{"index": entry["chunk"], "target_range": entry["scored"], "trained_range": entry["trained"],
+                   "order_trace": entry} for entry in trace.chunks]
+        return not order_problems(events, chunks[-1].index)
+
+    assert score_before_update()
     trace.chunks[0]["trained"], trace.chunks[0]["step_max_targets"] = [1, chunks[0].target_hi], [5]
-    assert trace.score_before_update(chunks[-1].index)
+    assert score_before_update()
     trace.chunks[0]["step_max_targets"] = [chunks[0].target_hi]  # a step past the frontier
-    assert not trace.score_before_update(chunks[-1].index)
+    assert not score_before_update()
     trace.chunks[0]["step_max_targets"] = [5]
     trace.chunks[-1]["trained"], trace.chunks[-1]["step_max_targets"] = [chunks[-1].target_lo, 10], [9]
-    assert not trace.score_before_update(chunks[-1].index)  # the last chunk was trained on
+    assert not score_before_update()  # the last chunk was trained on
 
 
 class CachingGPT(GPT):

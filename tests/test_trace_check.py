@@ -7,15 +7,15 @@ import copy
 import pytest
 from test_engine_scoring import STRONG_SGD, options, repetitive_tokens, tiny_model, tiny_tables
 
-from service.engine import evaluate_model
-from service.engine.events import order_trace_digest
+from service.engine.run import evaluate_model
+from service.judge import judged, order_trace_digest
 from verifier.trace_check import check_order_trace
 
 
 @pytest.fixture(scope="module")
 def ttt_report() -> list[dict]:
-    events = list(evaluate_model(tiny_model(), repetitive_tokens(400), tiny_tables(),
-                                 options(chunk_tokens=96, ttt=True), ttt_recipe=STRONG_SGD))
+    events = list(judged(evaluate_model(tiny_model(), repetitive_tokens(400), tiny_tables(),
+                                        options(chunk_tokens=96, ttt=True), ttt_recipe=STRONG_SGD)))
     assert events[-1]["type"] == "end" and events[-1]["compliance"]["score_before_update"]
     return events
 

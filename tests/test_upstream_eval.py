@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from service.engine import EvalOptions, evaluate
-from service.engine.options import PLAIN
-from service.engine.run import evaluate_model
+from service.engine.options import PLAIN, EvalOptions
+from service.engine.run import evaluate, evaluate_model
 from tests.test_upstream_artifact import BASELINE_CODE, BASELINE_ENV, PR940_CODE, PR940_ENV, upstream_file
 from trainer.data.byte_accounting import ByteTables
 from trainer.data.shards import load_validation_tokens

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from test_engine_scoring import observing_commits
 
-from service.engine import EvalOptions
-from service.engine.options import PLAIN
+from service.engine.options import PLAIN, EvalOptions
 from service.engine.run import evaluate_model
 from trainer.data.byte_accounting import ByteTables
 from trainer.data.shards import load_validation_tokens
@@ -29,7 +29,8 @@ def per_position_nll(model, tokens, tables, batch_windows: int) -> dict[int, flo
         for offset, value in enumerate(nll):
             scores[chunk.target_lo + offset] = float(value)
 
-    events = list(evaluate_model(model, tokens, tables, options, device="cpu", observer=observe))
+    with observing_commits(observe):
+        events = list(evaluate_model(model, tokens, tables, options, device="cpu"))
     assert events[-1]["type"] == "end"
     return scores
 

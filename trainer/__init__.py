@@ -1,3 +1,0 @@
-"""pgolf trainer: data, model, optimiser, training loop, quantisation and the artifact format."""
-
-__version__ = "0.1.0"

@@ -1,9 +1,7 @@
-"""Artifact format v1: a quantised model as plain data, and its reader (the writer is trainer/export.py).
+"""Artifact format v1 and the evaluation's reader (layout, checks in order, codes, bounds: docs/artifact-format.md).
 
-The layout, the manifest schema, every check of the reader, in order, with its error class and every bound are
-specified in docs/artifact-format.md (§1–§6). The file is hostile: nothing is unpickled or executed, every
-manifest field is checked against an explicit bound before any size, count or loop depends on it, and each
-refusal is its own ``ArtifactError`` subclass with a ``code`` slug; nothing else escapes.
+The file is hostile: nothing is unpickled or executed, and every field the evaluation reads is bounded before
+anything depends on it.
 """
 
 from __future__ import annotations
@@ -17,7 +15,7 @@ import os
 import re
 import struct
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,7 @@ from trainer.encodings import (
     dequantize_tensor,
     num_rows,
 )
+from trainer.limits import SUBMISSION_LIMIT_BYTES
 from trainer.model import GPT, ModelConfig
 
 MAGIC = b"\x89PGOLF\r\n"  # non-ASCII first byte and CRLF catch text-mode mangling, as in PNG
@@ -46,21 +45,16 @@ FORMAT_VERSION = 1
 HEADER = struct.Struct("<8sII")  # magic, version, manifest length
 HEADER_NBYTES = HEADER.size
 
-SUBMISSION_LIMIT_BYTES = 16_000_000  # artifact + counted code, decimal bytes
 MAX_MANIFEST_BYTES = 1 << 20  # a pr940 manifest is ~15 kB
-MAX_RAW_NBYTES = 256 << 20  # hard bound on the declared decompressed payload
+MAX_RAW_NBYTES = 256 << 20
 MAX_TENSOR_NDIM = 8
 MAX_TENSORS = 4096  # a pr940 artifact has 190
 MAX_NAME_CHARS = 256
 MAX_MANIFEST_DEPTH = 8  # a valid manifest nests 4 deep (manifest → tensors → record → shape)
-MAX_INT_DIGITS = 20  # any integer field of the format fits in 64 bits
-MAX_CODE_FILES = 10_000
-MAX_TRAINING_FIELDS = 256
-MAX_TRAINING_STRING_CHARS = 4096
-MAX_WORLD_SIZE = 1 << 16
-MAX_COUNT = 2**63 - 1  # training.seed, steps, code byte counts: what a 64-bit integer holds
-# Inclusive bounds of ModelConfig's numeric fields (docs/artifact-format.md §6.1). An integer field without one is
-# refused; a float field without one must lie within ±DEFAULT_FLOAT_BOUND. Building the model checks the rest.
+MAX_INT_DIGITS = 20
+MAX_COUNT = 2**63 - 1  # what a 64-bit integer holds
+# Inclusive bounds of ModelConfig's numeric fields. An integer field without one is refused; a float field without
+# one must lie within ±DEFAULT_FLOAT_BOUND. Building the model checks the rest.
 MODEL_CONFIG_BOUNDS: dict[str, tuple[float, float]] = {
     "vocab_size": (2, 1 << 17),
     "num_layers": (1, 64),
@@ -86,9 +80,6 @@ DEFAULT_FLOAT_BOUND = 1e6
 COMPUTE_DTYPES = (torch.bfloat16,)
 _DECOMPRESS_CHUNK = 1 << 20
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-
-
-# Errors: one class per refusal, each with a stable slug for the service and verifier.
 
 
 class ArtifactError(ValueError):
@@ -155,54 +146,50 @@ class InvalidTensorData(ArtifactError):
     code = "invalid_tensor_data"
 
 
-
 @dataclass(frozen=True)
 class Artifact:
     manifest: dict[str, Any]
+    model_config: ModelConfig
     state_dict: dict[str, torch.Tensor]  # dequantised, in manifest order, each in its recorded dtype
     file_nbytes: int
     file_sha256: str
 
-    @property
-    def model_config(self) -> ModelConfig:
-        return ModelConfig(**_config_kwargs(self.manifest["model_config"]))
+
+MetadataCheck = Callable[[dict[str, Any]], None]  # trainer/artifact_metadata.py's, for artifacts from outside
 
 
-def read_artifact(path: str | os.PathLike[str], *, max_file_bytes: int = SUBMISSION_LIMIT_BYTES) -> Artifact:
-    """Read and fully validate an artifact file (docs/artifact-format.md §6)."""
+def read_artifact(path: str | os.PathLike[str], *, max_file_bytes: int = SUBMISSION_LIMIT_BYTES,
+                  check_metadata: MetadataCheck | None = None) -> Artifact:
     path = Path(path)
     size = path.stat().st_size
     if size > max_file_bytes:
         raise FileTooLarge(f"{path}: {size} bytes exceeds the limit of {max_file_bytes} bytes")
     with path.open("rb") as fh:
         data = fh.read(max_file_bytes + 1)  # the file may have grown since stat(); never read past the bound
-    return parse_artifact(data, max_file_bytes=max_file_bytes)
+    return parse_artifact(data, max_file_bytes=max_file_bytes, check_metadata=check_metadata)
 
 
-def parse_artifact(data: bytes, *, max_file_bytes: int = SUBMISSION_LIMIT_BYTES) -> Artifact:
-    """Validate and decode artifact bytes already in memory (same checks as ``read_artifact``)."""
+def parse_artifact(data: bytes, *, max_file_bytes: int = SUBMISSION_LIMIT_BYTES,
+                   check_metadata: MetadataCheck | None = None) -> Artifact:
     if len(data) > max_file_bytes:
         raise FileTooLarge(f"artifact is {len(data)} bytes, over the limit of {max_file_bytes} bytes")
     manifest, payload_start = _read_header_and_manifest(data)
-    validate_manifest(manifest)
+    config = validate_manifest(manifest, check_metadata)
     payload_info = manifest["payload"]
 
     expected_end = payload_start + payload_info["compressed_nbytes"]
     if len(data) < expected_end:
-        raise Truncated(
-            f"payload truncated: file has {len(data) - payload_start} payload bytes, "
-            f"manifest declares {payload_info['compressed_nbytes']}"
-        )
+        raise Truncated(f"payload truncated: file has {len(data) - payload_start} payload bytes, "
+                        f"manifest declares {payload_info['compressed_nbytes']}")
     if len(data) > expected_end:
         raise TrailingData(f"{len(data) - expected_end} unexpected bytes after the declared payload")
     compressed = data[payload_start:]
     digest = hashlib.sha256(compressed).hexdigest()
     if digest != payload_info["compressed_sha256"]:
-        raise HashMismatch(
-            f"compressed payload sha256 {digest} does not match manifest {payload_info['compressed_sha256']}"
-        )
+        raise HashMismatch(f"compressed payload sha256 {digest} does not match manifest "
+                           f"{payload_info['compressed_sha256']}")
 
-    check_against_model(manifest)
+    check_against_model(manifest, config)
     raw = _bounded_decompress(compressed, payload_info["raw_nbytes"])
     raw_digest = hashlib.sha256(raw).hexdigest()
     if raw_digest != payload_info["raw_sha256"]:
@@ -210,27 +197,21 @@ def parse_artifact(data: bytes, *, max_file_bytes: int = SUBMISSION_LIMIT_BYTES)
 
     state_dict = {r["name"]: _finite_as_used(r["name"], dequantize_tensor(_decode_tensor(r, raw)))
                   for r in manifest["tensors"]}
-    return Artifact(manifest, state_dict, len(data), hashlib.sha256(data).hexdigest())
+    return Artifact(manifest, config, state_dict, len(data), hashlib.sha256(data).hexdigest())
 
 
 def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[GPT, Artifact]:
-    """Read an artifact and return a fresh GPT (eval mode) with its weights loaded strictly.
-
-    Built on the meta device and assigned, so no random init is computed and thrown away; parameters keep the
-    recorded dtype and are copies (test-time training updates them in place).
-    """
+    """A GPT in eval mode holding the artifact's weights, in their recorded dtypes."""
     artifact = read_artifact(path)
-    with torch.device("meta"):
+    with torch.device("meta"):  # no random init computed and thrown away
         model = GPT(artifact.model_config)
-    # strict: every parameter is assigned (a tensor left on meta would fail loudly in .to(device) anyway)
+    # Copies: test-time training updates them in place. Strict: a tensor left on meta would fail in .to(device).
     model.load_state_dict({k: v.clone() for k, v in artifact.state_dict.items()}, strict=True, assign=True)
     return model.to(device).eval(), artifact
 
 
 def _read_header_and_manifest(data: bytes) -> tuple[dict[str, Any], int]:
-    if data[: len(MAGIC)] != MAGIC:
-        if MAGIC.startswith(data):
-            raise Truncated(f"file is {len(data)} bytes, shorter than the {HEADER_NBYTES}-byte header")
+    if data[: len(MAGIC)] != MAGIC and not MAGIC.startswith(data):  # a prefix of the magic is a truncated file
         raise BadMagic(f"not a pgolf artifact: first bytes are {data[:8]!r}, expected {MAGIC!r}")
     if len(data) < HEADER_NBYTES:
         raise Truncated(f"file is {len(data)} bytes, shorter than the {HEADER_NBYTES}-byte header")
@@ -241,15 +222,13 @@ def _read_header_and_manifest(data: bytes) -> tuple[dict[str, Any], int]:
         raise ManifestTooLarge(f"manifest declares {manifest_nbytes} bytes, over the {MAX_MANIFEST_BYTES} limit")
     payload_start = HEADER_NBYTES + manifest_nbytes
     if len(data) < payload_start:
-        raise Truncated(
-            f"manifest truncated: {len(data) - HEADER_NBYTES} of {manifest_nbytes} declared bytes present"
-        )
+        raise Truncated(f"manifest truncated: {len(data) - HEADER_NBYTES} of {manifest_nbytes} declared bytes present")
     try:
         manifest = json.loads(
             data[HEADER_NBYTES:payload_start].decode("utf-8"),
             parse_float=_finite_float,
             parse_int=_bounded_int,
-            parse_constant=_reject_constant,
+            parse_constant=_finite_float,  # NaN, Infinity, -Infinity
             object_pairs_hook=_unique_keys,
         )
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -261,15 +240,14 @@ def _read_header_and_manifest(data: bytes) -> tuple[dict[str, Any], int]:
 
 
 def _bounded_int(text: str) -> int:
-    # No integer of the format needs more than 64 bits: refuse longer literals here, with the reader's own error,
-    # rather than at Python's 4,300-digit limit, and keep every later comparison on small integers.
+    # No integer of the format needs more than 64 bits: refused here, not at Python's 4,300-digit limit.
     if len(text.lstrip("-")) > MAX_INT_DIGITS:
         raise ValueError(f"integer literal of {len(text)} characters (at most {MAX_INT_DIGITS} digits)")
     return int(text)
 
 
 def _check_depth(manifest: dict[str, Any]) -> None:
-    """Refuse nesting deeper than any valid manifest has, iteratively (no recursion on attacker data)."""
+    # Iterative: no recursion on attacker data.
     level: list[Any] = [manifest]
     for _ in range(MAX_MANIFEST_DEPTH):
         deeper = []
@@ -286,12 +264,8 @@ def _check_depth(manifest: dict[str, Any]) -> None:
 def _finite_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
-        raise ValueError(f"number {text} is out of range")
+        raise ValueError(f"{text} is not a finite JSON number")
     return value
-
-
-def _reject_constant(text: str) -> float:
-    raise ValueError(f"{text} is not valid JSON")
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -304,7 +278,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def _bounded_decompress(compressed: bytes, raw_nbytes: int) -> bytearray:
-    """Decompress at most ``raw_nbytes + 1`` bytes: one byte more than declared is proof of a lie."""
+    # At most raw_nbytes + 1 bytes: one byte more than declared is proof of a lie.
     dctx = zstandard.ZstdDecompressor(max_window_size=1 << 27)
     out = bytearray()
     try:
@@ -324,8 +298,7 @@ def _bounded_decompress(compressed: bytes, raw_nbytes: int) -> bytearray:
 
 
 def _finite_as_used(name: str, tensor: torch.Tensor) -> torch.Tensor:
-    """Refuse a float tensor that is not finite in its restored dtype or in a dtype the model computes in: finite
-    as stored is not enough (fp32 1e5 restored to float16, q · scale = 127 · 65504, fp32 max in bfloat16)."""
+    # Finite as stored is not enough: fp32 1e5 restored to float16, q · scale = 127 · 65504, fp32 max in bfloat16.
     if not tensor.is_floating_point():
         return tensor
     for dtype in (tensor.dtype, *COMPUTE_DTYPES):
@@ -343,27 +316,21 @@ def _decode_tensor(record: Mapping[str, Any], raw: bytes | bytearray) -> Quantiz
         qmax = ROW_QMAX[encoding]
         if values.size and int(np.abs(values.astype(np.int16)).max()) > qmax:
             raise InvalidTensorData(f"{name}: {encoding} values outside [-{qmax}, {qmax}]")
-        scales = np.frombuffer(
-            raw,
-            dtype=SCALE_DTYPE,
-            count=record["scale_nbytes"] // SCALE_DTYPE.itemsize,
-            offset=record["scale_offset"],
-        )
+        scales = np.frombuffer(raw, dtype=SCALE_DTYPE, count=record["scale_nbytes"] // SCALE_DTYPE.itemsize,
+                               offset=record["scale_offset"])
         if not (np.isfinite(scales).all() and (scales > 0).all()):
             raise InvalidTensorData(f"{name}: scales must be finite and positive")
     elif encoding == RAW and dtype == "bool":
-        if values.size and np.frombuffer(values.tobytes(), dtype=np.uint8).max() > 1:
+        if values.size and values.view(np.uint8).max() > 1:
             raise InvalidTensorData(f"{name}: bool bytes other than 0 and 1")
-    # fp16/fp32 values: their finiteness is checked once restored (_finite_as_used)
+    # fp16/fp32 values: finiteness is checked once restored (_finite_as_used)
     return QuantizedTensor(name, encoding, dtype, tuple(record["shape"]), values, scales)  # views of raw
 
 
-# Manifest schema. Field sets are exact: a missing or unknown key is a violation (the training section alone may
-# carry extra scalar fields, for run metadata the trainer adds later).
+# Manifest schema. Field sets are exact: a missing or unknown key is a violation.
 
 _TOP_LEVEL = ("model_config", "tokenizer", "tensors", "payload", "training", "code_bytes")
 _PAYLOAD = ("compression", "level", "compressed_nbytes", "compressed_sha256", "raw_nbytes", "raw_sha256")
-_TRAINING_REQUIRED = ("seed", "steps", "world_size", "device", "train_time_ms", "code_version")
 _TENSOR_KEYS = ("name", "encoding", "dtype", "shape", "offset", "nbytes")
 _SCALE_KEYS = ("scale_offset", "scale_nbytes")
 
@@ -393,25 +360,29 @@ def _require(condition: bool, message: str) -> None:
 
 
 def _show(value: Any, limit: int = 80) -> str:
-    """repr of an untrusted value, cut short: refusal messages must not echo a megabyte of manifest."""
+    # Refusal messages must not echo a megabyte of manifest.
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def validate_manifest(manifest: dict[str, Any]) -> None:
-    """Every field of a manifest against the schema (the writer runs it on what it writes, too)."""
+def validate_manifest(manifest: dict[str, Any], check_metadata: MetadataCheck | None = None) -> ModelConfig:
+    """The schema of what the evaluation reads; ``check_metadata`` checks the rest, where it stands in the schema."""
     _require_keys(manifest, "manifest", _TOP_LEVEL)
-    _config_kwargs(manifest["model_config"])
+    config = ModelConfig(**_config_kwargs(manifest["model_config"]))
     _validate_payload(manifest["payload"])
     _validate_tensor_table(manifest["tensors"], manifest["payload"]["raw_nbytes"])
-    _validate_training(manifest["training"])
-    _validate_code_bytes(manifest["code_bytes"])
-    _validate_tokenizer(manifest["tokenizer"], manifest["model_config"]["vocab_size"])
+    if check_metadata is not None:
+        check_metadata(manifest)
+    # Of the metadata, the engine reads code_bytes.total and training.train_seq_len (checked where it is read).
+    _require_keys(manifest["training"], "training", (), extra_ok=True)
+    total = manifest["code_bytes"].get("total") if isinstance(manifest["code_bytes"], dict) else None
+    _require(_is_int(total) and 0 <= total <= MAX_COUNT, "code_bytes.total must be a non-negative integer")
+    _validate_tokenizer(manifest["tokenizer"], config.vocab_size)
+    return config
 
 
 def _config_kwargs(config: Any) -> dict[str, Any]:
-    """Check a model_config object against ModelConfig's fields, types and MODEL_CONFIG_BOUNDS; return kwargs."""
-    hints, names = _model_config_fields()
+    hints, names = typing.get_type_hints(ModelConfig), [f.name for f in fields(ModelConfig)]
     _require_keys(config, "model_config", names)
     kwargs: dict[str, Any] = {}
     for name in names:
@@ -432,11 +403,6 @@ def _config_kwargs(config: Any) -> dict[str, Any]:
             raise SchemaViolation(f"{where}: unsupported field type {hint!r}")
         kwargs[name] = value
     return kwargs
-
-
-@functools.cache
-def _model_config_fields() -> tuple[dict[str, Any], list[str]]:
-    return typing.get_type_hints(ModelConfig), [f.name for f in fields(ModelConfig)]
 
 
 def _require_within(value: float, bounds: tuple[float, float], where: str) -> None:
@@ -460,9 +426,8 @@ def _validate_payload(payload: Any) -> None:
     for key in ("compressed_sha256", "raw_sha256"):
         _validate_sha256(payload[key], f"payload.{key}")
     if payload["raw_nbytes"] > MAX_RAW_NBYTES:
-        raise DeclaredSizeTooLarge(
-            f"declared raw payload size {payload['raw_nbytes']} bytes exceeds the bound of {MAX_RAW_NBYTES}"
-        )
+        raise DeclaredSizeTooLarge(f"declared raw payload size {payload['raw_nbytes']} bytes exceeds the bound of "
+                                   f"{MAX_RAW_NBYTES}")
 
 
 def _validate_tensor_table(tensors: Any, raw_nbytes: int) -> None:
@@ -511,47 +476,6 @@ def _validate_tensor_table(tensors: Any, raw_nbytes: int) -> None:
     _require(cursor == raw_nbytes, f"tensors cover {cursor} bytes but payload.raw_nbytes is {raw_nbytes}")
 
 
-def _validate_training(training: Any) -> None:
-    _require_keys(training, "training", _TRAINING_REQUIRED, extra_ok=True)
-    _require(len(training) <= MAX_TRAINING_FIELDS, f"training has more than {MAX_TRAINING_FIELDS} fields")
-    _require(_is_int(training["seed"]) and abs(training["seed"]) <= MAX_COUNT, "training.seed must be an integer")
-    _require(_is_int(training["steps"]) and 0 <= training["steps"] <= MAX_COUNT,
-             "training.steps must be a non-negative integer")
-    _require(
-        _is_int(training["world_size"]) and 1 <= training["world_size"] <= MAX_WORLD_SIZE,
-        f"training.world_size must be an integer in [1, {MAX_WORLD_SIZE}]",
-    )
-    _require(
-        _is_number(training["train_time_ms"]) and 0 <= training["train_time_ms"] <= MAX_COUNT,
-        "training.train_time_ms must be a non-negative number",
-    )
-    for key in ("device", "code_version"):
-        _require(isinstance(training[key], str), f"training.{key} must be a string")
-    for key, value in training.items():
-        _require(len(key) <= MAX_NAME_CHARS, f"training has a field name over {MAX_NAME_CHARS} characters")
-        _require(
-            value is None or isinstance(value, bool) or _is_number(value)
-            or (isinstance(value, str) and len(value) <= MAX_TRAINING_STRING_CHARS),
-            f"training.{key} must be a string (at most {MAX_TRAINING_STRING_CHARS} characters), number, boolean "
-            f"or null",
-        )
-
-
-def _validate_code_bytes(code_bytes: Any) -> None:
-    _require_keys(code_bytes, "code_bytes", ("total", "files"))
-    files = code_bytes["files"]
-    _require(
-        isinstance(files, dict) and len(files) <= MAX_CODE_FILES
-        and all(len(path) <= MAX_NAME_CHARS and _is_int(n) and 0 <= n <= MAX_COUNT for path, n in files.items()),
-        f"code_bytes.files must map at most {MAX_CODE_FILES} paths (of at most {MAX_NAME_CHARS} characters) to "
-        f"non-negative integers",
-    )
-    _require(
-        _is_int(code_bytes["total"]) and code_bytes["total"] == sum(files.values()),
-        "code_bytes.total must equal the sum of code_bytes.files",
-    )
-
-
 def _validate_tokenizer(tokenizer: Any, model_vocab_size: int) -> None:
     if not isinstance(tokenizer, dict) or set(tokenizer) != {"sha256", "vocab_size"}:
         raise TokenizerFieldError(
@@ -561,31 +485,20 @@ def _validate_tokenizer(tokenizer: Any, model_vocab_size: int) -> None:
     if not (_is_int(vocab) and vocab > 0):
         raise TokenizerFieldError(f"tokenizer.vocab_size must be a positive integer, got {_show(vocab)}")
     if vocab != model_vocab_size:
-        raise TokenizerFieldError(
-            f"tokenizer.vocab_size {vocab} disagrees with model_config.vocab_size {model_vocab_size}"
-        )
+        raise TokenizerFieldError(f"tokenizer.vocab_size {vocab} disagrees with model_config.vocab_size "
+                                  f"{model_vocab_size}")
 
 
-def check_against_model(manifest: Mapping[str, Any]) -> None:
-    """The tensor table against the model the config builds (on the meta device, cheap: the config is within its
-    bounds): parameter count first, then names, shapes and dtype kinds."""
+def check_against_model(manifest: Mapping[str, Any], config: ModelConfig) -> None:
+    """Names, shapes and dtype kinds against the model the config builds (on the meta device; the config is within
+    its bounds, so cheaply). The table tiles the payload, so the parameters fit in it too."""
     records = {r["name"]: r for r in manifest["tensors"]}
-    expected = _expected_tensors(ModelConfig(**_config_kwargs(manifest["model_config"])))
-    # Every parameter takes at least one byte of the decompressed payload (int8 containers are the smallest).
-    parameters = sum(math.prod(shape) for shape, _ in expected.values())
-    raw_nbytes = manifest["payload"]["raw_nbytes"]
-    if parameters > raw_nbytes:
-        raise ShapeMismatch(
-            f"model_config describes {parameters} parameters, which need at least {parameters} bytes, but "
-            f"payload.raw_nbytes declares {raw_nbytes}"
-        )
+    expected = _expected_tensors(config)
     missing = [n for n in expected if n not in records]
     unexpected = [n for n in records if n not in expected]
     if missing or unexpected:
-        raise ShapeMismatch(
-            f"tensor names disagree with the model: missing {missing[:5]}{'…' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}"
-        )
+        raise ShapeMismatch(f"tensor names disagree with the model: missing {_show(missing)}, "
+                            f"unexpected {_show(unexpected)}")
     for name, (shape, is_float) in expected.items():
         record = records[name]
         if tuple(record["shape"]) != shape:
@@ -597,7 +510,7 @@ def check_against_model(manifest: Mapping[str, Any]) -> None:
 
 @functools.lru_cache(maxsize=16)
 def _expected_tensors(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], bool]]:
-    """name → (shape, is floating point) of GPT(config)'s state_dict; cached, the same few configs recur."""
+    # name → (shape, is floating point); cached, the same few configs recur.
     try:
         with torch.device("meta"):
             state = GPT(config).state_dict()

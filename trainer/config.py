@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from trainer.limits import TRAIN_LIMIT_SECONDS
 from trainer.model import ModelConfig
 from trainer.quant import EXPORT_SCHEMES
 
@@ -26,7 +27,7 @@ class TrainConfig:
     train_seq_len: int = 2048
     grad_accum_base: int = 8  # grad_accum_steps = grad_accum_base // world_size (reference: 8)
     iterations: int = 9000
-    max_wallclock_seconds: float = 600.0  # training-time cap; 0 disables it
+    max_wallclock_seconds: float = TRAIN_LIMIT_SECONDS  # training-time cap; 0 disables it
     warmdown_iters: int = 3000  # wall-clock warmdown: the last warmdown_iters × mean step time before the cap
     warmup_steps: int = 20  # priming steps (compile, allocator), rolled back and kept outside the timer
     matrix_lr: float = 0.025

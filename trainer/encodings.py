@@ -1,6 +1,5 @@
-"""The tensor encodings of artifact format v1 and their decoding (docs/artifact-format.md §3): fp16/fp32
-passthrough, "raw" (non-float, bit-exact) and per-row int8/int6/int5 with one fp16 scale per row, decoded as
-``q * scale[row]`` in fp32 and cast back. Choosing an encoding and computing ``q`` (writing) is trainer/quant.py.
+"""The tensor encodings of artifact format v1 and their decoding (docs/artifact-format.md §3). Choosing an
+encoding and computing ``q`` (writing) is trainer/quant.py.
 """
 
 from __future__ import annotations
@@ -26,56 +25,35 @@ ENCODINGS = (FP16, FP32, RAW, *ROW_QMAX)
 STORAGE_DTYPE = {FP16: np.dtype("<f2"), FP32: np.dtype("<f4"), **{e: np.dtype("i1") for e in ROW_QMAX}}
 SCALE_DTYPE = np.dtype("<f2")
 
-# Template dtypes an artifact may restore, by their names in the manifest.
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "int16": torch.int16,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
-}
-RAW_NUMPY_DTYPES: dict[str, np.dtype] = {
-    "int64": np.dtype("<i8"),
-    "int32": np.dtype("<i4"),
-    "int16": np.dtype("<i2"),
-    "int8": np.dtype("i1"),
-    "uint8": np.dtype("u1"),
-    "bool": np.dtype("?"),
-}
+# The dtypes an artifact may restore, by their names in the manifest (torch's and numpy's names for them).
 FLOAT_DTYPE_NAMES = ("float32", "float16", "bfloat16")
+RAW_NUMPY_DTYPES = {name: np.dtype(name).newbyteorder("<")
+                    for name in ("int64", "int32", "int16", "int8", "uint8", "bool")}
+TORCH_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in (*FLOAT_DTYPE_NAMES, *RAW_NUMPY_DTYPES)}
+
 
 @dataclass(frozen=True)
 class QuantizedTensor:
-    """One tensor in its stored form. ``values`` and ``scales`` are little-endian numpy arrays."""
+    """One tensor in its stored form."""
 
     name: str
     encoding: str
-    dtype: str  # name (a key of TORCH_DTYPES) of the dtype restored on dequantisation
+    dtype: str  # a key of TORCH_DTYPES: restored on dequantisation
     shape: tuple[int, ...]
     values: np.ndarray  # flat; STORAGE_DTYPE[encoding], or RAW_NUMPY_DTYPES[dtype] for RAW
     scales: np.ndarray | None = None  # one fp16 scale per row, only for row-quantised encodings
 
 
 def num_rows(shape: Sequence[int]) -> int:
-    """Rows of a row-quantised tensor: the first dimension, or a single row for 0-d and 1-d tensors."""
+    """The first dimension, or a single row for 0-d and 1-d tensors."""
     return int(shape[0]) if len(shape) >= 2 else 1
 
 
 def dequantize_tensor(qt: QuantizedTensor) -> torch.Tensor:
-    """Rebuild the tensor: passthrough values cast back, row-quantised ``q * scale[row]`` cast back."""
-    target = TORCH_DTYPES[qt.dtype]
-    if qt.encoding == RAW:
-        return torch.from_numpy(np.array(qt.values, dtype=RAW_NUMPY_DTYPES[qt.dtype])).reshape(qt.shape)
-    if qt.encoding in (FP16, FP32):
-        values = torch.from_numpy(np.array(qt.values, dtype=STORAGE_DTYPE[qt.encoding]))
-        return values.reshape(qt.shape).to(target)
+    """Passthrough values cast back; row-quantised ``q * scale[row]`` in fp32, cast back."""
+    values = torch.from_numpy(np.array(qt.values))  # a copy, in its storage dtype
     if qt.encoding in ROW_QMAX:
         assert qt.scales is not None
-        q = torch.from_numpy(np.array(qt.values, dtype=np.int8)).float().reshape(num_rows(qt.shape), -1)
-        scales = torch.from_numpy(np.array(qt.scales, dtype=SCALE_DTYPE)).float()
-        return (q * scales[:, None]).reshape(qt.shape).to(target)
-    raise ValueError(f"{qt.name}: unknown encoding {qt.encoding!r}")
+        scales = torch.from_numpy(np.array(qt.scales)).float()
+        values = values.float().reshape(num_rows(qt.shape), -1) * scales[:, None]
+    return values.reshape(qt.shape).to(TORCH_DTYPES[qt.dtype])

@@ -7,6 +7,7 @@ and all-reduced before dividing. The reported (sliding-window, TTT, n-gram) eval
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from trainer.data.byte_accounting import ByteTables, bits_per_byte
+from trainer.data.byte_accounting import ByteTables
 from trainer.model import autocast_for
 
 
@@ -24,6 +25,13 @@ class ValResult:
     bpb: float
     tokens: int
     bytes: int
+
+
+def bits_per_byte(nll_sum_nats: float, byte_count: int) -> float:
+    """ΣNLL / (ln 2 · Σbytes), float64 sums over every scored target."""
+    if byte_count <= 0:
+        raise ValueError("bits per byte needs a positive byte count")
+    return float(nll_sum_nats) / (math.log(2) * float(byte_count))
 
 
 def whole_sequences(tokens: np.ndarray, seq_len: int) -> np.ndarray:

@@ -12,21 +12,15 @@ import json
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import zstandard
 
-from trainer.artifact import (
-    FORMAT_VERSION,
-    HEADER,
-    MAGIC,
-    SUBMISSION_LIMIT_BYTES,
-    check_against_model,
-    validate_manifest,
-)
+from trainer.artifact import FORMAT_VERSION, HEADER, MAGIC, SUBMISSION_LIMIT_BYTES, check_against_model
+from trainer.artifact_metadata import validate_manifest
 from trainer.encodings import INT5_ROW, INT6_ROW, QuantizedTensor
 from trainer.model import ModelConfig
 from trainer.quant import PGOLF_SCHEME, block_index, quantize_state_dict, quantize_tensor
@@ -55,7 +49,7 @@ def encode_artifact(
     records, raw = _layout_payload(tensors)
     compressed = zstandard.ZstdCompressor(level=level).compress(raw)
     manifest = {
-        "model_config": model_config.to_dict(),
+        "model_config": asdict(model_config),
         "tokenizer": {"sha256": tokenizer_sha256, "vocab_size": vocab_size},
         "tensors": records,
         "payload": {
@@ -69,8 +63,7 @@ def encode_artifact(
         "training": dict(training),
         "code_bytes": {"total": code_bytes.total, "files": dict(code_bytes.files)},
     }
-    validate_manifest(manifest)
-    check_against_model(manifest)
+    check_against_model(manifest, validate_manifest(manifest))
     manifest_bytes = json.dumps(manifest, separators=(",", ":"), allow_nan=False).encode("utf-8")
     return HEADER.pack(MAGIC, FORMAT_VERSION, len(manifest_bytes)) + manifest_bytes + compressed
 

@@ -1,13 +1,12 @@
-"""The PR #940 transformer, every reference-stack §4.2 component switchable. Data flow, parameter names and dtypes:
-docs/model.md. Every weight and learned scale is cast to the activation dtype where it is used: the model runs in
-fp32 (CPU) or under bf16 autocast (CUDA), and a trainer may cast it to bf16 as upstream does.
+"""The PR #940 transformer (docs/model.md). Weights and learned scales are cast to the activation dtype where they
+are used: fp32 on CPU, bf16 under CUDA autocast or when a trainer casts the model, as upstream.
 """
 
 from __future__ import annotations
 
 import math
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +15,7 @@ from torch import Tensor, nn
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The manifest stores ``asdict(config)`` and the reader rebuilds the model from it, so every field is a plain
-    int, float or bool."""
+    """Stored in the manifest as ``asdict(config)``: every field is a plain int, float or bool."""
 
     vocab_size: int = 1024
     num_layers: int = 11
@@ -27,26 +25,23 @@ class ModelConfig:
     mlp_mult: int = 3
     # 0.0 is relu². PR #940 documents 0.5 but ran its script's default 0.9 (README "Training"; LEAKY_SLOPE=0.9).
     leaky_relu_slope: float = 0.5
-    rope_dims: int = 16  # partial RoPE: rotate the first 16 of 64 head dims
+    rope_dims: int = 16
     rope_base: float = 10000.0
     rope_train_seq_len: int = 1024  # upstream NTK quirk: Rotary is built with 1024 hard-coded
     logit_softcap: float = 30.0
     tied_embed_init_std: float = 0.005
     qk_gain_init: float = 1.5
-    xsa_last_n: int = 11  # XSA on the last N layers (11, or anything >= num_layers, = all)
+    xsa_last_n: int = 11
     value_residual: bool = True
     gated_attention: bool = True
     attn_gate_bias_init: float = 4.0
     smear_gate: bool = True
-    bigram_buckets: int = 4096  # 0 disables BigramHash
+    bigram_buckets: int = 4096  # 0: no BigramHash
     bigram_dim: int = 128
-    ln_scale: bool = True  # scale block inputs by 1/sqrt(layer+1)
+    ln_scale: bool = True
     unet_skips: bool = True
-    mask_bos: bool = True  # previous-token features (SmearGate, BigramHash) never cross a BOS boundary
+    mask_bos: bool = True
     bos_id: int = 1
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def rms_norm(x: Tensor) -> Tensor:
@@ -63,14 +58,10 @@ class CastedLinear(nn.Linear):
         return F.linear(x, self.weight.to(x.dtype), bias)
 
 
-def rotary_tables(
-    seq_len: int, rope_dims: int, base: float, train_seq_len: int, device: torch.device
-) -> tuple[Tensor, Tensor]:
-    """cos/sin tables of shape (seq_len, rope_dims/2), fp32, NTK-rescaled above ``train_seq_len`` as upstream.
-
-    Rebuilt on every forward, not cached: a cache filled under inference_mode would break autograd when
-    test-time training follows scoring (reference §7.3); T × rd/2 elements cost nothing next to attention.
-    """
+def rotary_tables(seq_len: int, rope_dims: int, base: float, train_seq_len: int, device: torch.device
+                  ) -> tuple[Tensor, Tensor]:
+    """(seq_len, rope_dims/2) fp32 cos/sin, NTK-rescaled above ``train_seq_len`` as upstream. Rebuilt on every
+    forward, never cached: a cache filled under inference_mode would break TTT's autograd after scoring."""
     if seq_len > train_seq_len:
         base = base * (seq_len / train_seq_len) ** (rope_dims / (rope_dims - 2))
     inv_freq = 1.0 / (base ** (torch.arange(0, rope_dims, 2, dtype=torch.float32, device=device) / rope_dims))
@@ -80,7 +71,7 @@ def rotary_tables(
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate-half on the first 2·cos.size(-1) dims of x (…, T, head_dim); the other dims pass through."""
+    """Rotate-half on the first 2·cos.size(-1) dims of x (…, T, head_dim)."""
     rope_dims = 2 * cos.size(-1)
     half = rope_dims // 2
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
@@ -91,7 +82,6 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class BigramHash(nn.Module):
     def __init__(self, buckets: int, bigram_dim: int, model_dim: int) -> None:
         super().__init__()
-        self.buckets = buckets
         self.embed = nn.Embedding(buckets, bigram_dim)
         # The upstream module exists only as a projection when the dims differ.
         self.proj = CastedLinear(bigram_dim, model_dim, bias=False) if bigram_dim != model_dim else None
@@ -99,7 +89,7 @@ class BigramHash(nn.Module):
 
     def bucket_ids(self, input_ids: Tensor, previous_token_kept: Tensor | None) -> Tensor:
         # Input tokens only, so causal; no previous token (position 0, a masked BOS) uses the reserved last bucket.
-        reserved = self.buckets - 1
+        reserved = self.embed.num_embeddings - 1
         tokens = input_ids.to(torch.int32)
         # int32 arithmetic as upstream; `%` is a floor modulo, so a product that wraps past 2^31 (vocabularies
         # above ~59k) still lands in [0, reserved).
@@ -125,15 +115,12 @@ class SmearGate(nn.Module):
         g = torch.sigmoid(self.gate.to(x.dtype))
         previous = F.pad(x[:, :-1], (0, 0, 1, 0))
         if previous_token_kept is not None:
-            # #1797 ruling: at a BOS the previous token belongs to another document, so the blend must not see
-            # it. A BOS position then looks exactly like position 0 of a row.
             previous = previous * previous_token_kept.unsqueeze(-1).to(x.dtype)
         return (1 - g) * x + g * previous
 
 
 def exclude_self_value(y: Tensor, v: Tensor) -> Tensor:
-    """XSA: remove from each head's output (B, H, T, D) its component along the unit value vector (B, H_kv, T, D)
-    of the same position; query head h is in KV group h // (H / H_kv), as in SDPA's enable_gqa."""
+    """XSA on y (B, H, T, D) with v (B, H_kv, T, D), query heads grouped as in SDPA's enable_gqa."""
     batch, heads, seq_len, head_dim = y.shape
     kv_heads = v.size(1)
     y_grouped = y.reshape(batch, kv_heads, heads // kv_heads, seq_len, head_dim)
@@ -158,9 +145,7 @@ class CausalSelfAttention(nn.Module):
         self.q_gain = nn.Parameter(torch.full((config.num_heads,), config.qk_gain_init, dtype=torch.float32))
         # Every layer carries a (λ0, λ1) pair as upstream, although layer 0 never uses its own (it produces v0);
         # keeping it preserves the reference parameter count and state-dict layout.
-        self.vr_lambda = (
-            nn.Parameter(torch.tensor([0.5, 0.5], dtype=torch.float32)) if config.value_residual else None
-        )
+        self.vr_lambda = nn.Parameter(torch.tensor([0.5, 0.5], dtype=torch.float32)) if config.value_residual else None
         self.attn_gate = CastedLinear(dim, config.num_heads) if config.gated_attention else None
 
     def forward(self, x: Tensor, v0: Tensor | None, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
@@ -181,7 +166,7 @@ class CausalSelfAttention(nn.Module):
         if self.use_xsa:
             y = exclude_self_value(y, v)
         if self.attn_gate is not None:
-            gate = torch.sigmoid(self.attn_gate(x))  # (B, T, H): one gate per token and head
+            gate = torch.sigmoid(self.attn_gate(x))  # (B, T, H)
             y = y * gate.transpose(1, 2).unsqueeze(-1)
         y = y.transpose(1, 2).reshape(batch, seq_len, dim)
         return self.proj(y), own_v
@@ -209,13 +194,10 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.attn_scale = nn.Parameter(torch.ones(dim, dtype=torch.float32))
         self.mlp_scale = nn.Parameter(torch.ones(dim, dtype=torch.float32))
-        # Row 0 weighs the running residual, row 1 the embedding-stage x0; (1, 0) starts as a plain residual.
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))).float())
         self.ln_scale_factor = 1.0 / math.sqrt(layer_index + 1) if config.ln_scale else 1.0
 
-    def forward(
-        self, x: Tensor, x0: Tensor, v0: Tensor | None, cos: Tensor, sin: Tensor
-    ) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, x0: Tensor, v0: Tensor | None, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         attn_out, own_v = self.attn(rms_norm(x) * self.ln_scale_factor, v0, cos, sin)
@@ -265,21 +247,17 @@ class GPT(nn.Module):
         self.bigram = BigramHash(config.bigram_buckets, config.bigram_dim, dim) if config.bigram_buckets else None
         self.smear = SmearGate(dim) if config.smear_gate else None
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
-        # U-Net: the first L//2 blocks are the encoder, their outputs popped LIFO into the decoder blocks.
         self.num_encoder_layers = config.num_layers // 2 if config.unet_skips else 0
-        self.skip_weights = (
-            nn.Parameter(torch.ones(self.num_encoder_layers, dim, dtype=torch.float32))
-            if self.num_encoder_layers
-            else None
-        )
+        self.skip_weights = (nn.Parameter(torch.ones(self.num_encoder_layers, dim, dtype=torch.float32))
+                             if self.num_encoder_layers else None)
         if not self.tok_emb.weight.is_meta:  # the artifact reader builds on meta and assigns the stored weights
             from trainer.init import init_weights  # training only: not counted code (trainer/code_bytes.py)
 
             init_weights(self)
 
     def input_embeddings(self, input_ids: Tensor) -> Tensor:
-        # With mask_bos, a BOS input position drops its previous-token features, so nothing from the document
-        # before it leaks in through them (compliance-rules §3.4).
+        # #1797 ruling (compliance-rules §3.4): at a BOS the previous token belongs to another document, so with
+        # mask_bos SmearGate and BigramHash see none there, exactly as at position 0 of a row.
         previous_token_kept = input_ids != self.config.bos_id if self.config.mask_bos else None
         x = self.tok_emb(input_ids)
         if self.bigram is not None:
@@ -292,9 +270,8 @@ class GPT(nn.Module):
     def final_hidden(self, input_ids: Tensor) -> Tensor:
         config = self.config
         x0 = self.input_embeddings(input_ids)
-        cos, sin = rotary_tables(
-            input_ids.size(1), config.rope_dims, config.rope_base, config.rope_train_seq_len, input_ids.device
-        )
+        cos, sin = rotary_tables(input_ids.size(1), config.rope_dims, config.rope_base, config.rope_train_seq_len,
+                                 input_ids.device)
         x = x0
         v0: Tensor | None = None
         encoder_outputs: list[Tensor] = []

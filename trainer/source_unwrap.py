@@ -23,10 +23,11 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from trainer.limits import SUBMISSION_LIMIT_BYTES
 from trainer.source_syntax import parse_python
 
 # A real script is at most a few hundred kilobytes; the whole submission is capped at 16 MB.
-MAX_DECODED_BYTES = 16_000_000
+MAX_DECODED_BYTES = SUBMISSION_LIMIT_BYTES
 # Wrappers are sometimes nested (a wrapper of a wrapper); deeper nesting is treated as hostile.
 MAX_LAYERS = 4
 

@@ -1,6 +1,4 @@
-"""CPU intra-op threads for training and evaluation: the idle usable cores, shared by the local processes. The
-policy and the measurements behind it: docs/performance.md §5, README "CPU threads".
-"""
+"""CPU intra-op threads for training and evaluation; the policy's reasons and figures: docs/performance.md §5."""
 
 from __future__ import annotations
 
@@ -35,10 +33,10 @@ def choose_threads(environ: Mapping[str, str] | None = None, *, cores: int | Non
     return ThreadChoice(threads, f"{cores} usable cores, {busy} busy (load {load:.1f}), {local} local processes")
 
 
-def apply_thread_policy(environ: Mapping[str, str] | None = None) -> ThreadChoice:
+def apply_thread_policy() -> ThreadChoice:
     import torch
 
-    choice = choose_threads(environ)
+    choice = choose_threads()
     if torch.get_num_threads() != choice.threads:
         torch.set_num_threads(choice.threads)
     return choice

@@ -20,6 +20,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,6 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from trainer import __version__
 from trainer.artifact import load_model
 from trainer.code_bytes import counted_code_bytes
 from trainer.config import TrainConfig, to_dict
@@ -36,11 +36,16 @@ from trainer.data.loader import DistributedTokenLoader
 from trainer.data.shards import load_validation_tokens
 from trainer.evaluate import ValResult, evaluate_non_overlapping, whole_sequences
 from trainer.export import export_to_budget
+from trainer.limits import SUBMISSION_LIMIT_BYTES, TRAIN_LIMIT_SECONDS
 from trainer.model import GPT, autocast_for
 from trainer.muon import Muon
 from trainer.threads import apply_thread_policy
 
-TRAIN_TIME_LIMIT_MS = 600_000  # the challenge's limit, whatever cap a run was configured with
+try:
+    __version__ = version("pgolf")  # pyproject.toml's: the one copy of the version
+except PackageNotFoundError:  # a source checkout that was never installed
+    __version__ = "0+source"
+TRAIN_TIME_LIMIT_MS = round(TRAIN_LIMIT_SECONDS * 1000)  # the challenge's limit, whatever cap a run was configured with
 
 
 @dataclass(frozen=True)
@@ -479,7 +484,7 @@ def _export_and_roundtrip(config: TrainConfig, runtime: Runtime, model: GPT, tab
         "artifact": {
             "path": artifact_path.name, "bytes": result.artifact_nbytes, "sha256": artifact.file_sha256,
             "code_bytes": result.code_nbytes, "code_files": code.files, "total_bytes": result.total_nbytes,
-            "limit_bytes": 16_000_000, "within_size_limit": result.total_nbytes <= 16_000_000,
+            "limit_bytes": SUBMISSION_LIMIT_BYTES, "within_size_limit": result.total_nbytes <= SUBMISSION_LIMIT_BYTES,
             "quantization": {"label": result.winner.label, "zstd_level": result.winner.level,
                              "int5_blocks": list(result.winner.int5_blocks)},
         },

@@ -37,7 +37,7 @@ import pickle
 import zipfile
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -137,7 +137,7 @@ class UpstreamArtifact:
         for encoding in self.encodings.values():
             counts[encoding] = counts.get(encoding, 0) + 1
         return {"format": "upstream", "quant_format": self.quant_format, "compression": self.compression,
-                "model_config": self.model_config.to_dict(), "file_nbytes": self.file_nbytes,
+                "model_config": asdict(self.model_config), "file_nbytes": self.file_nbytes,
                 "file_sha256": self.file_sha256, "raw_nbytes": self.raw_nbytes, "tensor_encodings": counts,
                 "num_parameters": sum(t.numel() for t in self.state_dict.values())}
 

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from service.judge import distribution_problems, verdict
+from trainer.limits import EVAL_LIMIT_SECONDS, SUBMISSION_LIMIT_BYTES
 from verifier import trace_check
 from verifier.logs import LogError, TrainRecord, manifest_record, read_eval_events, read_train_record
 from verifier.report import (
@@ -48,8 +50,6 @@ from verifier.wallclock import TRAIN_LIMIT_MS, TimeVerdict, judge_steps, judge_t
 if TYPE_CHECKING:  # the artifact reader imports torch; only the checks that read the artifact load it
     from trainer.artifact import Artifact
 
-SIZE_LIMIT_BYTES = 16_000_000  # artifact + counted code, decimal bytes (trainer.artifact.SUBMISSION_LIMIT_BYTES)
-EVAL_LIMIT_S = 600.0
 BPB_RELATIVE_TOLERANCE = 1e-9
 # The n-gram modes whose scores are not a distribution over the vocabulary (compliance-rules.md §3.1).
 NON_COMPLIANT_NGRAM_MODES = frozenset({"hashed-940"})
@@ -74,10 +74,11 @@ def inspect_artifact(path: Path, *, upstream: bool) -> ArtifactFacts:
     facts = ArtifactFacts(path, path.stat().st_size, _sha256_file(path))
     if upstream:
         return facts
-    from trainer.artifact import ArtifactError, read_artifact
+    from trainer.artifact import ArtifactError
+    from trainer.artifact_metadata import read_submission  # the reader plus the sections the evaluation skips
 
     try:
-        facts.artifact = read_artifact(path)
+        facts.artifact = read_submission(path)
     except ArtifactError as exc:
         facts.error_code, facts.error = exc.code, str(exc)
     return facts
@@ -127,10 +128,10 @@ def check_size(artifact_bytes: int, code: Sequence[Path] | None) -> CheckResult:
                            f"cannot count the code bytes: {exc}")
     total = artifact_bytes + code_bytes
     figure = (f"{artifact_bytes:,} artifact + {code_bytes:,} code = {total:,} bytes "
-              f"{'<=' if total <= SIZE_LIMIT_BYTES else '>'} {SIZE_LIMIT_BYTES:,} ({origin})")
-    if total > SIZE_LIMIT_BYTES:
+              f"{'<=' if total <= SUBMISSION_LIMIT_BYTES else '>'} {SUBMISSION_LIMIT_BYTES:,} ({origin})")
+    if total > SUBMISSION_LIMIT_BYTES:
         return CheckResult("submission_size", FAIL, figure,
-                           f"over the cap by {total - SIZE_LIMIT_BYTES:,} bytes (decimal bytes, code included)")
+                           f"over the cap by {total - SUBMISSION_LIMIT_BYTES:,} bytes (decimal bytes, code included)")
     return CheckResult("submission_size", PASS, figure)
 
 
@@ -303,9 +304,9 @@ def check_train_sizes(records: Sequence[TrainRecord], facts: ArtifactFacts) -> C
                                 f"this file has {facts.nbytes:,}")
         if record.total_bytes is not None:
             parts.append(f"{record.source}: total {record.total_bytes:,}")
-            if record.total_bytes > SIZE_LIMIT_BYTES:
+            if record.total_bytes > SUBMISSION_LIMIT_BYTES:
                 problems.append(f"{record.source} states a submission of {record.total_bytes:,} bytes, "
-                                f"over {SIZE_LIMIT_BYTES:,}")
+                                f"over {SUBMISSION_LIMIT_BYTES:,}")
     figure = "; ".join(parts)
     return CheckResult("train_log_sizes", FAIL if problems else PASS, figure, "; ".join(problems))
 
@@ -334,9 +335,12 @@ def check_eval_report(path: Path | None, facts: ArtifactFacts) -> list[CheckResu
         return [CheckResult("eval_report", FAIL, f"{len(events)} events", structure),
                 *(CheckResult(name, SKIP, "", "the report is malformed") for name in EVAL_CHECKS[1:])]
     start, chunks, terminal = events[0], events[1:-1], events[-1]
-    return [_eval_completed(start, chunks, terminal), _eval_time(terminal), _eval_targets(start, chunks, terminal),
-            _eval_bpb(start, chunks, terminal), _eval_order(start, chunks, terminal), _eval_mode(start, terminal),
-            _eval_sha256(start, facts), trace_check.check_order_trace(start, chunks, terminal)]
+    # The report's measurements re-judged by the one judge (service/judge.py); its stated verdict is not evidence.
+    judged = verdict(start, chunks, terminal)
+    return [_eval_completed(start, chunks, terminal), _eval_time(terminal),
+            _eval_targets(start, chunks, terminal, judged), _eval_bpb(start, chunks, terminal),
+            _eval_order(start, chunks, judged), _eval_mode(start, judged), _eval_sha256(start, facts),
+            trace_check.check_order_trace(start, chunks, terminal)]
 
 
 def _report_structure(events: list[dict[str, Any]]) -> str:
@@ -378,17 +382,17 @@ def _eval_time(terminal: dict[str, Any]) -> CheckResult:
     elapsed = terminal.get("elapsed_s")
     if not _is_finite(elapsed):
         return CheckResult("eval_time", FAIL, "", "the terminal event states no elapsed_s")
-    figure = f"{elapsed:.3f} s {'<=' if elapsed <= EVAL_LIMIT_S else '>'} 600 s"
-    if elapsed > EVAL_LIMIT_S:
+    figure = f"{elapsed:.3f} s {'<=' if elapsed <= EVAL_LIMIT_SECONDS else '>'} 600 s"
+    if elapsed > EVAL_LIMIT_SECONDS:
         return CheckResult("eval_time", FAIL, figure, "evaluation wall-clock over 600 s")
     return CheckResult("eval_time", PASS, figure)
 
 
-def _eval_targets(start: dict[str, Any], chunks: list[dict[str, Any]], terminal: dict[str, Any]) -> CheckResult:
+def _eval_targets(start: dict[str, Any], chunks: list[dict[str, Any]], terminal: dict[str, Any],
+                  judged: dict[str, Any]) -> CheckResult:
     tokens = start["tokens"]
     expected = tokens - 1
     scored = sum(chunk["targets"] for chunk in chunks)
-    compliance = terminal.get("compliance") or {}
     problems = []
     if start["targets"] != expected:
         problems.append(f"the start event announces {start['targets']} targets for {tokens} tokens")
@@ -406,13 +410,12 @@ def _eval_targets(start: dict[str, Any], chunks: list[dict[str, Any]], terminal:
     if scored != expected or terminal.get("targets_scored") != expected:
         problems.append(f"{terminal.get('targets_scored')} targets scored (chunks sum to {scored}), "
                         f"expected N-1 = {expected}")
-    if compliance.get("scored_once") is not True or compliance.get("positions_not_scored_once") != 0:
-        problems.append(f"the engine's scored-once check says {compliance.get('scored_once')!r} "
-                        f"({compliance.get('positions_not_scored_once')!r} positions not scored exactly once)")
-    if compliance.get("full_validation_set") is not True:
+    if judged["scored_once"] is not True:
+        problems.append(f"not scored once: {judged['positions_not_scored_once']!r} positions not scored exactly "
+                        f"once, {judged['targets_scored']!r} of {judged['targets_expected']!r} targets scored")
+    if judged["full_validation_set"] is not True:
         problems.append("the report scores a prefix of the validation stream (max_tokens), not all of it")
-    figure = (f"{scored:,} of N-1 = {expected:,} targets in {len(chunks)} chunks; scored_once "
-              f"{compliance.get('scored_once')!r}")
+    figure = f"{scored:,} of N-1 = {expected:,} targets in {len(chunks)} chunks; scored_once {judged['scored_once']!r}"
     return CheckResult("eval_targets", FAIL if problems else PASS, figure, "; ".join(problems[:4]))
 
 
@@ -445,7 +448,7 @@ def _eval_bpb(start: dict[str, Any], chunks: list[dict[str, Any]], terminal: dic
     return CheckResult("eval_bpb", FAIL if problems else PASS, figure, "; ".join(problems))
 
 
-def _eval_order(start: dict[str, Any], chunks: list[dict[str, Any]], terminal: dict[str, Any]) -> CheckResult:
+def _eval_order(start: dict[str, Any], chunks: list[dict[str, Any]], judged: dict[str, Any]) -> CheckResult:
     """Each chunk event is emitted after its scores were committed, with the range the model then trained on."""
     problems = []
     committed = 0
@@ -462,53 +465,32 @@ def _eval_order(start: dict[str, Any], chunks: list[dict[str, Any]], terminal: d
                             f"scored")
         if chunk["index"] == last_index:
             problems.append(f"the last chunk ({last_index}) was trained on: nothing is scored after it")
-    flag = (terminal.get("compliance") or {}).get("score_before_update")
-    if flag is not True:
-        problems.append(f"the engine's order trace check says score_before_update = {flag!r}")
+    if judged["score_before_update"] is not True:
+        problems.append("the order trace does not show score before update (eval_order_trace says where)")
     figure = (f"{trained} of {len(chunks)} chunks trained on, each after its scores were committed"
               if trained else "no test-time training: no state updated from scored tokens")
     return CheckResult("eval_score_before_update", FAIL if problems else PASS, figure, "; ".join(problems[:4]))
 
 
-def _number_within(value: object, bound: object) -> bool:
-    numbers = (int, float)
-    return (isinstance(value, numbers) and isinstance(bound, numbers) and not isinstance(value, bool)
-            and 0 <= value <= bound)
-
-
-def _eval_mode(start: dict[str, Any], terminal: dict[str, Any]) -> CheckResult:
+def _eval_mode(start: dict[str, Any], judged: dict[str, Any]) -> CheckResult:
     from service.engine.ngram import NGRAM_MODES
 
     config = start.get("config") or {}
-    compliance = terminal.get("compliance") or {}
-    ngram = compliance.get("ngram") or {}
+    ngram = judged["ngram"]
     mode = config.get("ngram")
     sums = ngram.get("probability_sum") or {}
     ttt = f"ttt {config.get('ttt_recipe')}" if config.get("ttt") else "no ttt"
     positions, targets = ngram.get("positions"), ngram.get("targets")
     figure = (f"ngram={mode}, {ttt}; sum p in [{sums.get('min')}, {sums.get('max')}] at {positions} of {targets} "
               f"scored positions, max |p_vector(x_t) - p_scored(x_t)| = {ngram.get('scored_gap_max')}")
-    problems = []
-    # Re-judge C2 from the report's own figures instead of trusting the engine's flag alone: every scored position
-    # checked, each score taken from its full vector, sums and gaps within the tolerances the report states.
-    if not isinstance(positions, int) or positions <= 0 or positions != targets:
-        problems.append(f"the distribution was checked at {positions} of {targets} scored positions, not all")
-    if ngram.get("scored_from_vector") is not True:
-        problems.append("the scores were not taken from the full distribution vectors")
-    sum_error, tolerance = ngram.get("sum_error_max"), ngram.get("tolerance")
-    if not _number_within(sum_error, tolerance):
-        problems.append(f"max |sum p - 1| = {sum_error} is not within the stated tolerance {tolerance}")
-    gap, gap_tolerance = ngram.get("scored_gap_max"), ngram.get("shortcut_tolerance")
-    if gap is not None and not _number_within(gap, gap_tolerance):
-        problems.append(f"max |p_vector(x_t) - p_scored(x_t)| = {gap} is not within {gap_tolerance}")
+    # C2 re-judged from the report's own figures (the engine's measurements), whatever flags it states.
+    problems = distribution_problems(ngram)
     if mode not in NGRAM_MODES:
         problems.append(f"unknown n-gram mode {mode!r}")
     if mode in NON_COMPLIANT_NGRAM_MODES:
         problems.append(f"{mode} scores the target-keyed hashed cache: not a distribution over the vocabulary (C2)")
-    if ngram.get("mixer_compliant") is False or ngram.get("normalised") is False:
-        problems.append("the engine reports a non-compliant or unnormalised mixer")
-    if compliance.get("compliant") is not True:
-        problems.append(f"the engine's compliance summary says compliant = {compliance.get('compliant')!r}")
+    if ngram["mixer_compliant"] is not True:
+        problems.append("the engine reports a mixer that declares itself non-compliant")
     return CheckResult("eval_mode", FAIL if problems else PASS, figure, "; ".join(problems))
 
 

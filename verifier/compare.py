@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from service.compare import CLAIMED_OPTIONS, ComparisonError, compare_reports, render_markdown, render_plot, summarize
+from trainer.limits import EVAL_LIMIT_SECONDS
 from verifier.logs import LogError
 from verifier.logs import read_eval_events as read_report
 
@@ -39,20 +40,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--honest-report", type=Path, help="reuse this NDJSON report as the honest side")
     parser.add_argument("--claimed-report", type=Path, help="reuse this NDJSON report as the claimed side")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--max-seconds", type=float, default=600.0, help="budget of each evaluation")
+    parser.add_argument("--max-seconds", type=float, default=EVAL_LIMIT_SECONDS, help="budget of each evaluation")
     parser.add_argument("--no-probes", action="store_true",
                         help="skip the C1-C4 probes (the table then shows the engine's self-checks)")
     parser.set_defaults(run=run)
 
 
 def evaluate_to_report(args: argparse.Namespace, overrides: dict[str, Any], path: Path) -> list[dict[str, Any]]:
-    from service.engine import EvalOptions, evaluate
+    from service.engine.options import EvalOptions
+    from service.engine.run import evaluate
+    from service.judge import judged
 
     options = EvalOptions(artifact=args.artifact, data_dir=args.data, tokenizer=args.tokenizer, device=args.device,
                           max_seconds=args.max_seconds, **overrides)
     events = []
     with path.open("w", encoding="utf-8") as out:
-        for event in evaluate(options):
+        for event in judged(evaluate(options)):
             out.write(json.dumps(event) + "\n")
             events.append(event)
             if event["type"] == "chunk":

@@ -72,7 +72,7 @@ def read_train_record(path: Path) -> TrainRecord:
 
 
 def manifest_record(training: dict[str, Any]) -> TrainRecord:
-    """The training section of an artifact manifest (already validated by the artifact reader)."""
+    """The training section of an artifact manifest (validated by trainer.artifact_metadata.read_submission)."""
     time_ms = training.get("train_time_ms")
     return TrainRecord(source="artifact manifest", kind="artifact manifest",
                        train_time_ms=float(time_ms) if _is_number(time_ms) else None,

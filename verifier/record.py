@@ -36,10 +36,10 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from verifier.check import SIZE_LIMIT_BYTES
+from trainer.limits import SUBMISSION_LIMIT_BYTES
 from verifier.logs import MAX_LOG_BYTES, Figure, LogError, LogRun, parse_training_log, read_bounded_text
 from verifier.report import FAIL, PASS, SKIP, CheckResult
-from verifier.wallclock import TimeVerdict, judge_steps, worst
+from verifier.wallclock import TRAIN_LIMIT_MS, TimeVerdict, judge_steps, worst
 
 LOG_SUFFIXES = (".log", ".txt")
 MAX_LOG_DEPTH = 3  # folder levels under the record searched for logs (logs/, ttt_*/ …)
@@ -365,9 +365,9 @@ def _check_log_time(log: RecordLog, claims: SubmissionClaims | None, strict: boo
     for run, run_verdict in timed:
         final = run.final
         assert final is not None
-        relation = ">" if final.time_ms > 600_000 else "<="
+        relation = ">" if final.time_ms > TRAIN_LIMIT_MS else "<="
         over = f", {run_verdict.overshoot_ms:.0f} ms over" if run_verdict.overshoot_ms else ""
-        figures.append(f"{final.time_ms:,.0f} ms {relation} 600,000 ms at step {final.step}{over} "
+        figures.append(f"{final.time_ms:,.0f} ms {relation} {TRAIN_LIMIT_MS:,.0f} ms at step {final.step}{over} "
                        f"(line {final.line}: {final.text[:80]})")
     figure = "; ".join(figures) if len(figures) == 1 else f"{len(figures)} runs: " + "; ".join(figures)
     reasons = [verdict.reason] if verdict.reason else []
@@ -446,9 +446,9 @@ def _check_sizes(logs: list[RecordLog], claims: SubmissionClaims | None) -> Chec
         if run.total_bytes is not None:
             log_totals[log.path] = run.total_bytes
             parts.append(f"{log.path}: total {run.total_bytes:,}")
-            if run.total_bytes > SIZE_LIMIT_BYTES:
+            if run.total_bytes > SUBMISSION_LIMIT_BYTES:
                 problems.append(f"{log.path} states a submission of {run.total_bytes:,} bytes, over "
-                                f"{SIZE_LIMIT_BYTES:,}")
+                                f"{SUBMISSION_LIMIT_BYTES:,}")
         seed_claim = claims.per_seed.get(log.seed) if claims and log.seed is not None else None
         if seed_claim is None:
             continue
@@ -461,8 +461,8 @@ def _check_sizes(logs: list[RecordLog], claims: SubmissionClaims | None) -> Chec
                                 f"{' and '.join(f'{n:,}' for n in sorted(stated))}")
     if claims is not None and claims.total_bytes is not None:
         parts.insert(0, f"submission.json bytes_total {claims.total_bytes:,}")
-        if claims.total_bytes > SIZE_LIMIT_BYTES:
-            problems.append(f"submission.json claims {claims.total_bytes:,} bytes, over {SIZE_LIMIT_BYTES:,}")
+        if claims.total_bytes > SUBMISSION_LIMIT_BYTES:
+            problems.append(f"submission.json claims {claims.total_bytes:,} bytes, over {SUBMISSION_LIMIT_BYTES:,}")
         elif log_totals and claims.total_bytes not in log_totals.values():
             notes.append("bytes_total is none of the logs' totals (a mean or another run)")
     if not parts:

@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trainer.limits import SUBMISSION_LIMIT_BYTES
 from verifier.scan_findings import Finding
 
 ENTRY_POINT = "train_gpt.py"
@@ -33,7 +34,7 @@ FOREIGN_SOURCE = (".c", ".cc", ".cpp", ".cxx", ".cu", ".cuh", ".h", ".hpp")
 MAX_FOLDER_FILES = 2000
 MAX_RUN_COMMAND_BYTES = 1_000_000
 MAX_LOG_FILE_BYTES = 4_000_000
-MAX_LOG_BYTES = 16_000_000
+MAX_LOG_BYTES = SUBMISSION_LIMIT_BYTES
 
 _ENV_ASSIGNMENT = re.compile(r"(?:^|\s)(?:export\s+)?([A-Z][A-Z0-9_]*)=(\"[^\"]*\"|'[^']*'|[^\s\"';|&]+)")
 _ONLY_ASSIGNMENTS = re.compile(r"(?:export\s+)?(?:[A-Z][A-Z0-9_]*=(?:\"[^\"]*\"|'[^']*'|[^\s\"';|&]+)\s*)+")

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service.api.limits import ResourceLimits, default_cpu_seconds
+from trainer.limits import EVAL_LIMIT_SECONDS, SUBMISSION_LIMIT_BYTES
 
-ARTIFACT_CAP_BYTES = 16_000_000  # the challenge cap, decimal bytes
-EVAL_LIMIT_SECONDS = 600.0  # the challenge's evaluation budget
+ARTIFACT_CAP_BYTES = SUBMISSION_LIMIT_BYTES  # an artifact alone can be no larger than the whole submission
 KILL_GRACE_SECONDS = 15.0
 
 # rlimits of the subprocesses that read uploaded files (docs/service.md, "Resource limits"). The validator's CPU

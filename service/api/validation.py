@@ -1,11 +1,12 @@
 """Artifact validation before a job is queued, in a long-lived helper subprocess.
 
-The reader (`trainer.artifact.read_artifact`) decompresses and checks the whole payload; doing that inside the
-API process would put each upload's decompressed tensors (and torch itself) in the memory of the process that
-must keep answering, and a reader bug triggered by a hostile file would take the API down with it. So the API
-talks to `python -m service.api.validation`: one JSON request line in (the path), one JSON line out (the
-manifest, or the reader's error code and message). The helper imports torch once and serves uploads one at a
-time; if it dies or hangs on a file, that upload is refused and the next one gets a fresh helper.
+The reader (`trainer.artifact_metadata.read_submission`: the evaluation's reader plus the metadata sections)
+decompresses and checks the whole payload; doing that inside the API process would put each upload's
+decompressed tensors (and torch itself) in the memory of the process that must keep answering, and a reader bug
+triggered by a hostile file would take the API down with it. So the API talks to `python -m service.api.validation`:
+one JSON request line in (the path), one JSON line out (the manifest, or the reader's error code and message). The
+helper imports torch once and serves uploads one at a time; if it dies or hangs on a file, that upload is refused
+and the next one gets a fresh helper.
 
 The helper runs under OS resource limits (service/api/limits.py): address space and open files for its whole
 life, and a CPU allowance renewed before each file, so a file that makes the reader allocate or spin is refused
@@ -175,14 +176,15 @@ class ArtifactValidator:
 
 def _check(path: Path, max_file_bytes: int, code: bytes | None = None, env: list[str] | None = None
            ) -> dict[str, Any]:
-    from trainer.artifact import MAGIC, ArtifactError, read_artifact
+    from trainer.artifact import MAGIC, ArtifactError
+    from trainer.artifact_metadata import read_submission  # the reader plus the sections the evaluation skips
 
     try:
         if code is not None:
             with path.open("rb") as handle:
                 if handle.read(len(MAGIC)) != MAGIC:
                     return _check_upstream(path, max_file_bytes, code, env or [])
-        artifact = read_artifact(path, max_file_bytes=max_file_bytes)
+        artifact = read_submission(path, max_file_bytes=max_file_bytes)
     except ArtifactError as error:
         return {"ok": False, "code": error.code, "message": str(error)}
     except OSError as error:
@@ -213,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # The default action of SIGXCPU ends the process; make sure an inherited "ignore" does not defeat the limit.
     signal.signal(signal.SIGXCPU, signal.SIG_DFL)
-    import trainer.artifact  # noqa: F401  (the slow imports, done before the first request)
+    import trainer.artifact_metadata  # noqa: F401  (the slow imports, done before the first request)
     import trainer.upstream_artifact  # noqa: F401
 
     for line in sys.stdin:

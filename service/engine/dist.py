@@ -17,7 +17,7 @@ class DistContext:
     world_size: int = 1
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> None:
-        """In place over all ranks; ``op`` names a ``torch.distributed.ReduceOp`` (sum, max, min)."""
+        """In place; ``op`` names a ``torch.distributed.ReduceOp`` (sum, max, min)."""
         if self.world_size > 1:
             torch_dist.all_reduce(tensor, op=getattr(torch_dist.ReduceOp, op.upper()))
 
@@ -49,7 +49,6 @@ def ranks_from_env() -> tuple[int, int, int]:
 
 
 def init_from_env(device: torch.device, rank: int, world_size: int) -> DistContext:
-    """Join the process group torchrun describes, if there is more than one process."""
     if world_size <= 1:
         return DistContext()
     if not torch_dist.is_initialized():

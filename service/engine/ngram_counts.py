@@ -17,7 +17,7 @@ import numpy as np
 
 MAX_STREAM = 1 << 31  # ids and counts are packed in 32 bits each
 LOW = 0xFFFFFFFF
-MERGE_RATIO = 4  # a run is merged into the one before it once over a quarter of its size
+MERGE_RATIO = 2  # a run is merged into the one before it once over half its size
 
 
 class SortedRuns:
@@ -32,7 +32,7 @@ class SortedRuns:
         run, index, value = np.full(keys.size, -1, np.int64), *np.zeros((2, keys.size), np.int64)
         for r, (stored, values) in enumerate(zip(self.keys, self.values, strict=True)):
             at = np.minimum(np.searchsorted(stored, keys), stored.size - 1)
-            hit = stored[at] == keys
+            hit = np.flatnonzero(stored[at] == keys)
             run[hit], index[hit], value[hit] = r, at[hit], values[at[hit]]
         return run, index, value
 
@@ -49,19 +49,15 @@ class SortedRuns:
         return parts
 
     def insert(self, keys: np.ndarray, values: np.ndarray) -> None:
-        """Add sorted keys that no run holds; runs stay sorted, each under a quarter of the one before it."""
+        """Add sorted keys that no run holds; runs stay sorted, each under half the one before it."""
         if not keys.size:
             return
         self.keys.append(keys)
         self.values.append(values)
         while len(self.keys) > 1 and MERGE_RATIO * self.keys[-1].size > self.keys[-2].size:
-            taken = np.zeros(self.keys[-1].size + self.keys[-2].size, bool)
-            taken[np.searchsorted(self.keys[-2], self.keys[-1]) + np.arange(self.keys[-1].size)] = True
+            order = np.argsort(np.concatenate(self.keys[-2:]), kind="stable")  # timsort: one linear merge
             for field in (self.keys, self.values):
-                b, a = field.pop(), field.pop()
-                merged = np.empty(taken.size, a.dtype)
-                merged[taken], merged[~taken] = b, a
-                field.append(merged)
+                field[-2:] = [np.concatenate(field[-2:])[order]]
 
 
 def expand(start: np.ndarray, stop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -128,17 +124,19 @@ class PrefixCounts:
             new_key[1:] = sorted_keys[1:] != sorted_keys[:-1]
             starts = np.flatnonzero(new_key)
             distinct, in_group = sorted_keys[starts], np.cumsum(new_key) - 1
-            parent, first = distinct // V - 1, c0 + processed[order[starts]]
-            old = np.flatnonzero(parent < c0)  # a prefix new in the region has nothing stored after it
+            parent, first = distinct // V - 1, processed[order[starts]]
+            # nothing is stored after a prefix new in the region, or seen once before (its primary follows it once)
+            old = np.flatnonzero((parent < c0) & ((parent < 0) | (inc[k - 2, first] > 2)))
             run, at, value = np.full(distinct.size, -1), *np.zeros((2, distinct.size), np.int64)
             run[old], at[old], value[old] = self.runs[k - 1].find(distinct[old])
             stored = run >= 0
             # not stored: primary if right after the prefix's first occurrence
             primary = ~stored & (parent >= 0) & (head[parent + 1] == distinct % V)
             before = np.where(stored, value & LOW, primary)
-            gram_ids = np.where(stored, value >> 32, np.where(primary, parent + 1, first))
-            inc[k - 1, processed[order] + 1] = before[in_group] + index - starts[in_group] + 1
-            ids[k - 1, processed[order] + 1] = gram_ids[in_group]
+            gram_ids = np.where(stored, value >> 32, np.where(primary, parent + 1, first + c0))
+            column = processed[order] + 1
+            inc[k - 1, column] = (before - starts + 1)[in_group] + index
+            ids[k - 1, column] = gram_ids[in_group]
             self.regions.append(_Region(processed, distinct, (in_group << bits) | order, starts,
                                         np.diff(np.append(starts, keys.size)), before, gram_ids, (run, at)))
         self.inc, self.ids, self.end = inc, ids, end

@@ -1,6 +1,6 @@
 """Options of one evaluation, shared by the CLI, the HTTP service and the Python API; torch-free, so those can
 name the modes and recipes without loading the engine. The defaults were chosen by measurement (README,
-"Measured"); ``PLAIN`` is the reference's plain sliding-window score (``--plain``).
+"Measured"); ``PLAIN`` is the reference's plain sliding-window score.
 """
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from trainer.limits import EVAL_LIMIT_SECONDS
+
 NGRAM_MODES = ("off", "exact", "smoothed", "tilt", "hashed-940")
-COMPLIANT_NGRAM_MODES = tuple(mode for mode in NGRAM_MODES if mode != "hashed-940")
 UNTRAINED_CHUNK_TOKENS = 131_072  # without TTT the chunk is only the granularity of the streamed events
 FALLBACK_SEQ_LEN = 2048  # the challenge's sequence length, for a model whose artifact does not record its own
 
@@ -24,14 +25,11 @@ class TTTRecipe:
     epochs: int
     freeze_blocks: int
     grad_clip: float
-    lr_schedule: str  # "constant" | "cosine" (over chunks: lr at chunk 0, 0 at the last chunk, never trained)
+    lr_schedule: str  # "constant" | "cosine" over chunks
     chunk_tokens: int  # the reference chunk, used unless the options name one
     weight_decay: float = 0.0
     momentum: float = 0.0
     batch_sequences: int = 32  # sequences per optimizer step, across all ranks
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     def lr_for_chunk(self, chunk_index: int, num_chunks: int) -> float:
         if self.lr_schedule == "constant" or num_chunks <= 1:
@@ -40,18 +38,13 @@ class TTTRecipe:
 
 
 RECIPES: dict[str, TTTRecipe] = {  # docs/evaluation.md §4
-    # One step per epoch over a whole 131,072-token chunk (64 sequences: 8 per rank on 8 GPUs, as the fork).
     "pr940": TTTRecipe(name="pr940", optimizer="adamw", lr=1e-4, epochs=4, freeze_blocks=2, grad_clip=1.0,
-                       lr_schedule="constant", chunk_tokens=131_072, weight_decay=0.0, batch_sequences=64),
-    # Reference §7.3: batches of at most 32 sequences.
+                       lr_schedule="constant", chunk_tokens=131_072, batch_sequences=64),
     "legal-sgd": TTTRecipe(name="legal-sgd", optimizer="sgd", lr=0.002, epochs=3, freeze_blocks=0, grad_clip=1.0,
-                           lr_schedule="cosine", chunk_tokens=32_768, momentum=0.9, batch_sequences=32),
+                           lr_schedule="cosine", chunk_tokens=32_768, momentum=0.9),
 }
 TTT_RECIPE_NAMES = tuple(RECIPES)
 
-DEFAULT_TTT = True
-DEFAULT_TTT_RECIPE = "legal-sgd"
-DEFAULT_NGRAM = "smoothed"
 PLAIN = {"ttt": False, "ngram": "off"}
 
 
@@ -66,16 +59,16 @@ def is_upstream_artifact(path: Path | str) -> bool:
 @dataclass(frozen=True)
 class EvalOptions:
     artifact: Path | None = None  # the submission artifact (None only for evaluate_model with an in-memory model)
-    data_dir: Path | None = None  # directory holding the *_val_*.bin shards
-    tokenizer: Path | None = None  # SentencePiece model of the data; default DATA_DIR/tokenizer.model
+    data_dir: Path | None = None  # holds the *_val_*.bin shards
+    tokenizer: Path | None = None  # default DATA_DIR/tokenizer.model
     seq_len: int | None = None  # None: the artifact's training sequence length (FALLBACK_SEQ_LEN if unrecorded)
     stride: int | None = 64  # None (or seq_len): the non-overlapping evaluation
     chunk_tokens: int | None = None  # None: the TTT recipe's chunk (UNTRAINED_CHUNK_TOKENS without TTT)
-    batch_windows: int = 32  # windows per forward pass (per rank)
-    ttt: bool = DEFAULT_TTT
-    ttt_recipe: str = DEFAULT_TTT_RECIPE
-    ngram: str = DEFAULT_NGRAM  # one of NGRAM_MODES; hashed-940 is the upstream, non-compliant scoring
-    max_seconds: float = 600.0  # wall-clock budget, checked between chunks
+    batch_windows: int = 32  # per forward pass and rank
+    ttt: bool = True
+    ttt_recipe: str = "legal-sgd"
+    ngram: str = "smoothed"  # one of NGRAM_MODES
+    max_seconds: float = EVAL_LIMIT_SECONDS  # wall-clock budget, checked between chunks
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     max_tokens: int | None = None  # evaluate only a prefix of the stream (a preview, not a full-val score)
     # .ptz only (ignored, with a note, for .pgolf): the submission's train_gpt.py and its run command's KEY=VALUEs.
@@ -83,8 +76,7 @@ class EvalOptions:
     env: tuple[str, ...] = ()
 
     def validate(self) -> None:
-        """Raise ValueError with a plain message for any option outside its domain; the one check of the window
-        geometry (service/engine/windows.py trusts it)."""
+        """Raise ValueError for any option outside its domain; the one check of the window geometry."""
         if self.seq_len is not None and self.seq_len < 1:
             raise ValueError(f"seq_len must be positive, got {self.seq_len}")
         if self.stride is not None and (self.stride < 1 or (self.seq_len is not None and self.stride > self.seq_len)):
@@ -112,12 +104,8 @@ class EvalOptions:
         return replace(self, seq_len=seq_len, stride=seq_len if self.stride is None else self.stride,
                        chunk_tokens=chunk_tokens)
 
-    def resolved_tokenizer(self) -> Path:
-        if self.tokenizer is not None:
-            return Path(self.tokenizer)
-        if self.data_dir is None:
-            raise ValueError("no tokenizer given and no data directory to look for tokenizer.model in")
-        return Path(self.data_dir) / "tokenizer.model"
+    def resolved_tokenizer(self) -> Path:  # the engine refuses a missing data_dir first
+        return Path(self.tokenizer) if self.tokenizer is not None else Path(self.data_dir) / "tokenizer.model"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready copy (paths as strings) for the start event."""

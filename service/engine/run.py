@@ -1,33 +1,21 @@
-"""The evaluation loop: chunk by chunk, score → commit → (n-gram commit) → (train), streaming events.
-
-``evaluate(options)`` loads and cross-checks the inputs, then runs ``evaluate_model``, the loop itself (also
-driven with in-memory models by tests and benches). The order per chunk and the budget: docs/evaluation.md §2.
-"""
+"""The evaluation: ``evaluate`` loads and cross-checks the inputs, ``evaluate_model`` runs the loop, chunk by chunk
+score → commit → (n-gram commit) → (train), and streams the events (docs/evaluation.md §2, §5)."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as torch_dist
 
 from service.engine.dist import DistContext, init_from_env, ranks_from_env, resolve_device
-from service.engine.events import (
-    Event,
-    Totals,
-    allocation_failure_reason,
-    chunk_event,
-    end_event,
-    error_event,
-    start_event,
-    strict_event_stream,
-    timeout_event,
-)
+from service.engine.events import Event, Totals, allocation_failure_reason, error_event, partial_figures
 from service.engine.ngram import NgramMixer, make_mixer
 from service.engine.options import FALLBACK_SEQ_LEN, RECIPES, EvalOptions, TTTRecipe, is_upstream_artifact
 from service.engine.scoring import (
@@ -38,22 +26,12 @@ from service.engine.scoring import (
     score_chunk,
 )
 from service.engine.ttt import TTTUpdater
-from service.engine.windows import Chunk, plan_chunks, plan_windows
-from trainer.artifact import SUBMISSION_LIMIT_BYTES
+from service.engine.windows import plan_chunks, plan_windows
 from trainer.data.byte_accounting import ByteTables
 from trainer.data.val_manifest import recorded_val_sha256, tokens_sha256
 from trainer.threads import apply_thread_policy
 
 log = logging.getLogger(__name__)
-
-# C2 tolerances (docs/evaluation.md §3): |Σ_v p(v) − 1| (fp32 log-softmax rounding alone is ~1e-7), and
-# |p_vector(x_t) − p_shortcut(x_t)| (both float64 from the same counts: rounding only).
-NORMALISATION_TOLERANCE = 1e-5
-SHORTCUT_TOLERANCE = 1e-9
-# The challenge's evaluation limit (compliance-rules §7: "Evaluation ≤ 600 s"), in the verdict whatever the budget.
-EVAL_TIME_LIMIT_SECONDS = 600.0
-
-ChunkObserver = Callable[[Chunk, np.ndarray], None]
 
 
 class EvalInputError(ValueError):
@@ -66,18 +44,12 @@ class EvalInputError(ValueError):
 
 @dataclass(frozen=True)
 class SubmissionSize:
-    """What the size rule counts: the artifact file's bytes plus the submission's code bytes, and where the
-    latter come from (a .pgolf manifest's ``code_bytes.total``; for an upstream artifact, its script)."""
+    """What the size rule counts: the artifact file's bytes, the submission's code bytes and where they come from
+    (a .pgolf manifest's ``code_bytes.total``; an upstream artifact's script)."""
 
     artifact_bytes: int
     code_bytes: int
     code_source: str
-
-    def verdict(self) -> dict[str, Any]:
-        total = self.artifact_bytes + self.code_bytes
-        return {"artifact_bytes": self.artifact_bytes, "code_bytes": self.code_bytes, "code_source": self.code_source,
-                "total_bytes": total, "limit_bytes": SUBMISSION_LIMIT_BYTES,
-                "within_limit": total <= SUBMISSION_LIMIT_BYTES}
 
 
 # model, model config, artifact sha256, size, training sequence length (None: not recorded), notes
@@ -85,11 +57,8 @@ LoadedModel = tuple[ScoringModel, dict[str, Any], str, SubmissionSize, int | Non
 
 
 def evaluate(options: EvalOptions, *, started: float | None = None) -> Iterator[Event]:
-    """Evaluate an artifact file on the validation shards; yields start, chunk…, then end | timeout | error.
-
-    ``started``: the ``time.perf_counter()`` at which the evaluation's clock started; the command line takes it
-    before it imports torch and the engine, so the 600 s budget includes those imports.
-    """
+    """Evaluate an artifact file on the validation shards; ``started``: the ``time.perf_counter()`` at which the
+    evaluation's clock started (docs/evaluation.md §2)."""
     started = time.perf_counter() if started is None else started
     try:
         options.validate()
@@ -113,9 +82,7 @@ def evaluate(options: EvalOptions, *, started: float | None = None) -> Iterator[
 
 
 def _error_of(exc: Exception, elapsed_s: float, totals: Totals | None = None, *, setting_up: bool = False) -> Event:
-    """The error event of an exception: an input error's own code, `bad_options` for a ValueError while setting
-    up, `order_violation`, `resource_limit` when an allocation failed (the service runs evaluators under an
-    address-space rlimit), else `internal`."""
+    """The error event of an exception (its codes: docs/evaluation.md §5)."""
     if isinstance(exc, EvalInputError) or (setting_up and isinstance(exc, ValueError)):
         return error_event(code=getattr(exc, "code", "bad_options"), reason=str(exc), elapsed_s=elapsed_s)
     log.exception("evaluation failed")
@@ -180,117 +147,55 @@ def _load_pgolf(options: EvalOptions, artifact_path: Path, device: torch.device,
     return model, dict(manifest["model_config"]), artifact.file_sha256, size, train_seq_len, notes
 
 
-class _Budget:
-    """Stops between chunks when the budget is spent or the next chunk would likely overrun it."""
-
-    def __init__(self, max_seconds: float, started: float, clock: Callable[[], float]) -> None:
-        self.max_seconds = max_seconds
-        self.started = started
-        self.clock = clock
-        self.last_chunk_seconds = 0.0
-
-    def elapsed(self) -> float:
-        return self.clock() - self.started
-
-    def should_stop(self, dist: DistContext, device: torch.device) -> bool:
-        over = self.elapsed() + self.last_chunk_seconds > self.max_seconds
-        flag = torch.tensor([1.0 if over else 0.0], device=device)
-        dist.all_reduce(flag, "max")  # one rank over budget stops them all
-        return bool(flag.item() > 0)
+def _add_stats(total: dict[str, float], stats: dict[str, float]) -> None:
+    for name, value in stats.items():
+        total[name] = total.get(name, 0) + value
 
 
-def _reduced(check: DistributionCheck, stats: dict[str, float], dist: DistContext, device: torch.device
+def _reduced(check: DistributionCheck, stats: dict[str, float], dist: DistContext
              ) -> tuple[DistributionCheck, dict[str, float]]:
-    """A chunk's check and mixer counters over all ranks."""
+    """A chunk's check and mixer counters over all ranks, merged as chunks are."""
     if dist.world_size == 1:
         return check, stats
-    # One MIN gives the smallest sum, the largest sum and gap (negated) and whether every rank scored from vectors.
-    gap = check.gap_max if check.gap_max is not None else -1.0
-    extremes = torch.tensor([check.sum_min, -check.sum_max, -gap, float(check.from_vector)], dtype=torch.float64,
-                            device=device)
-    dist.all_reduce(extremes, "min")
-    counts = torch.tensor([check.positions, check.targets, *stats.values()], dtype=torch.float64, device=device)
-    dist.all_reduce(counts)
-    low, high, gap, from_vector = extremes.tolist()
-    merged = DistributionCheck(int(counts[0]), int(counts[1]), low, -high, -gap if gap <= 0 else None,
-                               from_vector == 1.0)
-    return merged, dict(zip(stats, counts[2:].tolist(), strict=True))
+    ranks: list[Any] = [None] * dist.world_size
+    torch_dist.all_gather_object(ranks, (check, stats))
+    merged, total = DistributionCheck(), {}
+    for rank_check, rank_stats in ranks:
+        merged.merge(rank_check)
+        _add_stats(total, rank_stats)
+    return merged, total
 
 
-def compliance_summary(ledger: ScoreLedger, options: EvalOptions, check: DistributionCheck, *,
-                       updater: TTTUpdater | None, last_chunk_index: int | None, mixer_compliant: bool,
-                       elapsed_s: float, val_tokens_sha256: str, validation_manifest_sha256: str | None,
-                       ngram_stats: dict[str, float] | None = None, submission: SubmissionSize | None = None
-                       ) -> dict[str, Any]:
-    """The verdict: C1–C4 as far as the engine can check them, the size rule (null for an in-memory model) and
-    the challenge's 600 s limit, whatever the run's own budget (docs/evaluation.md §5)."""
-    normalised = check.within(NORMALISATION_TOLERANCE, SHORTCUT_TOLERANCE)
-    sums = {"min": check.sum_min, "max": check.sum_max, "positions": check.positions} if check.positions else \
-        {"min": None, "max": None, "positions": 0}
-    scored_once = ledger.scored_once()
-    score_before_update = ledger.trace.score_before_update(last_chunk_index)
-    size = submission.verdict() if submission is not None else None
-    within_time_limit = elapsed_s <= EVAL_TIME_LIMIT_SECONDS
-    return {
-        # A mixer that declares itself non-compliant (hashed-940) never is, whatever its sums show.
-        "compliant": (scored_once and score_before_update and normalised and mixer_compliant and within_time_limit
-                      and (size is None or size["within_limit"])),
-        "scored_once": scored_once,
-        "targets_expected": ledger.num_targets,
-        "targets_scored": ledger.totals.targets,
-        "positions_not_scored_once": ledger.positions_not_scored_once,
-        "score_before_update": score_before_update,
-        "ttt": updater.summary() if updater is not None else None,
-        "ngram": {"mode": options.ngram, "mixer_compliant": mixer_compliant, "normalised": normalised,
-                  "probability_sum": sums, "tolerance": NORMALISATION_TOLERANCE, **check.as_dict(),
-                  "shortcut_tolerance": SHORTCUT_TOLERANCE, "stats": ngram_stats or None},
-        "trace_digest": ledger.trace.digest(),
-        "within_time_budget": elapsed_s <= options.max_seconds,
-        "within_time_limit": within_time_limit,
-        "time_limit_seconds": EVAL_TIME_LIMIT_SECONDS,
-        "size": size,
-        # A max_tokens prefix, a truncated shard or data without a manifest all fail this.
-        "full_validation_set": val_tokens_sha256 == validation_manifest_sha256,
-        "val_tokens_sha256": val_tokens_sha256,
-        "validation_manifest_sha256": validation_manifest_sha256,
-        "sliding_window": options.stride is not None and options.seq_len is not None
-                          and options.stride < options.seq_len,
-    }
-
-
-@strict_event_stream
 def evaluate_model(model: ScoringModel, tokens: np.ndarray, tables: ByteTables, options: EvalOptions, *,
                    dist: DistContext | None = None, device: torch.device | str = "cpu",
                    artifact_sha256: str | None = None, submission: SubmissionSize | None = None,
                    extra_config: dict[str, Any] | None = None,
                    started: float | None = None, clock: Callable[[], float] = time.perf_counter,
-                   observer: ChunkObserver | None = None, ttt_recipe: TTTRecipe | None = None,
+                   ttt_recipe: TTTRecipe | None = None,
                    validation_manifest_sha256: str | None = None) -> Iterator[Event]:
-    """The evaluation loop over an in-memory model and token stream (docs/evaluation.md §2).
-
-    ``validation_manifest_sha256``: the val digest the data's manifest records (a full-val score needs the tokens
-    to hash to it). ``ttt_recipe`` replaces ``options.ttt_recipe``'s recipe (benches). ``observer`` gets each
-    committed chunk and its per-position float64 NLL (tests).
-    """
+    """The evaluation loop over an in-memory model and token stream; its parameters: docs/evaluation.md §2."""
     dist = dist or DistContext()
     device = torch.device(device)
     started = clock() if started is None else started
     options = options.resolved()  # already concrete when called from evaluate(); else seq 2048, recipe chunk
-    val_tokens_sha256 = tokens_sha256(tokens)
-    budget = _Budget(options.max_seconds, started, clock)
     ledger = ScoreLedger(tokens, tables)
     check = DistributionCheck()
     ngram_stats: dict[str, float] = {}
-    last_chunk_index: int | None = None
     mixer: NgramMixer | None = None
     updater: TTTUpdater | None = None
+    last_chunk_seconds = 0.0
 
-    def summary() -> dict[str, Any]:
-        return compliance_summary(ledger, options, check, updater=updater, ngram_stats=ngram_stats,
-                                  last_chunk_index=last_chunk_index, elapsed_s=budget.elapsed(), submission=submission,
-                                  mixer_compliant=mixer is None or bool(mixer.compliant),
-                                  val_tokens_sha256=val_tokens_sha256,
-                                  validation_manifest_sha256=validation_manifest_sha256)
+    def elapsed() -> float:
+        return clock() - started
+
+    def measured() -> dict[str, Any]:  # what service/judge.py needs beyond the report's own events
+        sums = {"min": check.sum_min, "max": check.sum_max} if check.positions else {"min": None, "max": None}
+        return {"positions_not_scored_once": ledger.positions_not_scored_once,
+                "ttt": updater.summary() if updater is not None else None,
+                "ngram": {"mixer_compliant": mixer is None or bool(mixer.compliant),
+                          "probability_sum": {**sums, "positions": check.positions}, **check.as_dict(),
+                          "stats": ngram_stats or None},
+                "size": asdict(submission) if submission is not None else None}
 
     try:
         options.validate()
@@ -298,31 +203,32 @@ def evaluate_model(model: ScoringModel, tokens: np.ndarray, tables: ByteTables, 
             raise EvalInputError("bad_data", f"the validation stream has {len(tokens)} tokens; nothing to score")
         windows = plan_windows(len(tokens), options.seq_len, options.stride)
         chunks = plan_chunks(windows, options.chunk_tokens)
-        last_chunk_index = chunks[-1].index
-        vocab_size = len(tables.base_bytes)
-        mixer = make_mixer(options.ngram, vocab_size)
+        mixer = make_mixer(options.ngram, len(tables.base_bytes))
         recipe = (ttt_recipe or RECIPES[options.ttt_recipe]) if options.ttt else None
         updater = (TTTUpdater(model, recipe, ledger, seq_len=options.seq_len,
                               num_chunks=len(chunks), dist=dist, device=device) if recipe is not None else None)
         config = {**options.to_dict(), "world_size": dist.world_size, "device_resolved": str(device),
-                  "ttt_recipe_settings": recipe.to_dict() if recipe is not None else None,
+                  "ttt_recipe_settings": asdict(recipe) if recipe is not None else None,
                   **(extra_config or {})}
-        yield start_event(config=config, artifact_sha256=artifact_sha256, tokens=len(tokens),
-                          targets=len(tokens) - 1, bytes_total=tables.total_bytes(tokens),
-                          chunks=len(chunks), val_tokens_sha256=val_tokens_sha256,
-                          validation_manifest_sha256=validation_manifest_sha256)
+        yield {"type": "start", "config": config, "artifact_sha256": artifact_sha256, "tokens": len(tokens),
+               "targets": len(tokens) - 1, "bytes": tables.total_bytes(tokens), "chunks": len(chunks),
+               "val_tokens_sha256": tokens_sha256(tokens), "validation_manifest_sha256": validation_manifest_sha256}
     except ValueError as exc:  # bad options or inputs (EvalInputError); anything else is the caller's to see
-        yield _error_of(exc, budget.elapsed(), setting_up=True)
+        yield _error_of(exc, elapsed(), setting_up=True)
         return
 
     model.eval()
     try:
         for chunk in chunks:
-            if budget.should_stop(dist, device):
-                yield timeout_event(
-                    reason=f"wall-clock budget of {options.max_seconds:g} s reached after {chunk.index} of "
-                           f"{len(chunks)} chunks; stopped cleanly before chunk {chunk.index}",
-                    totals=ledger.totals, chunks_done=chunk.index, elapsed_s=budget.elapsed(), compliance=summary())
+            # Stop between chunks when the budget is spent or the next chunk would likely overrun it.
+            over = torch.tensor([float(elapsed() + last_chunk_seconds > options.max_seconds)], device=device)
+            dist.all_reduce(over, "max")  # one rank over budget stops them all
+            if over.item() > 0:
+                yield {"type": "timeout",
+                       "reason": f"wall-clock budget of {options.max_seconds:g} s reached after {chunk.index} of "
+                                 f"{len(chunks)} chunks; stopped cleanly before chunk {chunk.index}",
+                       **partial_figures(ledger.totals), "chunks_done": chunk.index,
+                       "elapsed_s": elapsed(), "measured": measured()}
                 return
             chunk_started = clock()
             scores = score_chunk(model, tokens, windows, chunk, rank=dist.rank, world_size=dist.world_size,
@@ -333,16 +239,12 @@ def evaluate_model(model: ScoringModel, tokens: np.ndarray, tables: ByteTables, 
                 yield error_event(code="non_finite_score",
                                   reason=f"the model produced {non_finite} non-finite NLL value(s) in chunk "
                                          f"{chunk.index}; nothing of that chunk was committed",
-                                  totals=ledger.totals, elapsed_s=budget.elapsed())
+                                  totals=ledger.totals, elapsed_s=elapsed())
                 return
-            chunk_check, chunk_stats = _reduced(scores.check, mixer.take_stats() if mixer is not None else {},
-                                                dist, device)
+            chunk_check, chunk_stats = _reduced(scores.check, mixer.take_stats() if mixer is not None else {}, dist)
             check.merge(chunk_check)
-            for name, value in chunk_stats.items():
-                ngram_stats[name] = ngram_stats.get(name, 0) + value
+            _add_stats(ngram_stats, chunk_stats)
             chunk_totals = ledger.commit(scores)
-            if observer is not None:
-                observer(chunk, scores.sums[0].cpu().numpy())
             mix_commit_seconds = 0.0
             if mixer is not None:
                 commit_started = time.perf_counter()
@@ -351,21 +253,29 @@ def evaluate_model(model: ScoringModel, tokens: np.ndarray, tables: ByteTables, 
                 mix_commit_seconds = time.perf_counter() - commit_started
             trained_range = None
             train_seconds = 0.0
-            if updater is not None and chunk.index != last_chunk_index:
+            if updater is not None and chunk is not chunks[-1]:
                 train_started = time.perf_counter()
                 # Tokens [target_lo − 1, target_hi): inputs and targets of exactly the chunk just committed.
                 span = ledger.committed_span(chunk.target_lo - 1, chunk.target_hi)
                 trained_range = updater.train(span, chunk.index)
                 train_seconds = time.perf_counter() - train_started
-            budget.last_chunk_seconds = clock() - chunk_started
-            yield chunk_event(index=chunk.index, target_range=(chunk.target_lo, chunk.target_hi), chunk=chunk_totals,
-                              running=ledger.totals, trained_range=trained_range, elapsed_s=budget.elapsed(),
-                              phase_seconds={"score": scores.score_seconds,
-                                             "ngram": scores.mix_seconds + mix_commit_seconds,
-                                             "train": train_seconds},
-                              order_trace=dict(ledger.trace.chunks[-1]),
-                              distribution=chunk_check.as_dict(), ngram_stats=chunk_stats or None)
+            last_chunk_seconds = clock() - chunk_started
+            running = ledger.totals
+            phases = {"score": scores.score_seconds, "ngram": scores.mix_seconds + mix_commit_seconds,
+                      "train": train_seconds}
+            yield {"type": "chunk", "index": chunk.index, "target_range": [chunk.target_lo, chunk.target_hi],
+                   "targets": chunk_totals.targets, "bytes": chunk_totals.bytes, "nll_sum": chunk_totals.nll_sum,
+                   "chunk_bpb": chunk_totals.val_bpb, "running_targets": running.targets,
+                   "running_bytes": running.bytes, "running_bpb": running.val_bpb,
+                   "trained_range": list(trained_range) if trained_range is not None else None,
+                   "elapsed_s": round(elapsed(), 4),
+                   "phase_seconds": {name: round(seconds, 4) for name, seconds in phases.items()},
+                   "order_trace": dict(ledger.trace.chunks[-1]), "distribution": chunk_check.as_dict(),
+                   "ngram_stats": chunk_stats or None}
     except Exception as exc:  # a failure mid-run: report what was committed, then the reason
-        yield _error_of(exc, budget.elapsed(), ledger.totals)
+        yield _error_of(exc, elapsed(), ledger.totals)
         return
-    yield end_event(totals=ledger.totals, elapsed_s=budget.elapsed(), compliance=summary())
+    totals = ledger.totals
+    yield {"type": "end", "val_loss": totals.val_loss, "val_bpb": totals.val_bpb, "targets_scored": totals.targets,
+           "bytes": totals.bytes, "nll_sum": totals.nll_sum, "elapsed_s": elapsed(),
+           "measured": measured()}

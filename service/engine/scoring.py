@@ -1,9 +1,5 @@
-"""Scoring windows and committing scores: the ledger that makes score-before-update structural.
-
-``score_chunk`` scores one rank's share of a chunk; ``ScoreLedger.commit`` checks and commits the all-reduced
-scores and is the only source of test-time training data; ``OrderTrace`` records every commit and step for the
-report (docs/evaluation.md §3).
-"""
+"""Scoring windows and committing scores: the ledger that makes score-before-update structural, its order trace
+and the C2 measurement (docs/evaluation.md §3)."""
 
 from __future__ import annotations
 
@@ -15,11 +11,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from service.engine.events import Totals, order_trace_digest
+from service.engine.events import Totals
 from service.engine.ngram import NgramMixer, ScoreOrderError
 from service.engine.windows import Chunk, WindowPlan, build_batch, rank_share
 from trainer.data.byte_accounting import ByteTables
-from trainer.model import autocast_for  # noqa: F401  (re-exported: ttt and the probes use it from here)
+from trainer.model import autocast_for
 
 # An nn.Module with ``forward_logits(ids)`` (B, T, V logits), ``forward(ids, targets)`` (mean cross-entropy) and
 # ``blocks`` (TTT freezes the first ones), as trainer.model.GPT.
@@ -33,8 +29,7 @@ def synchronize(device: torch.device) -> None:
 
 @dataclass
 class DistributionCheck:
-    """C2, measured on the distributions the scores came from, at every scored position (docs/evaluation.md §3):
-    extremes of Σ_v p(v), the largest |p_vector(x_t) − p_shortcut(x_t)|, vectors summed and positions scored."""
+    """C2, measured at every scored position on the distribution its score came from (docs/evaluation.md §3)."""
 
     positions: int = 0
     targets: int = 0
@@ -65,11 +60,6 @@ class DistributionCheck:
     @property
     def sum_error_max(self) -> float | None:
         return max(abs(self.sum_min - 1.0), abs(self.sum_max - 1.0)) if self.positions else None
-
-    def within(self, sum_tolerance: float, gap_tolerance: float) -> bool:
-        """Every scored position was scored from a vector that sums to 1 and agrees with the shortcut."""
-        return (self.from_vector and self.positions > 0 and self.positions == self.targets
-                and self.sum_error_max <= sum_tolerance and (self.gap_max or 0.0) <= gap_tolerance)
 
     def as_dict(self) -> dict[str, Any]:
         return {"positions": self.positions, "targets": self.targets, "sum_error_max": self.sum_error_max,
@@ -165,30 +155,6 @@ class OrderTrace:
         entry["trained"] = list(target_range)
         entry["step_max_targets"] = list(step_max_targets)
 
-    def score_before_update(self, last_chunk_index: int | None) -> bool:
-        """Every trained target (and every optimizer step's largest target) was committed before training,
-        commits were contiguous and in order, and the last chunk of the stream was never trained on."""
-        expected_lo = 1
-        for entry in self.chunks:
-            lo, hi = entry["scored"]
-            if lo != expected_lo or entry["frontier"] != hi:
-                return False
-            expected_lo = hi
-            if entry["trained"] is None:
-                continue
-            if entry["chunk"] == last_chunk_index:
-                return False
-            trained_lo, trained_hi = entry["trained"]
-            if not (1 <= trained_lo < trained_hi <= entry["frontier"]):
-                return False
-            if not entry["step_max_targets"] or max(entry["step_max_targets"]) >= entry["frontier"]:
-                return False
-        return True
-
-    def digest(self) -> str:
-        """sha256 of the canonical JSON of the trace (what was scored and trained, in order)."""
-        return order_trace_digest(self.chunks)
-
 
 class ScoreLedger:
     """Owns every committed score. Targets are committed chunk by chunk, strictly left to right."""
@@ -200,10 +166,6 @@ class ScoreLedger:
         self.totals = Totals()
         self.positions_not_scored_once = 0  # positions of committed chunks scored 0 or ≥ 2 times
         self.trace = OrderTrace()
-
-    @property
-    def num_targets(self) -> int:
-        return max(len(self._tokens) - 1, 0)
 
     def commit(self, scores: ChunkScores) -> Totals:
         """Commit a chunk's (already all-reduced) scores; returns the chunk's own totals."""
@@ -232,8 +194,3 @@ class ScoreLedger:
             raise ScoreOrderError(f"targets up to {token_hi - 1} requested for training, "
                                   f"but only targets < {self.frontier} are committed")
         return CommittedSpan(token_lo, token_hi, np.array(self._tokens[token_lo:token_hi], dtype=np.int64), self)
-
-    def scored_once(self) -> bool:
-        """Every target 1..N−1 was committed, each exactly once (the position-by-position check)."""
-        return (self.frontier == len(self._tokens) and self.positions_not_scored_once == 0
-                and self.totals.targets == self.num_targets)

@@ -7,6 +7,7 @@ upstream submission's counted code is its own train_gpt.py (trainer/code_bytes.p
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -39,7 +40,7 @@ def load_upstream(options: EvalOptions, artifact_path: Path, device: torch.devic
         raise EvalInputError("bad_artifact", f"cannot read {exc.filename}: {exc.strerror}") from exc
     except ArtifactError as exc:
         raise EvalInputError(exc.code, f"upstream artifact refused: {exc}") from exc
-    model_config = artifact.model_config.to_dict()
+    model_config = asdict(artifact.model_config)
     if model_config["vocab_size"] != tables.vocab_size:
         raise EvalInputError(
             "tokenizer_mismatch",

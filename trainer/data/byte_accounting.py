@@ -1,15 +1,13 @@
 """Exact byte accounting for bits per byte, as the reference metric defines it (reference-stack §3).
 
-For every token id a lookup table gives its base UTF-8 bytes, whether it starts with the SentencePiece
-word-boundary mark '▁', and whether it is a boundary (control, unknown or unused piece). A scored target then
-counts ``base_bytes[t] + (has_leading_space[t] and not is_boundary[previous token])`` bytes: the space of a
-word-initial piece is not counted right after BOS. Byte-fallback pieces count exactly one byte.
+A target counts ``base_bytes[t] + (has_leading_space[t] and not is_boundary[previous token])`` bytes: the '▁' of
+a word-initial piece is not counted after BOS or another boundary (control, unknown, unused piece); byte-fallback
+pieces count one byte.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +26,7 @@ class ByteTables:
 
     @classmethod
     def from_model_file(cls, path: Path | str, vocab_size: int | None = None) -> ByteTables:
-        """Build the tables from a SentencePiece ``.model`` file, sized ``max(sp vocab, vocab_size)``."""
+        """Tables of ``max(sp vocab, vocab_size)`` entries."""
         import sentencepiece as spm
 
         path = Path(path)
@@ -54,24 +52,16 @@ class ByteTables:
         return cls(base, lead, boundary, hashlib.sha256(blob).hexdigest(), sp_vocab)
 
     def target_bytes(self, prev_ids: np.ndarray, target_ids: np.ndarray) -> np.ndarray:
-        """Bytes of each target given the token right before it (int64, same shape)."""
         prev_ids = np.asarray(prev_ids, dtype=np.int64)
         target_ids = np.asarray(target_ids, dtype=np.int64)
         space = self.has_leading_space[target_ids] & ~self.is_boundary[prev_ids]
         return self.base_bytes[target_ids].astype(np.int64) + space
 
     def total_bytes(self, tokens: np.ndarray, block: int = 1 << 22) -> int:
-        """Σ bytes of targets 1..N−1 of a token stream (target i is predicted from tokens < i), in blocks so a
-        62M-token stream needs no 500 MB temporary."""
+        """Σ bytes of targets 1..N−1, in blocks: a 62M-token stream needs no 500 MB temporary."""
         total = 0
         for lo in range(1, len(tokens), block):
             hi = min(lo + block, len(tokens))
             total += int(self.target_bytes(tokens[lo - 1 : hi - 1], tokens[lo:hi]).sum())
         return total
 
-
-def bits_per_byte(nll_sum_nats: float, byte_count: int) -> float:
-    """val_bpb = ΣNLL / (ln 2 · Σbytes). Inputs are float64 sums over every scored target."""
-    if byte_count <= 0:
-        raise ValueError("bits per byte needs a positive byte count")
-    return float(nll_sum_nats) / (math.log(2) * float(byte_count))

@@ -1,6 +1,5 @@
-"""The official Parameter Golf shard format: 256 little-endian int32 header words (magic 20240520, version 1,
-token count, zeros), then `count` little-endian uint16 token ids; the file is exactly 1024 + 2·count bytes. Every
-reader goes through `read_shard`, so a malformed file is refused in one place, naming the file.
+"""The official shard format: 256 little-endian int32 header words (magic 20240520, version 1, token count,
+zeros), then `count` little-endian uint16 token ids, nothing more. Every reader refuses a malformed file here.
 """
 
 from __future__ import annotations
@@ -16,16 +15,13 @@ HEADER_BYTES = HEADER_WORDS * 4
 
 
 class ShardError(ValueError):
-    """A shard file that does not follow the official format."""
-
     def __init__(self, path: Path | str, problem: str) -> None:
         super().__init__(f"{path}: {problem}")
-        self.path = Path(path)
         self.problem = problem
 
 
 def read_header(path: Path | str) -> int:
-    """Validate the header and file size of a shard and return its token count."""
+    """The token count, once the header and the file size agree with the format."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -41,30 +37,24 @@ def read_header(path: Path | str) -> int:
     if int(header[1]) != VERSION:
         raise ShardError(path, f"unsupported version {int(header[1])}, expected {VERSION}")
     count = int(header[2])
-    if count < 0:
-        raise ShardError(path, f"negative token count {count}")
-    if count == 0:
-        raise ShardError(path, "empty shard: token count is 0")
+    if count <= 0:
+        raise ShardError(path, f"negative token count {count}" if count else "empty shard: token count is 0")
     expected = HEADER_BYTES + 2 * count
-    if size < expected:
-        raise ShardError(path, f"truncated: header declares {count} tokens ({expected} bytes), file has {size} bytes")
-    if size > expected:
-        raise ShardError(path, f"size mismatch: header declares {count} tokens ({expected} bytes), "
-                               f"file has {size} bytes")
+    if size != expected:
+        raise ShardError(path, f"{'truncated' if size < expected else 'size mismatch'}: header declares {count} "
+                               f"tokens ({expected} bytes), file has {size} bytes")
     return count
 
 
 def read_shard(path: Path | str, vocab_size: int | None = None, *, mmap: bool = False) -> np.ndarray:
-    """The token ids of a shard as uint16, each below ``vocab_size`` if given; ``mmap`` maps the file (training)."""
+    """The token ids, each below ``vocab_size`` if given; ``mmap`` maps the file (training)."""
     path = Path(path)
     count = read_header(path)
     if mmap:
         tokens = np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(count,))
     else:
-        with path.open("rb") as f:
-            f.seek(HEADER_BYTES)
-            tokens = np.frombuffer(f.read(2 * count), dtype="<u2")
-    if vocab_size is not None and count:
+        tokens = np.fromfile(path, dtype="<u2", count=count, offset=HEADER_BYTES)
+    if vocab_size is not None:
         top = int(tokens.max())
         if top >= vocab_size:
             position = int(np.argmax(tokens >= vocab_size))
@@ -74,9 +64,6 @@ def read_shard(path: Path | str, vocab_size: int | None = None, *, mmap: bool = 
 
 
 def shard_paths(data_dir: Path | str, split: str) -> list[Path]:
-    """The sorted shards of one split (`*_train_*.bin` or `*_val_*.bin`) in a data directory."""
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     data_dir = Path(data_dir)
     paths = sorted(data_dir.glob(f"*_{split}_*.bin"))
     if not paths:
@@ -85,6 +72,6 @@ def shard_paths(data_dir: Path | str, split: str) -> list[Path]:
 
 
 def load_validation_tokens(data_dir: Path | str, vocab_size: int | None = None) -> np.ndarray:
-    """All val shards of a data directory, in order (the training-time truncation is trainer.evaluate's)."""
+    """All val shards, in order (the training-time truncation is trainer.evaluate's)."""
     parts = [read_shard(p, vocab_size) for p in shard_paths(data_dir, "val")]
     return parts[0] if len(parts) == 1 else np.concatenate(parts)

@@ -1,7 +1,4 @@
-"""The identity of a validation stream: the sha256 of its tokens (little-endian uint16, all val shards in order),
-and the digest a data directory's manifest.json records for it (``splits.val.tokens_sha256``), so "scored the
-full validation set" is a comparison of two digests.
-"""
+"""The identity of a validation stream, so "scored the full validation set" is a comparison of two digests."""
 
 from __future__ import annotations
 
@@ -20,7 +17,7 @@ def tokens_sha256(tokens: np.ndarray) -> str:
 
 
 def recorded_val_sha256(data_dir: Path | str) -> str | None:
-    """The recorded val digest of DATA_DIR/manifest.json, or None."""
+    """``splits.val.tokens_sha256`` of DATA_DIR/manifest.json, or None."""
     path = Path(data_dir) / MANIFEST_NAME
     try:
         if path.stat().st_size > MAX_MANIFEST_BYTES:
