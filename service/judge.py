@@ -36,6 +36,20 @@ NGRAM_FIGURES = ("mixer_compliant", "probability_sum", "positions", "targets", "
 Event = dict[str, Any]
 
 
+# A report is untrusted (``verifier check`` judges what submitters hand in): every field is read through these, so
+# a field of the wrong type is a failed rule, never a traceback.
+def _mapping(value: object) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _seconds(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < math.inf
+
+
 def order_trace_digest(entries: list[Any]) -> str:
     """sha256 of the canonical JSON (sorted keys, no spaces) of the order-trace entries, chunk by chunk."""
     canonical = json.dumps(entries, sort_keys=True, separators=(",", ":"))
@@ -59,6 +73,9 @@ def order_problems(chunks: list[Event], last_index: int) -> list[str]:
             problems.append(f"chunk {index}: the trace entry (chunk {entry.get('chunk')}, scored {scored}) does not "
                             f"match the event (target range {chunk.get('target_range')})")
             continue
+        if not (isinstance(scored, list) and len(scored) == 2 and all(_count(end) for end in scored)):
+            problems.append(f"chunk {index}: the scored range {scored} is not a pair of target indices")
+            continue
         lo, hi = scored
         frontier = entry.get("frontier")
         if lo != expected_lo or frontier != hi:
@@ -74,9 +91,10 @@ def order_problems(chunks: list[Event], last_index: int) -> list[str]:
         if index == last_index:
             problems.append(f"chunk {index}: the last chunk was trained on, nothing is scored after it")
         steps = entry.get("step_max_targets") or []
-        if not (isinstance(trained, list) and len(trained) == 2 and 1 <= trained[0] < trained[1] <= hi):
+        if not (isinstance(trained, list) and len(trained) == 2 and all(_count(end) for end in trained)
+                and 1 <= trained[0] < trained[1] <= hi):
             problems.append(f"chunk {index}: trained on {trained} with only targets < {hi} committed")
-        if not steps or not all(isinstance(step, int) and step < hi for step in steps):
+        if not (steps and isinstance(steps, list) and all(_count(step) and step < hi for step in steps)):
             problems.append(f"chunk {index}: optimizer steps reach targets {steps}, only targets < {hi} were "
                             f"committed")
     return problems
@@ -108,9 +126,11 @@ def size_verdict(size: dict[str, Any] | None) -> dict[str, Any] | None:
     """The size rule on the engine's sizes (artifact file + the submission's code); None for an in-memory model."""
     if size is None:
         return None
-    total = size["artifact_bytes"] + size["code_bytes"]
+    size = _mapping(size)
+    parts = (size.get("artifact_bytes"), size.get("code_bytes"))
+    total = sum(parts) if all(_count(part) for part in parts) else None  # type: ignore[arg-type]
     return {**size, "total_bytes": total, "limit_bytes": SUBMISSION_LIMIT_BYTES,
-            "within_limit": total <= SUBMISSION_LIMIT_BYTES}
+            "within_limit": total is not None and total <= SUBMISSION_LIMIT_BYTES}
 
 
 def verdict(start: Event, chunks: list[Event], terminal: Event) -> dict[str, Any]:
@@ -119,17 +139,19 @@ def verdict(start: Event, chunks: list[Event], terminal: Event) -> dict[str, Any
     The measurements come from the terminal's ``measured`` (the engine's stream) or, in a judged or older stored
     report, from its ``compliance``, which carries them under the same names.
     """
-    measured = terminal.get("measured") or terminal.get("compliance") or {}
-    config = start.get("config") or {}
-    figures = {name: (measured.get("ngram") or {}).get(name) for name in NGRAM_FIGURES}
+    measured = _mapping(terminal.get("measured") or terminal.get("compliance"))
+    config = _mapping(start.get("config"))
+    figures = {name: _mapping(measured.get("ngram")).get(name) for name in NGRAM_FIGURES}
     mixer_compliant = figures["mixer_compliant"] is True
     normalised = not distribution_problems(figures)
     expected = start.get("targets")
     scored_once = measured.get("positions_not_scored_once") == 0 and terminal.get("targets_scored") == expected
-    score_before_update = not order_problems(chunks, start.get("chunks", len(chunks)) - 1)
+    planned = start.get("chunks")
+    score_before_update = not order_problems(chunks, (planned if _count(planned) else len(chunks)) - 1)
     elapsed = terminal.get("elapsed_s")
-    timed = isinstance(elapsed, (int, float)) and math.isfinite(elapsed)
+    timed = _seconds(elapsed)
     within_time_limit = timed and elapsed <= EVAL_LIMIT_SECONDS
+    budget = config.get("max_seconds", math.inf)
     size = size_verdict(measured.get("size"))
     val_sha256, manifest_sha256 = start.get("val_tokens_sha256"), start.get("validation_manifest_sha256")
     seq_len, stride = config.get("seq_len"), config.get("stride")
@@ -146,7 +168,7 @@ def verdict(start: Event, chunks: list[Event], terminal: Event) -> dict[str, Any
         "ngram": {"mode": config.get("ngram"), **figures, "mixer_compliant": mixer_compliant, "normalised": normalised,
                   "tolerance": NORMALISATION_TOLERANCE, "shortcut_tolerance": SHORTCUT_TOLERANCE},
         "trace_digest": order_trace_digest([chunk.get("order_trace") for chunk in chunks]),
-        "within_time_budget": timed and elapsed <= config.get("max_seconds", math.inf),
+        "within_time_budget": timed and (budget == math.inf or _seconds(budget)) and elapsed <= budget,
         "within_time_limit": within_time_limit,
         "time_limit_seconds": EVAL_LIMIT_SECONDS,
         "size": size,

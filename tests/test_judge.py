@@ -121,7 +121,7 @@ def _engine_with_a_nan(options, **_kwargs):  # stands in for service.engine.run.
 
 def test_every_emitter_of_engine_events_judges_them(monkeypatch, tmp_path, capsys) -> None:
     # The strict-JSON guard lives in the judge, so each front end must stream through it: the CLI (and with it
-    # the API's evaluator subprocess and the page) and `verifier compare`.
+    # the API's evaluator subprocess and the page), `verifier compare` and the probes.
     import argparse
 
     from service import __main__ as cli
@@ -142,3 +142,53 @@ def test_every_emitter_of_engine_events_judges_them(monkeypatch, tmp_path, capsy
     monkeypatch.setattr(engine_run, "evaluate", lambda options, **_: iter(report()))
     events = evaluate_to_report(args, {}, tmp_path / "report.ndjson")
     assert events[-1]["compliance"]["compliant"] is True and "measured" not in events[-1]
+
+    # The probes' engine subject: a run that ends on a non-finite figure did not finish (C4's probe fails it).
+    import numpy as np
+    import torch
+
+    from service.engine.options import EvalOptions
+    from verifier.probe_subjects import EngineSubject
+
+    monkeypatch.setattr(engine_run, "evaluate_model", lambda *args, **kwargs: _engine_with_a_nan(None))
+    subject = EngineSubject(model=torch.nn.Linear(1, 1), tables=None, options=EvalOptions())  # type: ignore[arg-type]
+    outcome = subject.run(np.zeros(9, np.int64)).outcome
+    assert outcome.startswith("error: non_finite_value"), outcome
+
+
+def _paths(value: object, path: tuple = ()) -> list[tuple]:
+    """Every path into the nested dicts and lists of ``value``, the root excluded."""
+    found = []
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found.append((*path, key))
+        found.extend(_paths(item, (*path, key)))
+    return found
+
+
+def test_a_malformed_report_gets_a_verdict_not_a_traceback() -> None:
+    # `verifier check` judges the reports submitters hand in: every field may hold anything JSON can.
+    honest = report()
+    start, *chunks, terminal = honest
+    for path in _paths(honest):
+        for junk in (None, "x", [], {}, True, -1, 1e300, [1, "2"]):
+            events = copy.deepcopy(honest)
+            holder = events
+            for key in path[:-1]:
+                holder = holder[key]
+            holder[path[-1]] = junk
+            start, *chunks, terminal = events
+            if not all(isinstance(event, dict) for event in events):
+                continue  # not an event stream: the report reader refuses it before any judging
+            compliance = verdict(start, chunks, terminal)
+            assert isinstance(compliance["compliant"], bool), (path, junk)
+            if path in {(0, "targets"), (3, "measured", "size", "code_bytes"), (3, "elapsed_s"),
+                        (1, "order_trace", "scored")} and junk is not honest_value(honest, path):
+                assert compliance["compliant"] is False, (path, junk)
+
+
+def honest_value(events: list, path: tuple) -> object:
+    value: object = events
+    for key in path:
+        value = value[key]  # type: ignore[index]
+    return value

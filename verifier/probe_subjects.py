@@ -38,6 +38,7 @@ from service.engine.options import EvalOptions, TTTRecipe
 from service.engine.scoring import ChunkScores, autocast_for
 from service.engine.ttt import TTTUpdater
 from service.engine.windows import Chunk, WindowPlan
+from service.judge import judged
 from trainer.data.byte_accounting import ByteTables
 from trainer.model import GPT, ModelConfig
 
@@ -86,8 +87,9 @@ class EngineSubject:
         recorder = _EngineRecorder(len(tokens), frozenset(sample_positions))
         model = copy.deepcopy(self.model)  # test-time training changes the weights: every run starts equal
         with recorder.instrumented(self.mixer_factory):
-            events = list(engine_run.evaluate_model(model, tokens, self.tables, self.options, device=self.device,
-                                                    ttt_recipe=self.ttt_recipe))
+            # Judged like every other consumer's stream: a non-finite figure ends the run as an error event.
+            events = list(judged(engine_run.evaluate_model(model, tokens, self.tables, self.options,
+                                                           device=self.device, ttt_recipe=self.ttt_recipe)))
         terminal = events[-1]
         outcome = "end" if terminal["type"] == "end" else (
             f"{terminal['type']}: {terminal.get('code', '')} {terminal.get('reason', '')}".strip())
