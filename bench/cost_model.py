@@ -147,7 +147,7 @@ def measure_cpu_rates(chunk: int = 131_072, chunks: int = 3, sample: int = 4096)
     mixer.prepare(tokens, end)
     logprobs = torch.log_softmax(torch.randn(sample, 1024), dim=-1)
     started = time.process_time()
-    context, _ = mixer.statistics(positions, head)
+    context = mixer.counts.context_counts(positions)
     for width in range(1, mixer.widths + 1):
         seen = positions[context[width - 1] > 0]
         for lo in range(0, seen.size, 1024):

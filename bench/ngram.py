@@ -112,7 +112,9 @@ def run_mode(mode: str, tokens: np.ndarray, chunk: int, mix_batch: int) -> dict[
             positions = np.arange(start, end)
             mixer.score(positions, tokens, np.full(positions.size, -np.log(VOCAB)), np.full(positions.size, 6.9))
         else:
-            mixer.statistics(np.arange(start, end), tokens[:end])
+            positions = np.arange(start, end)  # the statistics every mode reads at its targets
+            mixer.counts.context_counts(positions)
+            mixer.counts.pair_counts(positions)
         count_wall, count_cpu = count_wall + time.perf_counter() - wall, count_cpu + cpu_seconds() - cpu
         if mode != "hashed-940":
             sample = np.arange(end - min(mix_batch, end - start), end)  # the chunk's last targets: most context

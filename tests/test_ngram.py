@@ -20,16 +20,17 @@ import torch
 from service.__main__ import tilt_log_line
 from service.engine.ngram import (
     BackoffNgramMixer,
-    EntropyAlpha,
     Mixed,
     ScoreOrderError,
     SmoothedNgramMixer,
     TiltMixer,
+    entropy_alpha,
     make_mixer,
     model_distribution,
 )
 from service.engine.ngram_counts import PrefixCounts
 from service.engine.ngram_hashed import HASH_PRIMES, Hashed940Mixer
+from service.engine.options import EvalOptions
 
 WIDTHS = 6  # orders 2..7
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -424,8 +425,8 @@ def test_make_mixer_modes_and_no_hashed_import_for_compliant_modes() -> None:
     assert make_mixer("off", 1024) is None
     for mode in ("exact", "smoothed", "tilt", "hashed-940"):
         assert make_mixer(mode, 1024).mode == mode
-    with pytest.raises(ValueError, match="unknown n-gram mode"):
-        make_mixer("hashed", 1024)
+    with pytest.raises(ValueError, match="unknown n-gram mode"):  # the one check of the mode names
+        EvalOptions(ngram="hashed").validate()
     probe = ("import sys; from service.engine.run import make_mixer; "
              "[make_mixer(m, 64) for m in ('exact', 'smoothed', 'tilt')]; "
              "print('service.engine.ngram_hashed' in sys.modules)")
@@ -434,7 +435,7 @@ def test_make_mixer_modes_and_no_hashed_import_for_compliant_modes() -> None:
 
 
 def test_entropy_alpha_follows_the_reference_formula() -> None:
-    alpha = EntropyAlpha()
+    alpha = entropy_alpha
     assert float(alpha(torch.tensor(4.0))) == pytest.approx(0.05 + 0.55 / 2)
     assert float(alpha(torch.tensor(0.0, dtype=torch.float64))) == pytest.approx(0.05 + 0.55 / (1 + np.exp(8.0)))
     assert float(alpha(torch.tensor(50.0))) == pytest.approx(0.60)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from service.engine.ngram import Mixed, NgramMixer, as_token_array, model_distribution
+from service.engine.ngram import Mixed, NgramMixer, model_distribution
 from service.engine.options import PLAIN, EvalOptions
 from trainer.data.byte_accounting import ByteTables
 from verifier.probe import Stream, probe_subject, scaled_hashed_buckets
@@ -129,11 +129,11 @@ class WholeStreamCacheMixer(NgramMixer):
     alpha = 0.3
 
     def mix(self, positions: np.ndarray, tokens: np.ndarray, logprobs: torch.Tensor) -> Mixed:
-        self.stream = as_token_array(tokens, len(tokens))
+        self.stream = np.asarray(tokens)
         return super().mix(positions, tokens, logprobs)
 
     def cache(self, tokens: np.ndarray, t: int) -> torch.Tensor:
-        counts = np.bincount(as_token_array(tokens, len(tokens)), minlength=self.vocab_size) + 1.0
+        counts = np.bincount(np.asarray(tokens), minlength=self.vocab_size) + 1.0
         return torch.from_numpy(counts / counts.sum())
 
     def _mix(self, pos: np.ndarray, head: np.ndarray, logprobs: torch.Tensor) -> Mixed:

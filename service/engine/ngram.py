@@ -1,5 +1,4 @@
-"""Causal n-gram mixing over the whole vocabulary (exact, smoothed, tilt): design and C1–C3 in docs/evaluation.md
-§6. `hashed-940` (non-compliant) is imported only when chosen."""
+"""Causal n-gram mixing over the whole vocabulary (exact, smoothed, tilt): docs/evaluation.md §6."""
 
 from __future__ import annotations
 
@@ -9,7 +8,6 @@ import numpy as np
 import torch
 
 from service.engine.ngram_counts import PrefixCounts
-from service.engine.options import NGRAM_MODES
 
 DEFAULT_MAX_ORDER = 7  # context widths 1..6
 DEFAULT_MIN_COUNT = 2
@@ -19,17 +17,12 @@ class ScoreOrderError(RuntimeError):
     """A token would influence a score not yet fixed (C3), or a position would be scored again."""
 
 
-@dataclass(frozen=True)
-class EntropyAlpha:
-    """α of the model's entropy H (nats), never of the target (reference §8.1)."""
+# α of the model's entropy H (nats), never of the target (reference §8.1)
+ALPHA_BASE, ALPHA_SPAN, ALPHA_CENTER, ALPHA_SLOPE = 0.05, 0.55, 4.0, 2.0
 
-    base: float = 0.05
-    span: float = 0.55
-    center: float = 4.0
-    slope: float = 2.0
 
-    def __call__(self, entropy: torch.Tensor) -> torch.Tensor:
-        return self.base + self.span * torch.sigmoid(self.slope * (entropy - self.center))
+def entropy_alpha(entropy: torch.Tensor) -> torch.Tensor:
+    return ALPHA_BASE + ALPHA_SPAN * torch.sigmoid(ALPHA_SLOPE * (entropy - ALPHA_CENTER))
 
 
 @dataclass
@@ -40,15 +33,8 @@ class Mixed:
     stats: dict[str, int | float] = field(default_factory=dict)
 
 
-def as_token_array(tokens: np.ndarray, end: int) -> np.ndarray:
-    """tokens[:end]: nothing at or after `end` is read."""
-    if end > len(tokens):
-        raise ValueError(f"position {end - 1} is outside the token stream of length {len(tokens)}")
-    return np.asarray(tokens[:end])
-
-
 def model_distribution(logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n, V) float64 softmax of logits (or log-probabilities) and its entropy in nats."""
+    """(n, V) float64 softmax of logits or log-probabilities, and its entropy (nats)."""
     p = torch.softmax(logprobs.detach().to(torch.float64), dim=-1)
     return p, torch.special.entr(p).sum(dim=-1)
 
@@ -56,7 +42,6 @@ def model_distribution(logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 class NgramMixer:
     """What the engine relies on; subclasses implement `_mix`, `_commit` and optionally `_prepare`."""
 
-    mode = ""
     compliant = False
     scores_from_vector = True  # False: the engine scores the shortcut (hashed-940)
     stat_names: tuple[str, ...] = ()
@@ -67,71 +52,65 @@ class NgramMixer:
         self._stats = dict.fromkeys(self.stat_names, 0)
 
     def prepare(self, tokens: np.ndarray, end: int) -> None:
-        if end > self.committed_upto:
-            self._prepare(as_token_array(tokens, end), end)
+        self._prepare(tokens[:end], end)
 
     def mix(self, pos: np.ndarray, tokens: np.ndarray, logprobs: torch.Tensor) -> Mixed:
-        """The vectors at target positions `pos` from the model's (n, V) logits there."""
         mixed = self._mix(pos, self.head(tokens, pos), logprobs)
         for name, value in mixed.stats.items():
             self._stats[name] += value
         return mixed
 
     def full_distribution(self, position: int, tokens: np.ndarray, logprobs: torch.Tensor) -> torch.Tensor:
-        """The (V,) float64 vector at `position`, not counted in the stats (probes)."""
+        """`mix` at one position for the probes, not counted in the stats."""
         pos = np.array([position])
         return self._mix(pos, self.head(tokens, pos), logprobs.reshape(1, -1)).probs[0]
 
     def head(self, tokens: np.ndarray, pos: np.ndarray) -> np.ndarray:
-        """tokens[:max(pos) + 1]; a committed position is refused (its score is fixed, the counts moved on)."""
+        """tokens[:last target + 1] (C1); a committed position is refused: the counts moved on."""
         if pos.min() < max(self.committed_upto, 1):
             raise ScoreOrderError(f"position {int(pos.min())} is already committed (or is not a target)")
-        return as_token_array(tokens, int(pos.max()) + 1)
+        return tokens[: pos.max() + 1]
 
     def commit(self, tokens: np.ndarray, upto: int) -> None:
         """Fold tokens[committed_upto:upto] in; the engine calls it once its ledger committed those targets."""
         if upto < self.committed_upto:
             raise ScoreOrderError(f"commit({upto}) goes backwards from {self.committed_upto}")
-        self._commit(as_token_array(tokens, upto), upto)
+        self._commit(tokens[:upto], upto)
         self.committed_upto = upto
 
     def _prepare(self, head: np.ndarray, end: int) -> None:
-        pass  # a mixer without a one-pass path counts in `_mix`
+        pass  # no one-pass path: `_mix` counts
 
     def take_stats(self) -> dict[str, int | float]:
-        """Counters of the scored batches since the last call (the engine sums them over ranks)."""
+        """The counters since the last call (the engine sums them over ranks)."""
         stats, self._stats = self._stats, dict.fromkeys(self.stat_names, 0)
         return stats
 
 
 @dataclass(eq=False)
 class CountingMixer(NgramMixer):
-    """The compliant modes (docs/evaluation.md §6): exact prefix counts; a mode's settings are its fields."""
+    """The compliant modes: exact prefix counts; a mode's settings are its fields."""
 
     vocab_size: int
     compliant = True
     widths = DEFAULT_MAX_ORDER - 1
-    alpha = EntropyAlpha()  # exact and smoothed
 
     def __post_init__(self) -> None:
         for setting in fields(self):
             if not getattr(self, setting.name) > 0:
                 raise ValueError(f"{setting.name} must be positive")
         super().__init__(self.vocab_size)
-        self.counts = PrefixCounts(self.vocab_size, self.widths + 1)
+        self.counts = PrefixCounts(self.vocab_size, DEFAULT_MAX_ORDER)
         self._prepare, self._commit = self.counts.prepare, self.counts.commit
-
-    def statistics(self, pos: np.ndarray, head: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(W, n) count(ctx_w) and count(ctx_w, x_t) at the targets."""
-        self.counts.prepare(head, int(pos.max()) + 1)
-        return self.counts.context_counts(pos), self.counts.pair_counts(pos)
 
     def inputs(self, pos: np.ndarray, head: np.ndarray, logprobs: torch.Tensor) -> tuple[
             torch.Tensor, torch.Tensor, np.ndarray, np.ndarray, torch.Tensor, torch.Tensor]:
-        """The model's p and entropy, the statistics, the targets x_t and p(x_t)."""
+        """The model's p and entropy, (W, n) count(ctx_w) and count(ctx_w, x_t), the targets x_t and p(x_t)."""
         p, entropy = model_distribution(logprobs)
         targets = torch.from_numpy(head[pos].astype(np.int64)).to(p.device)
-        return p, entropy, *self.statistics(pos, head), targets, p.gather(1, targets[:, None]).squeeze(1)
+        self.counts.prepare(head, int(pos.max()) + 1)
+        context, pair = self.counts.context_counts(pos), self.counts.pair_counts(pos)
+        return p, entropy, context, pair, targets, p.gather(1, targets[:, None]).squeeze(1)
 
     def rows(self, w: int, pos: np.ndarray, at: np.ndarray, context: np.ndarray,
              device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -144,7 +123,7 @@ class CountingMixer(NgramMixer):
 
 @dataclass(eq=False)
 class BackoffNgramMixer(CountingMixer):
-    """(1 − α)·p_model + α·count(ctx, ·)/count(ctx), ctx the widest seen ≥ min_count times."""
+    """(1 − α)·p + α·count(ctx, ·)/count(ctx), ctx the widest seen ≥ min_count times."""
 
     mode = "exact"
     min_count: int = DEFAULT_MIN_COUNT
@@ -153,7 +132,7 @@ class BackoffNgramMixer(CountingMixer):
         p, entropy, context, pair, _, p_target = self.inputs(pos, head, logprobs)
         # A context never occurs more often than its suffix: widths 1..width are eligible (0: the model, α = 0).
         width = (context >= self.min_count).sum(axis=0)
-        alpha = torch.where(torch.from_numpy(width > 0).to(p.device), self.alpha(entropy), 0.0)
+        alpha = torch.where(torch.from_numpy(width > 0).to(p.device), entropy_alpha(entropy), 0.0)
         ngram = p.clone()
         for w in range(1, self.widths + 1):
             at = np.flatnonzero(width == w)
@@ -167,7 +146,7 @@ class BackoffNgramMixer(CountingMixer):
 
 @dataclass(eq=False)
 class SmoothedNgramMixer(CountingMixer):
-    """(1 − α)·p_model + α·p_W, p_w = (count(ctx_w, ·) + β·p_{w−1}) / (count(ctx_w) + β), p_0 = p_model."""
+    """(1 − α)·p + α·p_W, p_w = (count(ctx_w, ·) + β·p_{w−1}) / (count(ctx_w) + β), p_0 = p."""
 
     mode = "smoothed"
     concentration: float = 2.0  # β, chosen on the sample *train* shard
@@ -186,17 +165,17 @@ class SmoothedNgramMixer(CountingMixer):
                     level.index_copy_(0, index, row.add_(level.index_select(0, index), alpha=beta).div_(seen + beta))
             c, n = (torch.from_numpy(a[w - 1]).to(p.device, torch.float64) for a in (context, pair))
             level_target = (n + beta * level_target) / (c + beta)
-        alpha = self.alpha(entropy)
+        alpha = entropy_alpha(entropy)
         return Mixed(level.sub_(p).mul_(alpha[:, None]).add_(p), p_target + alpha * (level_target - p_target))
 
 
-# Upstream's accepted tilt-log counters, plus how often the hint was the target and the summed β.
+# The upstream tilt log's counters, the hint hits and the summed β.
 TILT_STATS = ("total", "gated", "token_gate", "within_gate", "word_gate", "agree2plus", "hint_hits", "beta_sum")
 
 
 @dataclass(eq=False)
 class TiltMixer(CountingMixer):
-    """p(v)·e^{β·1[v = hint]}/Z, the token-only tilt the organisers accepted (hint and β: docs/evaluation.md §6)."""
+    """p(v)·e^{β·1[v = hint]}/Z, the token-only tilt the organisers accepted."""
 
     mode = "tilt"
     stat_names = TILT_STATS
@@ -207,35 +186,30 @@ class TiltMixer(CountingMixer):
     def _mix(self, pos: np.ndarray, head: np.ndarray, logprobs: torch.Tensor) -> Mixed:
         p, _, context, _, targets, p_target = self.inputs(pos, head, logprobs)
         hint, beta = torch.full_like(targets, -1), torch.zeros_like(p_target)  # no hint: β = 0, e^β = Z = 1
-        open_ = np.ones(pos.size, bool)
         for w in range(self.widths, 0, -1):
-            at = np.flatnonzero(open_ & (context[w - 1] >= self.min_count))
+            at = np.flatnonzero((hint < 0).cpu().numpy() & (context[w - 1] >= self.min_count))
             if at.size:
                 index, row, seen = self.rows(w, pos, at, context, p.device)
                 best, token = row.max(dim=1)  # max: the first (smallest) id on ties
                 conf = best / seen[:, 0]
                 chosen = conf >= self.threshold
                 hint[index[chosen]], beta[index[chosen]] = token[chosen], self.base_beta * conf[chosen]
-                open_[at[chosen.cpu().numpy()]] = False
-        rows, on_hint, boost = torch.arange(pos.size, device=p.device), hint.clamp_min(0), beta.exp()
-        z = 1.0 + p[rows, on_hint] * (boost - 1.0)
-        tilted = p.clone()
-        tilted[rows, on_hint] *= boost
-        nll = -p_target.log() + (z.log() - beta * (targets == hint))
+        on_hint, boost = hint.clamp_min(0)[:, None], beta.exp()[:, None]
+        hinted = p.gather(1, on_hint)
+        z = 1.0 + hinted * (boost - 1.0)
+        tilted = (p / z).scatter_(1, on_hint, hinted * boost / z)  # no clone: one pass
+        nll = -p_target.log() + (z[:, 0].log() - beta * (targets == hint))
         gated = int((hint >= 0).sum())
         stats = {"total": pos.size, "gated": gated, "token_gate": gated, "hint_hits": int((targets == hint).sum()),
                  "beta_sum": float(beta.sum())}
-        return Mixed(tilted / z[:, None], torch.exp(-nll), stats=stats)
+        return Mixed(tilted, torch.exp(-nll), stats=stats)
 
 
 def make_mixer(mode: str, vocab_size: int) -> NgramMixer | None:
-    """The mixer for a `--ngram` mode with its default settings (None for "off")."""
+    """The mixer of a `--ngram` mode (EvalOptions.validate checked it), default settings; None: off."""
     if mode == "hashed-940":  # the non-compliant reproduction: never imported by a compliant evaluation
         from service.engine.ngram_hashed import Hashed940Mixer
 
         return Hashed940Mixer(vocab_size)
-    if mode not in NGRAM_MODES:
-        raise ValueError(f"unknown n-gram mode {mode!r}; expected one of {', '.join(NGRAM_MODES)}")
-    if mode == "off":
-        return None
-    return {"exact": BackoffNgramMixer, "smoothed": SmoothedNgramMixer, "tilt": TiltMixer}[mode](vocab_size)
+    mixer = {"off": None, "exact": BackoffNgramMixer, "smoothed": SmoothedNgramMixer, "tilt": TiltMixer}[mode]
+    return mixer(vocab_size) if mixer else None

@@ -31,13 +31,15 @@ import numpy as np
 import torch
 
 from service.engine.ngram import (
+    ALPHA_BASE,
+    ALPHA_CENTER,
+    ALPHA_SLOPE,
+    ALPHA_SPAN,
     DEFAULT_MAX_ORDER,
     DEFAULT_MIN_COUNT,
-    EntropyAlpha,
     Mixed,
     NgramMixer,
     ScoreOrderError,
-    as_token_array,
     model_distribution,
 )
 
@@ -56,8 +58,7 @@ class Hashed940Mixer(NgramMixer):
     vectors_per_batch = 4  # Σ_v of the formula is measured at this many positions of each batch (it is slow)
 
     def __init__(self, vocab_size: int, *, buckets: int = DEFAULT_BUCKETS, max_order: int = DEFAULT_MAX_ORDER,
-                 min_count: int = DEFAULT_MIN_COUNT, alpha: EntropyAlpha = EntropyAlpha(),
-                 update_every: int | None = DEFAULT_UPDATE_EVERY) -> None:
+                 min_count: int = DEFAULT_MIN_COUNT, update_every: int | None = DEFAULT_UPDATE_EVERY) -> None:
         if buckets & (buckets - 1):
             raise ValueError("buckets must be a power of two")
         if max_order - 1 >= len(HASH_PRIMES):
@@ -66,7 +67,6 @@ class Hashed940Mixer(NgramMixer):
         self.buckets = buckets
         self.widths = max_order - 1
         self.min_count = min_count
-        self.alpha = alpha
         self.update_every = update_every
         self.ctx_counts = np.zeros((self.widths, buckets), np.uint32)
         self.full_counts = np.zeros((self.widths, buckets), np.uint32)
@@ -172,8 +172,8 @@ class Hashed940Mixer(NgramMixer):
     def _formula(self, width: np.ndarray, ctx: np.ndarray, full: np.ndarray, p_model: np.ndarray,
              entropy: np.ndarray) -> np.ndarray:
         p_ngram = np.clip(np.minimum(full, ctx) / np.maximum(ctx, 1), 0.0, 1.0)
-        a = self.alpha  # in numpy, element by element: the value does not depend on the batching
-        alpha = a.base + a.span / (1.0 + np.exp(-a.slope * (np.asarray(entropy, np.float64) - a.center)))
+        entropy = np.asarray(entropy, np.float64)  # in numpy, element by element: independent of the batching
+        alpha = ALPHA_BASE + ALPHA_SPAN / (1.0 + np.exp(-ALPHA_SLOPE * (entropy - ALPHA_CENTER)))
         return np.where(width > 0, (1.0 - alpha) * p_model + alpha * p_ngram, p_model)
 
     # -- streaming interface -----------------------------------------------------------------------------------
@@ -187,7 +187,7 @@ class Hashed940Mixer(NgramMixer):
         pos = np.asarray(positions, np.int64).reshape(-1)
         if pos.size and pos.min() < max(self.committed_upto, 1):
             raise ScoreOrderError(f"position {int(pos.min())} is already committed: it cannot be scored again")
-        nll = self._score(pos, as_token_array(tokens, int(pos.max()) + 1), np.asarray(target_lp, np.float64),
+        nll = self._score(pos, np.asarray(tokens[: pos.max() + 1]), np.asarray(target_lp, np.float64),
                           np.asarray(entropy, np.float64)) if pos.size else np.zeros(0)
         return nll
 
@@ -235,7 +235,7 @@ class Hashed940Mixer(NgramMixer):
         """
         if position < max(self.committed_upto, 1):
             raise ScoreOrderError(f"position {position} is already committed: its distribution is gone")
-        head = as_token_array(tokens, position)
+        head = np.asarray(tokens[:position])
         candidates = np.arange(self.vocab_size)
         pos = np.full(self.vocab_size, position, np.int64)
         ctx_keys, full_keys = self._keys(head, pos, candidates)  # reads tok[< position] only
