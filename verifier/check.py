@@ -473,7 +473,7 @@ def _eval_order(start: dict[str, Any], chunks: list[dict[str, Any]], judged: dic
 
 
 def _eval_mode(start: dict[str, Any], judged: dict[str, Any]) -> CheckResult:
-    from service.engine.ngram import NGRAM_MODES
+    from service.engine.options import NGRAM_MODES
 
     config = start.get("config") or {}
     ngram = judged["ngram"]
