@@ -40,7 +40,8 @@ def _mapping(value: object) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _count(value: object) -> bool:
+def is_count(value: object) -> bool:
+    """A non-negative int that is not a bool (JSON's true is an int to Python)."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
@@ -71,7 +72,7 @@ def order_problems(chunks: list[Event], last_index: int) -> list[str]:
             problems.append(f"chunk {index}: the trace entry (chunk {entry.get('chunk')}, scored {scored}) does not "
                             f"match the event (target range {chunk.get('target_range')})")
             continue
-        if not (isinstance(scored, list) and len(scored) == 2 and all(_count(end) for end in scored)):
+        if not (isinstance(scored, list) and len(scored) == 2 and all(is_count(end) for end in scored)):
             problems.append(f"chunk {index}: the scored range {scored} is not a pair of target indices")
             continue
         lo, hi = scored
@@ -89,10 +90,10 @@ def order_problems(chunks: list[Event], last_index: int) -> list[str]:
         if index == last_index:
             problems.append(f"chunk {index}: the last chunk was trained on, nothing is scored after it")
         steps = entry.get("step_max_targets") or []
-        if not (isinstance(trained, list) and len(trained) == 2 and all(_count(end) for end in trained)
+        if not (isinstance(trained, list) and len(trained) == 2 and all(is_count(end) for end in trained)
                 and 1 <= trained[0] < trained[1] <= hi):
             problems.append(f"chunk {index}: trained on {trained} with only targets < {hi} committed")
-        if not (steps and isinstance(steps, list) and all(_count(step) and step < hi for step in steps)):
+        if not (steps and isinstance(steps, list) and all(is_count(step) and step < hi for step in steps)):
             problems.append(f"chunk {index}: optimizer steps reach targets {steps}, only targets < {hi} were "
                             f"committed")
     return problems
@@ -126,7 +127,7 @@ def size_verdict(size: dict[str, Any] | None) -> dict[str, Any] | None:
         return None
     size = _mapping(size)
     parts = (size.get("artifact_bytes"), size.get("code_bytes"))
-    total = sum(parts) if all(_count(part) for part in parts) else None  # type: ignore[arg-type]
+    total = sum(parts) if all(is_count(part) for part in parts) else None  # type: ignore[arg-type]
     return {**size, "total_bytes": total, "limit_bytes": SUBMISSION_LIMIT_BYTES,
             "within_limit": total is not None and total <= SUBMISSION_LIMIT_BYTES}
 
@@ -145,7 +146,7 @@ def verdict(start: Event, chunks: list[Event], terminal: Event) -> dict[str, Any
     expected = start.get("targets")
     scored_once = measured.get("positions_not_scored_once") == 0 and terminal.get("targets_scored") == expected
     planned = start.get("chunks")
-    score_before_update = not order_problems(chunks, (planned if _count(planned) else len(chunks)) - 1)
+    score_before_update = not order_problems(chunks, (planned if is_count(planned) else len(chunks)) - 1)
     elapsed = terminal.get("elapsed_s")
     timed = _seconds(elapsed)
     within_time_limit = timed and elapsed <= EVAL_LIMIT_SECONDS

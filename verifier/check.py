@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from service.judge import distribution_problems, verdict
+from service.judge import distribution_problems, is_count, verdict
 from trainer.limits import EVAL_LIMIT_SECONDS, SUBMISSION_LIMIT_BYTES
 from verifier import trace_check
 from verifier.logs import LogError, TrainRecord, manifest_record, read_eval_events, read_train_record
@@ -357,12 +357,12 @@ def _report_structure(events: list[dict[str, Any]]) -> str:
         if event.get("index") != position:
             return f"chunk event {position} carries index {event.get('index')!r}"
         for key in ("targets", "bytes"):
-            if not _is_count(event.get(key)):
+            if not is_count(event.get(key)):
                 return f"chunk {position}: {key!r} is not a count"
         if not _is_finite(event.get("nll_sum")) or not _is_range(event.get("target_range")):
             return f"chunk {position}: nll_sum or target_range malformed"
     for key in ("tokens", "targets", "bytes"):
-        if not _is_count(events[0].get(key)):
+        if not is_count(events[0].get(key)):
             return f"start event: {key!r} is not a count"
     return ""
 
@@ -502,16 +502,12 @@ def _eval_sha256(start: dict[str, Any], facts: ArtifactFacts) -> CheckResult:
     return CheckResult("eval_artifact_sha256", PASS, f"{facts.sha256[:16]}… matches the report's start event")
 
 
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
 def _is_finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _is_range(value: Any) -> bool:
-    return isinstance(value, list) and len(value) == 2 and all(_is_count(v) for v in value) and value[0] < value[1]
+    return isinstance(value, list) and len(value) == 2 and all(is_count(v) for v in value) and value[0] < value[1]
 
 
 # ----------------------------------------------------------------------------------------------------------------
