@@ -55,6 +55,12 @@ def order_trace_digest(entries: list[Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def last_chunk_index(start: Event, chunks: list[Event]) -> int:
+    """The index of the chunk nothing is scored after: the one the start event plans last (else the last sent)."""
+    planned = start.get("chunks")
+    return (planned if is_count(planned) else len(chunks)) - 1
+
+
 def order_problems(chunks: list[Event], last_index: int) -> list[str]:
     """Score before update (C3), judged from the chunk events' order-trace entries: commits contiguous from target
     1, each entry matching its chunk event, every optimizer step reaching only committed targets, the last chunk
@@ -145,8 +151,7 @@ def verdict(start: Event, chunks: list[Event], terminal: Event) -> dict[str, Any
     normalised = not distribution_problems(figures)
     expected = start.get("targets")
     scored_once = measured.get("positions_not_scored_once") == 0 and terminal.get("targets_scored") == expected
-    planned = start.get("chunks")
-    score_before_update = not order_problems(chunks, (planned if is_count(planned) else len(chunks)) - 1)
+    score_before_update = not order_problems(chunks, last_chunk_index(start, chunks))
     elapsed = terminal.get("elapsed_s")
     timed = _seconds(elapsed)
     within_time_limit = timed and elapsed <= EVAL_LIMIT_SECONDS

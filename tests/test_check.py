@@ -342,7 +342,14 @@ def test_training_on_a_chunk_not_yet_scored_fails(demo: Demo, tmp_path: Path) ->
         events[-2]["trained_range"] = list(events[-2]["target_range"])
 
     results, _ = run_checks(demo.artifact, eval_report=edited_report(demo, tmp_path, train_last))
-    assert "the last chunk (2) was trained on" in by_name(results, "eval_score_before_update").reason
+    assert "chunk 2: the trace says trained on None" in by_name(results, "eval_score_before_update").reason
+
+    def train_last_in_the_trace_too(events: list[dict]) -> None:  # a forgery consistent with its own trace
+        train_last(events)
+        events[-2]["order_trace"]["trained"] = list(events[-2]["target_range"])
+
+    results, _ = run_checks(demo.artifact, eval_report=edited_report(demo, tmp_path, train_last_in_the_trace_too))
+    assert "chunk 2: the last chunk was trained on" in by_name(results, "eval_score_before_update").reason
 
 
 @pytest.mark.parametrize("field, value", [("positions", 7), ("scored_from_vector", False), ("sum_error_max", 0.5),

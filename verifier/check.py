@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from service.judge import distribution_problems, is_count, verdict
+from service.judge import distribution_problems, is_count, last_chunk_index, order_problems, verdict
 from trainer.limits import EVAL_LIMIT_SECONDS, SUBMISSION_LIMIT_BYTES
 from verifier import trace_check
 from verifier.logs import LogError, TrainRecord, manifest_record, read_eval_events, read_train_record
@@ -450,23 +450,9 @@ def _eval_bpb(start: dict[str, Any], chunks: list[dict[str, Any]], terminal: dic
 
 def _eval_order(start: dict[str, Any], chunks: list[dict[str, Any]], judged: dict[str, Any]) -> CheckResult:
     """Each chunk event is emitted after its scores were committed, with the range the model then trained on."""
-    problems = []
-    committed = 0
-    trained = 0
-    last_index = start.get("chunks", len(chunks)) - 1
-    for chunk in chunks:
-        committed = chunk["target_range"][1]
-        span = chunk.get("trained_range")
-        if span is None:
-            continue
-        trained += 1
-        if not _is_range(span) or not 1 <= span[0] < span[1] <= committed:
-            problems.append(f"chunk {chunk['index']} trained on targets {span} with only targets < {committed} "
-                            f"scored")
-        if chunk["index"] == last_index:
-            problems.append(f"the last chunk ({last_index}) was trained on: nothing is scored after it")
-    if judged["score_before_update"] is not True:
-        problems.append("the order trace does not show score before update (eval_order_trace says where)")
+    # C3 is judged once, by the judge; this row shows its problems (eval_order_trace adds the digest).
+    problems = [] if judged["score_before_update"] else order_problems(chunks, last_chunk_index(start, chunks))
+    trained = sum(chunk.get("trained_range") is not None for chunk in chunks)
     figure = (f"{trained} of {len(chunks)} chunks trained on, each after its scores were committed"
               if trained else "no test-time training: no state updated from scored tokens")
     return CheckResult("eval_score_before_update", FAIL if problems else PASS, figure, "; ".join(problems[:4]))

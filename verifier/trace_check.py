@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.judge import order_problems, order_trace_digest
+from service.judge import last_chunk_index, order_problems, order_trace_digest
 from verifier.report import FAIL, PASS, CheckResult
 
 NAME = "eval_order_trace"
@@ -33,7 +33,7 @@ def check_order_trace(start: dict[str, Any], chunks: list[dict[str, Any]], termi
     if terminal["type"] == "end" and stated != recomputed:
         problems.append(f"the chunk events' trace hashes to {recomputed[:16]}…, the end event states "
                         f"{str(stated)[:16]}…")
-    problems += order_problems(chunks, start.get("chunks", len(chunks)) - 1)
+    problems += order_problems(chunks, last_chunk_index(start, chunks))
     steps = sum(len(entry.get("step_max_targets") or []) for entry in entries)
     trained = sum(entry.get("trained") is not None for entry in entries)
     figure = (f"digest {recomputed[:16]}… recomputed from {len(entries)} chunk entries "
