@@ -36,7 +36,7 @@ NGRAM_FIGURES = ("mixer_compliant", "probability_sum", "positions", "targets", "
 
 # A report is untrusted (``verifier check`` judges what submitters hand in): every field is read through these, so
 # a field of the wrong type is a failed rule, never a traceback.
-def _mapping(value: object) -> dict[str, Any]:
+def as_mapping(value: object) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
@@ -131,7 +131,7 @@ def size_verdict(size: dict[str, Any] | None) -> dict[str, Any] | None:
     """The size rule on the engine's sizes (artifact file + the submission's code); None for an in-memory model."""
     if size is None:
         return None
-    size = _mapping(size)
+    size = as_mapping(size)
     parts = (size.get("artifact_bytes"), size.get("code_bytes"))
     total = sum(parts) if all(is_count(part) for part in parts) else None  # type: ignore[arg-type]
     return {**size, "total_bytes": total, "limit_bytes": SUBMISSION_LIMIT_BYTES,
@@ -144,9 +144,9 @@ def verdict(start: Event, chunks: list[Event], terminal: Event) -> dict[str, Any
     The measurements come from the terminal's ``measured`` (the engine's stream) or, in a judged or older stored
     report, from its ``compliance``, which carries them under the same names.
     """
-    measured = _mapping(terminal.get("measured") or terminal.get("compliance"))
-    config = _mapping(start.get("config"))
-    figures = {name: _mapping(measured.get("ngram")).get(name) for name in NGRAM_FIGURES}
+    measured = as_mapping(terminal.get("measured") or terminal.get("compliance"))
+    config = as_mapping(start.get("config"))
+    figures = {name: as_mapping(measured.get("ngram")).get(name) for name in NGRAM_FIGURES}
     mixer_compliant = figures["mixer_compliant"] is True
     normalised = not distribution_problems(figures)
     expected = start.get("targets")

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from service.judge import distribution_problems, is_count, last_chunk_index, order_problems, verdict
+from service.judge import as_mapping, distribution_problems, is_count, last_chunk_index, order_problems, verdict
 from trainer.limits import EVAL_LIMIT_SECONDS, SUBMISSION_LIMIT_BYTES
 from verifier import trace_check
 from verifier.logs import LogError, TrainRecord, manifest_record, read_eval_events, read_train_record
@@ -434,8 +434,8 @@ def _eval_bpb(start: dict[str, Any], chunks: list[dict[str, Any]], terminal: dic
     if not _is_finite(reported):
         problems.append("the terminal event reports no val_bpb")
         relative = math.inf
-    else:
-        relative = abs(recomputed - reported) / abs(recomputed)
+    else:  # a zero loss (no honest report has one) makes any other figure infinitely off
+        relative = abs(recomputed - reported) / abs(recomputed) if recomputed else (math.inf if reported else 0.0)
         if relative > BPB_RELATIVE_TOLERANCE:
             problems.append(f"reported {reported!r} differs from the chunk sums by {relative:.2e} relative "
                             f"(tolerance {BPB_RELATIVE_TOLERANCE:g})")
@@ -461,18 +461,19 @@ def _eval_order(start: dict[str, Any], chunks: list[dict[str, Any]], judged: dic
 def _eval_mode(start: dict[str, Any], judged: dict[str, Any]) -> CheckResult:
     from service.engine.options import NGRAM_MODES
 
-    config = start.get("config") or {}
+    config = as_mapping(start.get("config"))
     ngram = judged["ngram"]
     mode = config.get("ngram")
-    sums = ngram.get("probability_sum") or {}
+    sums = as_mapping(ngram.get("probability_sum"))
     ttt = f"ttt {config.get('ttt_recipe')}" if config.get("ttt") else "no ttt"
     positions, targets = ngram.get("positions"), ngram.get("targets")
     figure = (f"ngram={mode}, {ttt}; sum p in [{sums.get('min')}, {sums.get('max')}] at {positions} of {targets} "
               f"scored positions, max |p_vector(x_t) - p_scored(x_t)| = {ngram.get('scored_gap_max')}")
     # C2 re-judged from the report's own figures (the engine's measurements), whatever flags it states.
     problems = distribution_problems(ngram)
-    if mode not in NGRAM_MODES:
+    if not isinstance(mode, str) or mode not in NGRAM_MODES:  # a list or an object is no mode (nor hashable)
         problems.append(f"unknown n-gram mode {mode!r}")
+        mode = None
     if mode in NON_COMPLIANT_NGRAM_MODES:
         problems.append(f"{mode} scores the target-keyed hashed cache: not a distribution over the vocabulary (C2)")
     if ngram["mixer_compliant"] is not True:
