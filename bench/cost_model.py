@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from service.engine.options import RECIPES  # noqa: E402
 from service.engine.windows import plan_chunks, plan_windows  # noqa: E402
+from trainer.limits import EVAL_LIMIT_SECONDS  # noqa: E402
 from trainer.model import ModelConfig  # noqa: E402
 
 H100_BF16_DENSE_FLOPS = 989.4e12  # H100 SXM, dense bf16 tensor-core peak
@@ -193,7 +194,8 @@ def main() -> None:
     for phase in phases:
         print(f"  {phase.name:<16} {phase.seconds:7.1f} s   {phase.work}")
     total = sum(p.seconds for p in phases)
-    print(f"  {'total':<16} {total:7.1f} s of the 600 s budget ({'fits' if total <= 600 else 'DOES NOT FIT'})")
+    print(f"  {'total':<16} {total:7.1f} s of the {EVAL_LIMIT_SECONDS:g} s budget "
+          f"({'fits' if total <= EVAL_LIMIT_SECONDS else 'DOES NOT FIT'})")
 
 
 if __name__ == "__main__":

@@ -293,8 +293,8 @@ def main() -> int:
                     with path.open("wb") as handle:
                         handle.write(os.urandom(size))
                 print(f"\nAPI process peak RSS during concurrent uploads (baseline "
-                      f"{rss_kib(api_process.pid) / 1024:.0f} MiB; each round: N uploads of 16,000,000 bytes + N of "
-                      "16,000,001 bytes):")
+                      f"{rss_kib(api_process.pid) / 1024:.0f} MiB; each round: N uploads of "
+                      f"{SUBMISSION_LIMIT_BYTES:,} bytes + N of {SUBMISSION_LIMIT_BYTES + 1:,} bytes):")
                 print(f"  {'N':>4}{'peak MiB':>10}{'over baseline':>15}{'MB uploaded':>13}   statuses")
                 for count in upload_counts:
                     baseline = rss_kib(api_process.pid)

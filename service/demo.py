@@ -24,6 +24,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from trainer.limits import SUBMISSION_LIMIT_BYTES
+
 
 def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("demo", help="run the whole pipeline on the embedded corpus (make demo)")
@@ -161,7 +163,7 @@ def run_demo(args: argparse.Namespace) -> int:
     phase("done")
     print(f"train: {summary['steps']} steps in {summary['train_time_ms'] / 1000:.1f}s "
           f"(limit {summary['train_time_limit_ms'] / 1000:.0f}s), artifact {summary['artifact']['total_bytes']:,} "
-          f"bytes incl. code (limit 16,000,000)")
+          f"bytes incl. code (limit {SUBMISSION_LIMIT_BYTES:,})")
     if final.get("type") != "end":
         print(f"demo: the evaluation ended with {final.get('type')!r}: {final.get('reason', '')}", file=sys.stderr)
         return 1

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from trainer.limits import SUBMISSION_LIMIT_BYTES
 from trainer.source_syntax import parse_python
 
-# A real script is at most a few hundred kilobytes; the whole submission is capped at 16 MB.
+# A real script is at most a few hundred kilobytes; decoded code larger than the whole submission cap cannot be one.
 MAX_DECODED_BYTES = SUBMISSION_LIMIT_BYTES
 # Wrappers are sometimes nested (a wrapper of a wrapper); deeper nesting is treated as hostile.
 MAX_LAYERS = 4

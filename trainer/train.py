@@ -36,7 +36,7 @@ from trainer.data.loader import DistributedTokenLoader
 from trainer.data.shards import load_validation_tokens
 from trainer.evaluate import ValResult, evaluate_non_overlapping, whole_sequences
 from trainer.export import export_to_budget
-from trainer.limits import SUBMISSION_LIMIT_BYTES, TRAIN_LIMIT_SECONDS
+from trainer.limits import SUBMISSION_LIMIT_BYTES, TRAIN_LIMIT_MS
 from trainer.model import GPT, autocast_for
 from trainer.muon import Muon
 from trainer.threads import apply_thread_policy
@@ -45,7 +45,6 @@ try:
     __version__ = version("pgolf")  # pyproject.toml's: the one copy of the version
 except PackageNotFoundError:  # a source checkout that was never installed
     __version__ = "0+source"
-TRAIN_TIME_LIMIT_MS = round(TRAIN_LIMIT_SECONDS * 1000)  # the challenge's limit, whatever cap a run was configured with
 
 
 @dataclass(frozen=True)
@@ -475,8 +474,8 @@ def _export_and_roundtrip(config: TrainConfig, runtime: Runtime, model: GPT, tab
         "steps": step,
         "stop_reason": stop_reason,
         "train_time_ms": round(train_time_ms, 3),
-        "train_time_limit_ms": TRAIN_TIME_LIMIT_MS,
-        "within_train_time_limit": train_time_ms <= TRAIN_TIME_LIMIT_MS,
+        "train_time_limit_ms": TRAIN_LIMIT_MS,
+        "within_train_time_limit": train_time_ms <= TRAIN_LIMIT_MS,
         "loss_curve": [[s, loss] for s, loss in loss_curve],
         "final_val": {"val_loss": final_val.loss, "val_bpb": final_val.bpb, "tokens": final_val.tokens,
                       "bytes": final_val.bytes},
@@ -493,7 +492,7 @@ def _export_and_roundtrip(config: TrainConfig, runtime: Runtime, model: GPT, tab
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if not summary["within_train_time_limit"]:
-        log(f"LIMIT EXCEEDED: training took {train_time_ms:.0f}ms > {TRAIN_TIME_LIMIT_MS}ms")
+        log(f"LIMIT EXCEEDED: training took {train_time_ms:.0f}ms > {TRAIN_LIMIT_MS}ms")
     return summary
 
 

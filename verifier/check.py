@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from service.judge import as_mapping, distribution_problems, is_count, last_chunk_index, order_problems, verdict
-from trainer.limits import EVAL_LIMIT_SECONDS, SUBMISSION_LIMIT_BYTES
+from trainer.limits import EVAL_LIMIT_SECONDS, SUBMISSION_LIMIT_BYTES, TRAIN_LIMIT_MS, TRAIN_LIMIT_SECONDS
 from verifier import trace_check
 from verifier.logs import LogError, TrainRecord, manifest_record, read_eval_events, read_train_record
 from verifier.report import (
@@ -45,7 +45,7 @@ from verifier.report import (
     write_json,
     write_junit,
 )
-from verifier.wallclock import TRAIN_LIMIT_MS, TimeVerdict, judge_steps, judge_total, worst
+from verifier.wallclock import TimeVerdict, judge_steps, judge_total, worst
 
 if TYPE_CHECKING:  # the artifact reader imports torch; only the checks that read the artifact load it
     from trainer.artifact import Artifact
@@ -249,13 +249,13 @@ def check_train_time(records: Sequence[TrainRecord], *, strict: bool = False) ->
         verdict = verdict.strict()
     over = longest_ms > TRAIN_LIMIT_MS
     others = ", ".join(f"{r.source} {ms / 1000:.3f} s" for ms, r in timed if r is not longest)
-    figure = (f"{longest_ms / 1000:.3f} s {'>' if over else '<='} 600 s ({longest.source}: "
+    figure = (f"{longest_ms / 1000:.3f} s {'>' if over else '<='} {TRAIN_LIMIT_SECONDS:g} s ({longest.source}: "
               f"{longest.train_time_origin})" + (f"; also {others}" if others else ""))
     if verdict.status == PASS:
         return CheckResult("train_time", PASS, figure)
     reason = verdict.reason
     if verdict.status == FAIL and not strict:
-        reason = f"training wall-clock over 600 s: {reason}"
+        reason = f"training wall-clock over {TRAIN_LIMIT_SECONDS:g} s: {reason}"
     return CheckResult("train_time", verdict.status, figure, reason)
 
 
@@ -382,9 +382,9 @@ def _eval_time(terminal: dict[str, Any]) -> CheckResult:
     elapsed = terminal.get("elapsed_s")
     if not _is_finite(elapsed):
         return CheckResult("eval_time", FAIL, "", "the terminal event states no elapsed_s")
-    figure = f"{elapsed:.3f} s {'<=' if elapsed <= EVAL_LIMIT_SECONDS else '>'} 600 s"
+    figure = f"{elapsed:.3f} s {'<=' if elapsed <= EVAL_LIMIT_SECONDS else '>'} {EVAL_LIMIT_SECONDS:g} s"
     if elapsed > EVAL_LIMIT_SECONDS:
-        return CheckResult("eval_time", FAIL, figure, "evaluation wall-clock over 600 s")
+        return CheckResult("eval_time", FAIL, figure, f"evaluation wall-clock over {EVAL_LIMIT_SECONDS:g} s")
     return CheckResult("eval_time", PASS, figure)
 
 
@@ -534,7 +534,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "time, targets, recomputed val_bpb, score-before-update order, mode and sha256 from the "
                     "evaluation report. With --record DIR instead of ARTIFACT: an upstream record folder's logs "
                     "against its submission.json, its code bytes and a scan. Training time is PASS, WARN (only "
-                    "the final step crossed 600 s) or FAIL. Exit 0 only when no check fails.")
+                    f"the final step crossed {TRAIN_LIMIT_SECONDS:g} s) or FAIL. Exit 0 only when no check fails.")
     parser.add_argument("artifact", type=Path, nargs="?", metavar="ARTIFACT",
                         help="the submission artifact (model.pgolf)")
     parser.add_argument("--record", type=Path, metavar="DIR",
@@ -552,7 +552,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="with --upstream: a setting of the submission's run command (repeatable)")
     parser.add_argument("--strict", action="store_true",
-                        help="a training time over 600 s only on the final step (WARN) fails too")
+                        help=f"a training time over {TRAIN_LIMIT_SECONDS:g} s only on the final step (WARN) fails too")
     parser.add_argument("--json", type=Path, metavar="OUT", help="write the results as JSON")
     parser.add_argument("--junit", type=Path, metavar="OUT", help="write JUnit XML, one test case per check")
     parser.set_defaults(run=run)

@@ -25,7 +25,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.limits import SUBMISSION_LIMIT_BYTES
 from verifier.scan_findings import Finding
 
 ENTRY_POINT = "train_gpt.py"
@@ -34,7 +33,9 @@ FOREIGN_SOURCE = (".c", ".cc", ".cpp", ".cxx", ".cu", ".cuh", ".h", ".hpp")
 MAX_FOLDER_FILES = 2000
 MAX_RUN_COMMAND_BYTES = 1_000_000
 MAX_LOG_FILE_BYTES = 4_000_000
-MAX_LOG_BYTES = SUBMISSION_LIMIT_BYTES
+# All of a folder's logs together (each one is cut at MAX_LOG_FILE_BYTES): a few runs' stdout is well under it.
+# A bound on reading, not the submission cap: changing the cap must not change how much log the scanner reads.
+MAX_LOG_BYTES = 16 << 20
 
 _ENV_ASSIGNMENT = re.compile(r"(?:^|\s)(?:export\s+)?([A-Z][A-Z0-9_]*)=(\"[^\"]*\"|'[^']*'|[^\s\"';|&]+)")
 _ONLY_ASSIGNMENTS = re.compile(r"(?:export\s+)?(?:[A-Z][A-Z0-9_]*=(?:\"[^\"]*\"|'[^']*'|[^\s\"';|&]+)\s*)+")

@@ -30,11 +30,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from trainer.limits import TRAIN_LIMIT_SECONDS
+from trainer.limits import TRAIN_LIMIT_MS
 from verifier.logs import TimedStep, final_step
 from verifier.report import FAIL, PASS, WARN
 
-TRAIN_LIMIT_MS = TRAIN_LIMIT_SECONDS * 1000
 # The final step, plus the one step by which an unsynchronised clock reading can trail the device.
 STEP_ALLOWANCE = 2
 
