@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 # `queued` (the first event) and `requeued` (its worker was lost; the job waits for another one, and its next
-# attempt streams from `start` again) are the service's own; the rest are the engine's (service/engine/events.py).
+# attempt streams from `start` again) are the service's own; the rest are the engine's (built in
+# service/engine/run.py, specified in docs/evaluation.md §5).
 EVENT_TYPES = ("queued", "requeued", "start", "chunk", "end", "timeout", "error")
 ENGINE_EVENT_TYPES = frozenset(EVENT_TYPES) - {"queued", "requeued"}
 MAX_DEPTH = 32
