@@ -349,6 +349,16 @@ def test_the_evaluation_still_checks_the_metadata_it_reads(good_bytes: bytes) ->
         parse_artifact(assemble(manifest, payload))
 
 
+def test_a_train_seq_len_the_engine_cannot_evaluate_at(good_bytes: bytes) -> None:
+    """The engine evaluates at the recorded train_seq_len: it is bounded like the model's rope_train_seq_len."""
+    manifest, payload = split(good_bytes)
+    manifest["training"]["train_seq_len"] = 2**24
+    message = r"training.train_seq_len 16777216 is outside \[1, 1048576\]"
+    refuses(assemble(manifest, payload), art.SchemaViolation, message)
+    manifest["training"]["train_seq_len"] = 2**20
+    parse_submission(assemble(manifest, payload))
+
+
 def test_declared_raw_size_over_the_bound(good_bytes: bytes) -> None:
     manifest, payload = split(good_bytes)
     manifest["payload"]["raw_nbytes"] = art.MAX_RAW_NBYTES + 1
