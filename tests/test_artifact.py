@@ -347,6 +347,8 @@ def test_the_evaluation_still_checks_the_metadata_it_reads(good_bytes: bytes) ->
         parse_submission(assemble(manifest, payload))
     with pytest.raises(art.SchemaViolation, match="code_bytes.total must be a non-negative integer"):
         parse_artifact(assemble(manifest, payload))
+    manifest["code_bytes"] = []
+    refuses(assemble(manifest, payload), art.SchemaViolation, "code_bytes must be an object, got list")
 
 
 def test_a_train_seq_len_the_engine_cannot_evaluate_at(good_bytes: bytes) -> None:
