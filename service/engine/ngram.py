@@ -18,7 +18,10 @@ class ScoreOrderError(RuntimeError):
 
 
 # α of the model's entropy H (nats), never of the target (reference §8.1)
-ALPHA_BASE, ALPHA_SPAN, ALPHA_CENTER, ALPHA_SLOPE = 0.05, 0.55, 4.0, 2.0
+ALPHA_BASE = 0.05
+ALPHA_SPAN = 0.55
+ALPHA_CENTER = 4.0
+ALPHA_SLOPE = 2.0
 
 
 def entropy_alpha(entropy: torch.Tensor) -> torch.Tensor:
@@ -52,7 +55,8 @@ class NgramMixer:
         self._stats = dict.fromkeys(self.stat_names, 0)
 
     def prepare(self, tokens: np.ndarray, end: int) -> None:
-        self._prepare(tokens[:end], end)
+        if end > self.committed_upto:  # else the committed counts cover it
+            self._prepare(tokens[:end], end)
 
     def mix(self, positions: np.ndarray, tokens: np.ndarray, logprobs: torch.Tensor) -> Mixed:
         mixed = self._mix(positions, self.head(tokens, positions), logprobs)
