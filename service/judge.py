@@ -36,11 +36,12 @@ NGRAM_FIGURES = ("mixer_compliant", "probability_sum", "positions", "targets", "
 
 # A report is untrusted (``verifier check`` judges what submitters hand in): every field is read through these, so
 # a field of the wrong type is a failed rule, never a traceback.
-def _mapping(value: object) -> dict[str, Any]:
+def as_mapping(value: object) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _count(value: object) -> bool:
+def is_count(value: object) -> bool:
+    """A non-negative int that is not a bool (JSON's true is an int to Python)."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
@@ -52,6 +53,12 @@ def order_trace_digest(entries: list[Any]) -> str:
     """sha256 of the canonical JSON (sorted keys, no spaces) of the order-trace entries, chunk by chunk."""
     canonical = json.dumps(entries, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def last_chunk_index(start: Event, chunks: list[Event]) -> int:
+    """The index of the chunk nothing is scored after: the one the start event plans last (else the last sent)."""
+    planned = start.get("chunks")
+    return (planned if is_count(planned) else len(chunks)) - 1
 
 
 def order_problems(chunks: list[Event], last_index: int) -> list[str]:
@@ -71,7 +78,7 @@ def order_problems(chunks: list[Event], last_index: int) -> list[str]:
             problems.append(f"chunk {index}: the trace entry (chunk {entry.get('chunk')}, scored {scored}) does not "
                             f"match the event (target range {chunk.get('target_range')})")
             continue
-        if not (isinstance(scored, list) and len(scored) == 2 and all(_count(end) for end in scored)):
+        if not (isinstance(scored, list) and len(scored) == 2 and all(is_count(end) for end in scored)):
             problems.append(f"chunk {index}: the scored range {scored} is not a pair of target indices")
             continue
         lo, hi = scored
@@ -89,10 +96,10 @@ def order_problems(chunks: list[Event], last_index: int) -> list[str]:
         if index == last_index:
             problems.append(f"chunk {index}: the last chunk was trained on, nothing is scored after it")
         steps = entry.get("step_max_targets") or []
-        if not (isinstance(trained, list) and len(trained) == 2 and all(_count(end) for end in trained)
+        if not (isinstance(trained, list) and len(trained) == 2 and all(is_count(end) for end in trained)
                 and 1 <= trained[0] < trained[1] <= hi):
             problems.append(f"chunk {index}: trained on {trained} with only targets < {hi} committed")
-        if not (steps and isinstance(steps, list) and all(_count(step) and step < hi for step in steps)):
+        if not (steps and isinstance(steps, list) and all(is_count(step) and step < hi for step in steps)):
             problems.append(f"chunk {index}: optimizer steps reach targets {steps}, only targets < {hi} were "
                             f"committed")
     return problems
@@ -124,9 +131,9 @@ def size_verdict(size: dict[str, Any] | None) -> dict[str, Any] | None:
     """The size rule on the engine's sizes (artifact file + the submission's code); None for an in-memory model."""
     if size is None:
         return None
-    size = _mapping(size)
+    size = as_mapping(size)
     parts = (size.get("artifact_bytes"), size.get("code_bytes"))
-    total = sum(parts) if all(_count(part) for part in parts) else None  # type: ignore[arg-type]
+    total = sum(parts) if all(is_count(part) for part in parts) else None  # type: ignore[arg-type]
     return {**size, "total_bytes": total, "limit_bytes": SUBMISSION_LIMIT_BYTES,
             "within_limit": total is not None and total <= SUBMISSION_LIMIT_BYTES}
 
@@ -137,15 +144,14 @@ def verdict(start: Event, chunks: list[Event], terminal: Event) -> dict[str, Any
     The measurements come from the terminal's ``measured`` (the engine's stream) or, in a judged or older stored
     report, from its ``compliance``, which carries them under the same names.
     """
-    measured = _mapping(terminal.get("measured") or terminal.get("compliance"))
-    config = _mapping(start.get("config"))
-    figures = {name: _mapping(measured.get("ngram")).get(name) for name in NGRAM_FIGURES}
+    measured = as_mapping(terminal.get("measured") or terminal.get("compliance"))
+    config = as_mapping(start.get("config"))
+    figures = {name: as_mapping(measured.get("ngram")).get(name) for name in NGRAM_FIGURES}
     mixer_compliant = figures["mixer_compliant"] is True
     normalised = not distribution_problems(figures)
     expected = start.get("targets")
     scored_once = measured.get("positions_not_scored_once") == 0 and terminal.get("targets_scored") == expected
-    planned = start.get("chunks")
-    score_before_update = not order_problems(chunks, (planned if _count(planned) else len(chunks)) - 1)
+    score_before_update = not order_problems(chunks, last_chunk_index(start, chunks))
     elapsed = terminal.get("elapsed_s")
     timed = _seconds(elapsed)
     within_time_limit = timed and elapsed <= EVAL_LIMIT_SECONDS

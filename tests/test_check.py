@@ -8,8 +8,10 @@ event), or the fixtures in tests/fixtures/check/ for upstream-style logs.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import math
 import os
 import shutil
 import struct
@@ -21,11 +23,12 @@ from pathlib import Path
 
 import pytest
 import zstandard
+from test_judge import JUNK, _paths, report
 
 from trainer.data.shards import load_validation_tokens
 from trainer.data.writer import write_shard, write_val_manifest
 from trainer.limits import SUBMISSION_LIMIT_BYTES
-from verifier.check import check_size, run_checks
+from verifier.check import EVAL_CHECKS, ArtifactFacts, check_eval_report, check_size, run_checks
 from verifier.report import CheckResult
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -342,7 +345,14 @@ def test_training_on_a_chunk_not_yet_scored_fails(demo: Demo, tmp_path: Path) ->
         events[-2]["trained_range"] = list(events[-2]["target_range"])
 
     results, _ = run_checks(demo.artifact, eval_report=edited_report(demo, tmp_path, train_last))
-    assert "the last chunk (2) was trained on" in by_name(results, "eval_score_before_update").reason
+    assert "chunk 2: the trace says trained on None" in by_name(results, "eval_score_before_update").reason
+
+    def train_last_in_the_trace_too(events: list[dict]) -> None:  # a forgery consistent with its own trace
+        train_last(events)
+        events[-2]["order_trace"]["trained"] = list(events[-2]["target_range"])
+
+    results, _ = run_checks(demo.artifact, eval_report=edited_report(demo, tmp_path, train_last_in_the_trace_too))
+    assert "chunk 2: the last chunk was trained on" in by_name(results, "eval_score_before_update").reason
 
 
 @pytest.mark.parametrize("field, value", [("positions", 7), ("scored_from_vector", False), ("sum_error_max", 0.5),
@@ -374,3 +384,34 @@ def test_a_report_of_another_artifact_or_cut_short_fails(demo: Demo, tmp_path: P
     results, _ = run_checks(demo.artifact, eval_report=edited_report(demo, tmp_path, lambda events: events.pop()))
     assert failing(results) == {"eval_report"}
     assert by_name(results, "eval_report").reason == "the last event is 'chunk': the report is cut short"
+
+
+def a_stored_report(sha256: str) -> list[dict]:
+    """test_judge's two-chunk report, judged and completed with the fields only `verifier check` reads."""
+    start, *chunks, end = report()
+    start.update(tokens=9, bytes=8, artifact_sha256=sha256)
+    for chunk in chunks:
+        chunk.update(targets=4, bytes=4)
+    end["val_bpb"] = 8.0 / (math.log(2) * 8)
+    from service.judge import judged
+
+    return list(judged([start, *chunks, end]))
+
+
+def test_a_hostile_report_gets_check_rows_not_a_traceback(tmp_path: Path) -> None:
+    # `verifier check --eval-report` reads what a submitter hands in: any field may hold anything JSON can.
+    facts = ArtifactFacts(tmp_path / "model.pgolf", 1000, "cd" * 32)
+    honest = a_stored_report(facts.sha256)
+    path = tmp_path / "eval.ndjson"
+    path.write_text("\n".join(json.dumps(event) for event in honest))
+    assert statuses(check_eval_report(path, facts)) == dict.fromkeys(EVAL_CHECKS, "PASS")  # the fuzz reaches every row
+    for field in _paths(honest):
+        for junk in JUNK:
+            events = copy.deepcopy(honest)
+            holder = events
+            for key in field[:-1]:
+                holder = holder[key]
+            holder[field[-1]] = junk
+            path.write_text("\n".join(json.dumps(event) for event in events))
+            results = check_eval_report(path, facts)
+            assert [result.name for result in results] == list(EVAL_CHECKS), (field, junk)

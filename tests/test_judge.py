@@ -8,6 +8,9 @@ import json
 from service.judge import NORMALISATION_TOLERANCE, judged, verdict
 from trainer.limits import EVAL_LIMIT_SECONDS, SUBMISSION_LIMIT_BYTES
 
+# What a hostile report may hold in any field: every JSON kind, a negative count, a huge float, a mixed list.
+JUNK = (None, "x", [], {}, True, -1, 1e300, [1, "2"])
+
 
 def report() -> list[dict]:
     """An honest two-chunk evaluation as the engine streams it: chunk 0 trained on after its commit, chunk 1 not."""
@@ -171,7 +174,7 @@ def test_a_malformed_report_gets_a_verdict_not_a_traceback() -> None:
     honest = report()
     start, *chunks, terminal = honest
     for path in _paths(honest):
-        for junk in (None, "x", [], {}, True, -1, 1e300, [1, "2"]):
+        for junk in JUNK:
             events = copy.deepcopy(honest)
             holder = events
             for key in path[:-1]:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from service.judge import distribution_problems, verdict
+from service.judge import as_mapping, distribution_problems, is_count, last_chunk_index, order_problems, verdict
 from trainer.limits import EVAL_LIMIT_SECONDS, SUBMISSION_LIMIT_BYTES
 from verifier import trace_check
 from verifier.logs import LogError, TrainRecord, manifest_record, read_eval_events, read_train_record
@@ -357,12 +357,12 @@ def _report_structure(events: list[dict[str, Any]]) -> str:
         if event.get("index") != position:
             return f"chunk event {position} carries index {event.get('index')!r}"
         for key in ("targets", "bytes"):
-            if not _is_count(event.get(key)):
+            if not is_count(event.get(key)):
                 return f"chunk {position}: {key!r} is not a count"
         if not _is_finite(event.get("nll_sum")) or not _is_range(event.get("target_range")):
             return f"chunk {position}: nll_sum or target_range malformed"
     for key in ("tokens", "targets", "bytes"):
-        if not _is_count(events[0].get(key)):
+        if not is_count(events[0].get(key)):
             return f"start event: {key!r} is not a count"
     return ""
 
@@ -434,8 +434,8 @@ def _eval_bpb(start: dict[str, Any], chunks: list[dict[str, Any]], terminal: dic
     if not _is_finite(reported):
         problems.append("the terminal event reports no val_bpb")
         relative = math.inf
-    else:
-        relative = abs(recomputed - reported) / abs(recomputed)
+    else:  # a zero loss (no honest report has one) makes any other figure infinitely off
+        relative = abs(recomputed - reported) / abs(recomputed) if recomputed else (math.inf if reported else 0.0)
         if relative > BPB_RELATIVE_TOLERANCE:
             problems.append(f"reported {reported!r} differs from the chunk sums by {relative:.2e} relative "
                             f"(tolerance {BPB_RELATIVE_TOLERANCE:g})")
@@ -450,23 +450,9 @@ def _eval_bpb(start: dict[str, Any], chunks: list[dict[str, Any]], terminal: dic
 
 def _eval_order(start: dict[str, Any], chunks: list[dict[str, Any]], judged: dict[str, Any]) -> CheckResult:
     """Each chunk event is emitted after its scores were committed, with the range the model then trained on."""
-    problems = []
-    committed = 0
-    trained = 0
-    last_index = start.get("chunks", len(chunks)) - 1
-    for chunk in chunks:
-        committed = chunk["target_range"][1]
-        span = chunk.get("trained_range")
-        if span is None:
-            continue
-        trained += 1
-        if not _is_range(span) or not 1 <= span[0] < span[1] <= committed:
-            problems.append(f"chunk {chunk['index']} trained on targets {span} with only targets < {committed} "
-                            f"scored")
-        if chunk["index"] == last_index:
-            problems.append(f"the last chunk ({last_index}) was trained on: nothing is scored after it")
-    if judged["score_before_update"] is not True:
-        problems.append("the order trace does not show score before update (eval_order_trace says where)")
+    # C3 is judged once, by the judge; this row shows its problems (eval_order_trace adds the digest).
+    problems = [] if judged["score_before_update"] else order_problems(chunks, last_chunk_index(start, chunks))
+    trained = sum(chunk.get("trained_range") is not None for chunk in chunks)
     figure = (f"{trained} of {len(chunks)} chunks trained on, each after its scores were committed"
               if trained else "no test-time training: no state updated from scored tokens")
     return CheckResult("eval_score_before_update", FAIL if problems else PASS, figure, "; ".join(problems[:4]))
@@ -475,18 +461,19 @@ def _eval_order(start: dict[str, Any], chunks: list[dict[str, Any]], judged: dic
 def _eval_mode(start: dict[str, Any], judged: dict[str, Any]) -> CheckResult:
     from service.engine.options import NGRAM_MODES
 
-    config = start.get("config") or {}
+    config = as_mapping(start.get("config"))
     ngram = judged["ngram"]
     mode = config.get("ngram")
-    sums = ngram.get("probability_sum") or {}
+    sums = as_mapping(ngram.get("probability_sum"))
     ttt = f"ttt {config.get('ttt_recipe')}" if config.get("ttt") else "no ttt"
     positions, targets = ngram.get("positions"), ngram.get("targets")
     figure = (f"ngram={mode}, {ttt}; sum p in [{sums.get('min')}, {sums.get('max')}] at {positions} of {targets} "
               f"scored positions, max |p_vector(x_t) - p_scored(x_t)| = {ngram.get('scored_gap_max')}")
     # C2 re-judged from the report's own figures (the engine's measurements), whatever flags it states.
     problems = distribution_problems(ngram)
-    if mode not in NGRAM_MODES:
+    if not isinstance(mode, str) or mode not in NGRAM_MODES:  # a list or an object is no mode (nor hashable)
         problems.append(f"unknown n-gram mode {mode!r}")
+        mode = None
     if mode in NON_COMPLIANT_NGRAM_MODES:
         problems.append(f"{mode} scores the target-keyed hashed cache: not a distribution over the vocabulary (C2)")
     if ngram["mixer_compliant"] is not True:
@@ -502,16 +489,12 @@ def _eval_sha256(start: dict[str, Any], facts: ArtifactFacts) -> CheckResult:
     return CheckResult("eval_artifact_sha256", PASS, f"{facts.sha256[:16]}… matches the report's start event")
 
 
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
 def _is_finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _is_range(value: Any) -> bool:
-    return isinstance(value, list) and len(value) == 2 and all(_is_count(v) for v in value) and value[0] < value[1]
+    return isinstance(value, list) and len(value) == 2 and all(is_count(v) for v in value) and value[0] < value[1]
 
 
 # ----------------------------------------------------------------------------------------------------------------

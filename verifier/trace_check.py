@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.judge import order_problems, order_trace_digest
+from service.judge import as_mapping, last_chunk_index, order_problems, order_trace_digest
 from verifier.report import FAIL, PASS, CheckResult
 
 NAME = "eval_order_trace"
@@ -27,14 +27,14 @@ def check_order_trace(start: dict[str, Any], chunks: list[dict[str, Any]], termi
         missing = sum(not isinstance(entry, dict) for entry in entries)
         return CheckResult(NAME, FAIL, f"{missing} of {len(chunks)} chunk events without order_trace",
                            "the report does not carry the order trace, so its digest cannot be re-derived")
-    stated = (terminal.get("compliance") or {}).get("trace_digest")
+    stated = as_mapping(terminal.get("compliance")).get("trace_digest")
     recomputed = order_trace_digest(entries)
     problems = []
     if terminal["type"] == "end" and stated != recomputed:
         problems.append(f"the chunk events' trace hashes to {recomputed[:16]}…, the end event states "
                         f"{str(stated)[:16]}…")
-    problems += order_problems(chunks, start.get("chunks", len(chunks)) - 1)
-    steps = sum(len(entry.get("step_max_targets") or []) for entry in entries)
+    problems += order_problems(chunks, last_chunk_index(start, chunks))
+    steps = sum(len(steps) for entry in entries if isinstance(steps := entry.get("step_max_targets"), list))
     trained = sum(entry.get("trained") is not None for entry in entries)
     figure = (f"digest {recomputed[:16]}… recomputed from {len(entries)} chunk entries "
               f"({'matches' if stated == recomputed else 'differs from'} the end event); "
