@@ -30,8 +30,8 @@ from trainer.limits import EVAL_LIMIT_SECONDS, SUBMISSION_LIMIT_BYTES
 NORMALISATION_TOLERANCE = 1e-5
 SHORTCUT_TOLERANCE = 1e-9
 # The engine's C2 figures, as they appear in ``measured.ngram`` and in ``compliance.ngram``.
-NGRAM_FIGURES = ("mixer_compliant", "probability_sum", "positions", "targets", "sum_error_max", "scored_gap_max",
-                 "scored_from_vector", "stats")
+DISTRIBUTION_FIGURES = ("positions", "targets", "sum_error_max", "scored_gap_max", "scored_from_vector")
+NGRAM_FIGURES = ("mixer_compliant", "probability_sum", *DISTRIBUTION_FIGURES, "stats")
 
 
 # A report is untrusted (``verifier check`` judges what submitters hand in): every field is read through these, so
@@ -169,8 +169,11 @@ def verdict(start: Event, chunks: list[Event], terminal: Event) -> dict[str, Any
         "positions_not_scored_once": measured.get("positions_not_scored_once"),
         "score_before_update": score_before_update,
         "ttt": measured.get("ttt"),
-        "ngram": {"mode": config.get("ngram"), **figures, "mixer_compliant": mixer_compliant, "normalised": normalised,
-                  "tolerance": NORMALISATION_TOLERANCE, "shortcut_tolerance": SHORTCUT_TOLERANCE},
+        # The key order of the reports written before the judge existed (a stored report diffs clean).
+        "ngram": {"mode": config.get("ngram"), "mixer_compliant": mixer_compliant, "normalised": normalised,
+                  "probability_sum": figures["probability_sum"], "tolerance": NORMALISATION_TOLERANCE,
+                  **{name: figures[name] for name in DISTRIBUTION_FIGURES},
+                  "shortcut_tolerance": SHORTCUT_TOLERANCE, "stats": figures["stats"]},
         "trace_digest": order_trace_digest([chunk.get("order_trace") for chunk in chunks]),
         "within_time_budget": timed and (budget == math.inf or _seconds(budget)) and elapsed <= budget,
         "within_time_limit": within_time_limit,

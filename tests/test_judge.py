@@ -31,6 +31,13 @@ def report() -> list[dict]:
     return [start, *chunks, end]
 
 
+def test_the_ngram_figures_keep_the_key_order_of_older_reports() -> None:
+    # As run.py's compliance_summary wrote them before the judge (bd9fc50): stored reports and diffs stay stable.
+    assert list(compliance_of(report())["ngram"]) == [
+        "mode", "mixer_compliant", "normalised", "probability_sum", "tolerance", "positions", "targets",
+        "sum_error_max", "scored_gap_max", "scored_from_vector", "shortcut_tolerance", "stats"]
+
+
 def compliance_of(events: list[dict]) -> dict:
     return list(judged(events))[-1]["compliance"]
 
