@@ -13,7 +13,6 @@ import pickle
 import random
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -90,24 +89,13 @@ def write_tiny_artifact(path: Path, tokenizer: Path, *, seed: int = 0, tokenizer
     return path
 
 
-def _split_artifact(data: bytes) -> tuple[dict, bytes]:
-    magic_and_version = 12
-    (manifest_len,) = struct.unpack_from("<I", data, magic_and_version)
-    manifest = json.loads(data[16:16 + manifest_len])
-    return manifest, data[16 + manifest_len:]
-
-
-def _join_artifact(template: bytes, manifest: dict, payload: bytes) -> bytes:
-    manifest_bytes = json.dumps(manifest, separators=(",", ":")).encode()
-    return template[:12] + struct.pack("<I", len(manifest_bytes)) + manifest_bytes + payload
-
-
 def hostile_artifacts(valid: Path, out_dir: Path) -> dict[str, Path]:
     """Files the reader must refuse: random bytes, a pickle, a zstd bomb, and a payload with one byte flipped."""
     import zstandard
+    from test_artifact import assemble, split
 
     data = valid.read_bytes()
-    manifest, payload = _split_artifact(data)
+    manifest, payload = split(data)
     raw = zstandard.ZstdDecompressor().decompress(payload, max_output_size=manifest["payload"]["raw_nbytes"])
     # The bomb: a consistent manifest (hashes of what is really there) whose payload inflates 64 MiB past its
     # declared size; only a bounded decompression notices.
@@ -120,7 +108,7 @@ def hostile_artifacts(valid: Path, out_dir: Path) -> dict[str, Path]:
     files = {
         "garbage": random.Random(0).randbytes(4096),
         "pickle": pickle.dumps({"weights": list(range(100))}, protocol=4),
-        "bomb": _join_artifact(data, bomb_manifest, bomb_payload),
+        "bomb": assemble(bomb_manifest, bomb_payload),
         "tampered": bytes(tampered),
     }
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import signal
-import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -91,12 +90,11 @@ def write_big_zero_artifact(path: Path, tokenizer: Path) -> Path:
 
 def bomb_manifest_artifact(valid: Path, out: Path, num_layers: int) -> Path:
     """The tiny artifact with model_config.num_layers replaced (the manifest is not hashed; nothing else changes)."""
-    data = valid.read_bytes()
-    (length,) = struct.unpack_from("<I", data, 12)
-    manifest = json.loads(data[16:16 + length])
+    from test_artifact import assemble, split  # here, not at the top: test_artifact imports torch
+
+    manifest, payload = split(valid.read_bytes())
     manifest["model_config"]["num_layers"] = num_layers
-    body = json.dumps(manifest, separators=(",", ":")).encode()
-    out.write_bytes(data[:12] + struct.pack("<I", len(body)) + body + data[16 + length:])
+    out.write_bytes(assemble(manifest, payload))
     return out
 
 

@@ -347,6 +347,18 @@ def test_the_evaluation_still_checks_the_metadata_it_reads(good_bytes: bytes) ->
         parse_submission(assemble(manifest, payload))
     with pytest.raises(art.SchemaViolation, match="code_bytes.total must be a non-negative integer"):
         parse_artifact(assemble(manifest, payload))
+    manifest["code_bytes"] = []
+    refuses(assemble(manifest, payload), art.SchemaViolation, "code_bytes must be an object, got list")
+
+
+def test_a_train_seq_len_the_engine_cannot_evaluate_at(good_bytes: bytes) -> None:
+    """The engine evaluates at the recorded train_seq_len: it is bounded like the model's rope_train_seq_len."""
+    manifest, payload = split(good_bytes)
+    manifest["training"]["train_seq_len"] = 2**24
+    message = r"training.train_seq_len 16777216 is outside \[1, 1048576\]"
+    refuses(assemble(manifest, payload), art.SchemaViolation, message)
+    manifest["training"]["train_seq_len"] = 2**20
+    parse_submission(assemble(manifest, payload))
 
 
 def test_declared_raw_size_over_the_bound(good_bytes: bytes) -> None:

@@ -13,7 +13,6 @@ import math
 import os
 import re
 import shutil
-import struct
 import subprocess
 import sys
 import sysconfig
@@ -23,10 +22,11 @@ from pathlib import Path
 import pytest
 import sentencepiece
 import torch
+from test_artifact import assemble, split
 
 from service.engine.options import NGRAM_MODES, TTT_RECIPE_NAMES
 from service.judge import judged
-from trainer.artifact import HEADER_NBYTES, SchemaViolation, read_artifact
+from trainer.artifact import SchemaViolation, read_artifact
 from trainer.artifact_metadata import read_submission
 from trainer.code_bytes import NOT_COUNTED, counted_code_bytes
 from trainer.data.shards import load_validation_tokens
@@ -98,12 +98,8 @@ def eval_inputs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
 
 def with_training(source: Path, target: Path, training: object) -> None:
     """A copy of an artifact whose manifest's training section is replaced (the payload and its hashes are kept)."""
-    data = source.read_bytes()
-    (length,) = struct.unpack_from("<I", data, 12)
-    manifest = json.loads(data[HEADER_NBYTES: HEADER_NBYTES + length])
-    manifest["training"] = training
-    body = json.dumps(manifest).encode()
-    target.write_bytes(data[:12] + struct.pack("<I", len(body)) + body + data[HEADER_NBYTES + length:])
+    manifest, payload = split(source.read_bytes())
+    target.write_bytes(assemble({**manifest, "training": training}, payload))
 
 
 def _run_driver(cases: list[dict], *, isolated_root: Path | None) -> dict:

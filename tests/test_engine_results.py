@@ -6,11 +6,11 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import struct
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from test_artifact import assemble, split
 from test_engine_cli import FAST, EvalData, artifact, eval_data, evaluate_cli  # noqa: F401  (fixtures)
 from test_engine_scoring import repetitive_tokens, tiny_model, tiny_tables
 
@@ -86,13 +86,10 @@ def test_the_size_rule_counts_artifact_plus_code_against_16_000_000_bytes() -> N
 
 def test_an_artifact_declaring_too_much_code_is_not_compliant(eval_data: EvalData, artifact: Path,  # noqa: F811
                                                               tmp_path: Path) -> None:
-    data = artifact.read_bytes()
-    (length,) = struct.unpack_from("<I", data, 12)
-    manifest = json.loads(data[16:16 + length])
+    manifest, payload = split(artifact.read_bytes())
     manifest["code_bytes"] = {"total": 15_999_000, "files": {"train_gpt.py": 15_999_000}}
-    body = json.dumps(manifest, separators=(",", ":")).encode()
     heavy = tmp_path / "heavy.pgolf"
-    heavy.write_bytes(data[:12] + struct.pack("<I", len(body)) + body + data[16 + length:])
+    heavy.write_bytes(assemble(manifest, payload))
     status, events, stderr = evaluate_cli(heavy, "--data", eval_data.data_dir, "--tokenizer", eval_data.tokenizer,
                                           *FAST, "--max-seconds", "5000")
     assert status == 0, stderr

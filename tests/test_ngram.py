@@ -272,6 +272,22 @@ def test_committed_positions_cannot_be_scored_again_and_commits_never_go_back() 
     assert mixer.committed_upto == 14
 
 
+@pytest.mark.parametrize("mode", ["exact", "smoothed", "tilt"])
+def test_prepare_up_to_a_committed_end_is_a_no_op(mode: str) -> None:
+    """The committed counts already cover every target before ``committed_upto``: preparing to an end at or before
+    it changes nothing (and raises nothing), so the next vectors equal those of a mixer never asked."""
+    tokens = np.arange(100, dtype=np.uint16) % 7
+    logits = torch.randn(100, 7, generator=torch.Generator().manual_seed(0))
+    asked, untouched = make_mixer(mode, 7), make_mixer(mode, 7)
+    for mixer in (asked, untouched):
+        mixer.commit(tokens, 14)
+    for end in (5, 14):
+        asked.prepare(tokens, end)
+    positions = np.arange(14, 30)
+    torch.testing.assert_close(asked.mix(positions, tokens, logits[14:30]).probs,
+                               untouched.mix(positions, tokens, logits[14:30]).probs, rtol=0, atol=0)
+
+
 def test_full_distribution_is_the_scored_vector_and_ignores_the_target() -> None:
     rng = np.random.default_rng(3)
     tokens = repetitive_tokens(rng, 800, 30)

@@ -373,9 +373,13 @@ def validate_manifest(manifest: dict[str, Any], check_metadata: MetadataCheck | 
     _validate_tensor_table(manifest["tensors"], manifest["payload"]["raw_nbytes"])
     if check_metadata is not None:
         check_metadata(manifest)
-    # Of the metadata, the engine reads code_bytes.total and training.train_seq_len (checked where it is read).
+    # Of the metadata, the engine reads code_bytes.total and training.train_seq_len.
     _require_keys(manifest["training"], "training", (), extra_ok=True)
-    total = manifest["code_bytes"].get("total") if isinstance(manifest["code_bytes"], dict) else None
+    seq_len = manifest["training"].get("train_seq_len")
+    lo, hi = MODEL_CONFIG_BOUNDS["rope_train_seq_len"]
+    _require(not _is_int(seq_len) or lo <= seq_len <= hi, f"training.train_seq_len {seq_len} is outside [{lo}, {hi}]")
+    _require_keys(manifest["code_bytes"], "code_bytes", (), extra_ok=True)
+    total = manifest["code_bytes"].get("total")
     _require(_is_int(total) and 0 <= total <= MAX_COUNT, "code_bytes.total must be a non-negative integer")
     _validate_tokenizer(manifest["tokenizer"], config.vocab_size)
     return config

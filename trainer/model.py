@@ -146,7 +146,7 @@ class CausalSelfAttention(nn.Module):
         # Every layer carries a (λ0, λ1) pair as upstream, although layer 0 never uses its own (it produces v0);
         # keeping it preserves the reference parameter count and state-dict layout.
         self.vr_lambda = nn.Parameter(torch.tensor([0.5, 0.5], dtype=torch.float32)) if config.value_residual else None
-        self.attn_gate = CastedLinear(dim, config.num_heads) if config.gated_attention else None
+        self.attn_gate = CastedLinear(dim, config.num_heads, bias=True) if config.gated_attention else None
 
     def forward(self, x: Tensor, v0: Tensor | None, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
         """Return (output, this layer's own value tensor before mixing): the caller keeps layer 0's as v0."""

@@ -46,7 +46,6 @@ import zstandard
 
 from trainer.artifact import (
     MAX_RAW_NBYTES,
-    SUBMISSION_LIMIT_BYTES,
     ArtifactError,
     DecompressionBomb,
     FileTooLarge,
@@ -54,7 +53,9 @@ from trainer.artifact import (
     PayloadCorrupt,
     ShapeMismatch,
     TrailingData,
+    _is_int,
 )
+from trainer.limits import SUBMISSION_LIMIT_BYTES
 from trainer.model import GPT, ModelConfig
 
 MAX_PICKLE_BYTES = 8 << 20  # a PR #940 data.pkl is ~20 kB
@@ -330,10 +331,6 @@ class TensorRef:
     offset: int
     size: tuple[int, ...]
     stride: tuple[int, ...]
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _int_tuple(value: Any, what: str) -> tuple[int, ...]:

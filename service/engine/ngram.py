@@ -18,7 +18,10 @@ class ScoreOrderError(RuntimeError):
 
 
 # α of the model's entropy H (nats), never of the target (reference §8.1)
-ALPHA_BASE, ALPHA_SPAN, ALPHA_CENTER, ALPHA_SLOPE = 0.05, 0.55, 4.0, 2.0
+ALPHA_BASE = 0.05
+ALPHA_SPAN = 0.55
+ALPHA_CENTER = 4.0
+ALPHA_SLOPE = 2.0
 
 
 def entropy_alpha(entropy: torch.Tensor) -> torch.Tensor:
@@ -52,10 +55,11 @@ class NgramMixer:
         self._stats = dict.fromkeys(self.stat_names, 0)
 
     def prepare(self, tokens: np.ndarray, end: int) -> None:
-        self._prepare(tokens[:end], end)
+        if end > self.committed_upto:  # else the committed counts cover it
+            self._prepare(tokens[:end], end)
 
-    def mix(self, pos: np.ndarray, tokens: np.ndarray, logprobs: torch.Tensor) -> Mixed:
-        mixed = self._mix(pos, self.head(tokens, pos), logprobs)
+    def mix(self, positions: np.ndarray, tokens: np.ndarray, logprobs: torch.Tensor) -> Mixed:
+        mixed = self._mix(positions, self.head(tokens, positions), logprobs)
         for name, value in mixed.stats.items():
             self._stats[name] += value
         return mixed
@@ -112,13 +116,14 @@ class CountingMixer(NgramMixer):
         context, pair = self.counts.context_counts(pos), self.counts.pair_counts(pos)
         return p, entropy, context, pair, targets, p.gather(1, targets[:, None]).squeeze(1)
 
-    def rows(self, w: int, pos: np.ndarray, at: np.ndarray, context: np.ndarray,
+    def rows(self, width: int, pos: np.ndarray, at: np.ndarray, context: np.ndarray,
              device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`at`, count(ctx_w, ·) (k, V) and count(ctx_w) (k, 1) at batch indices `at` whose ctx_w occurred."""
-        query, token, count = (torch.from_numpy(a).to(device) for a in self.counts.rows(w, pos[at]))
+        """`at`, count(ctx, ·) (k, V) and count(ctx) (k, 1) at batch indices `at` whose ctx of `width` occurred."""
+        query, token, count = (torch.from_numpy(a).to(device) for a in self.counts.rows(width, pos[at]))
         row = torch.zeros(at.size, self.vocab_size, dtype=torch.float64, device=device)
         row.index_put_((query, token), count.to(torch.float64), accumulate=True)
-        return torch.from_numpy(at).to(device), row, torch.from_numpy(context[w - 1, at, None]).to(device, row.dtype)
+        seen = torch.from_numpy(context[width - 1, at, None]).to(device, row.dtype)
+        return torch.from_numpy(at).to(device), row, seen
 
 
 @dataclass(eq=False)

@@ -181,7 +181,7 @@ class Hashed940Mixer(NgramMixer):
     def _prepare(self, head: np.ndarray, end: int) -> None:
         self._seen_counts(head, end)
 
-    def score(self, positions: np.ndarray, tokens: np.ndarray | torch.Tensor, target_lp: np.ndarray,
+    def score(self, positions: np.ndarray, tokens: np.ndarray, target_lp: np.ndarray,
               entropy: np.ndarray) -> np.ndarray:
         """The upstream gold-only NLL (float64 nats) at `positions` from the model's log p(x_t) and entropy."""
         pos = np.asarray(positions, np.int64).reshape(-1)
@@ -226,7 +226,7 @@ class Hashed940Mixer(NgramMixer):
             np.add.at(self.ctx_counts[w - 1], ctx_keys[w - 1, scored], one)
             np.add.at(self.full_counts[w - 1], full_keys[w - 1, scored], one)
 
-    def full_distribution(self, position: int, tokens: np.ndarray | torch.Tensor,
+    def full_distribution(self, position: int, tokens: np.ndarray,
                           model_logprobs: torch.Tensor) -> torch.Tensor:
         """The formula's value for every candidate v at `position` (float64, (V,)): NOT a distribution.
 
@@ -256,7 +256,7 @@ class Hashed940Mixer(NgramMixer):
         p_model = logp.exp().numpy()
         return torch.from_numpy(self._formula(width, ctx_at, full_at, p_model, np.full(self.vocab_size, entropy)))
 
-    def measured_probability_sum(self, position: int, tokens: np.ndarray | torch.Tensor,
+    def measured_probability_sum(self, position: int, tokens: np.ndarray,
                                  model_logprobs: torch.Tensor) -> float:
         """Σ_v p_mix(v) at `position`: 1 for a distribution; far above 1 here once the buckets fill."""
         return float(self.full_distribution(position, tokens, model_logprobs).sum())

@@ -101,7 +101,10 @@ class EvalOptions:
         chunk_tokens = self.chunk_tokens
         if chunk_tokens is None:  # an unknown recipe leaves None, for validate() to refuse the name
             recipe = recipe or RECIPES.get(self.ttt_recipe)
-            chunk_tokens = (recipe.chunk_tokens if recipe else None) if self.ttt else UNTRAINED_CHUNK_TOKENS
+            if not self.ttt:
+                chunk_tokens = UNTRAINED_CHUNK_TOKENS
+            elif recipe:
+                chunk_tokens = recipe.chunk_tokens
         return replace(self, seq_len=seq_len, stride=seq_len if self.stride is None else self.stride,
                        chunk_tokens=chunk_tokens)
 

@@ -37,12 +37,16 @@ def read_header(path: Path | str) -> int:
     if int(header[1]) != VERSION:
         raise ShardError(path, f"unsupported version {int(header[1])}, expected {VERSION}")
     count = int(header[2])
-    if count <= 0:
-        raise ShardError(path, f"negative token count {count}" if count else "empty shard: token count is 0")
+    if count < 0:
+        raise ShardError(path, f"negative token count {count}")
+    if count == 0:
+        raise ShardError(path, "empty shard: token count is 0")
     expected = HEADER_BYTES + 2 * count
-    if size != expected:
-        raise ShardError(path, f"{'truncated' if size < expected else 'size mismatch'}: header declares {count} "
-                               f"tokens ({expected} bytes), file has {size} bytes")
+    declared = f"header declares {count} tokens ({expected} bytes), file has {size} bytes"
+    if size < expected:
+        raise ShardError(path, f"truncated: {declared}")
+    if size > expected:
+        raise ShardError(path, f"size mismatch: {declared}")
     return count
 
 
