@@ -24,7 +24,7 @@ from service.engine.events import Totals
 from service.engine.ngram import ScoreOrderError
 from service.engine.options import PLAIN, RECIPES, EvalOptions, TTTRecipe
 from service.engine.run import evaluate_model
-from service.engine.scoring import ChunkScores, ScoreLedger
+from service.engine.scoring import ChunkScores, DistributionCheck, ScoreLedger
 from service.engine.ttt import TTTUpdater
 from service.engine.windows import Chunk, plan_chunks, plan_windows
 from service.judge import judged, order_problems
@@ -421,3 +421,20 @@ def test_a_recipe_run_directly_brings_its_own_chunk() -> None:
     config = events[0]["config"]
     assert config["chunk_tokens"] == config["ttt_recipe_settings"]["chunk_tokens"] == 64
     assert events[0]["chunks"] == len(events) - 2 >= 3  # 199 targets in chunks of 64
+
+
+def test_a_nan_distribution_sum_or_gap_reaches_the_c2_figures() -> None:
+    # Python's min/max drop a NaN depending on argument order; after one good batch a NaN sum used to vanish.
+    good, bad = torch.ones(3, dtype=torch.float64), torch.tensor([1.0, float("nan")], dtype=torch.float64)
+    for first, second in ((good, bad), (bad, good)):
+        check = DistributionCheck()
+        for batch in (first, second):
+            check.add(batch, batch.numel(), gaps=torch.where(batch.isnan(), batch, 0.0))  # NaN gap where NaN sum
+        assert math.isnan(check.sum_error_max) and math.isnan(check.gap_max)
+        merged = DistributionCheck()
+        merged.add(good, 3)
+        merged.merge(check)  # ranks are merged the same way
+        assert math.isnan(merged.sum_error_max) and math.isnan(merged.gap_max)
+    honest = DistributionCheck()
+    honest.add(good, 3, gaps=torch.zeros(3, dtype=torch.float64))
+    assert honest.sum_error_max == 0.0 and honest.gap_max == 0.0

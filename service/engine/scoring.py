@@ -44,22 +44,24 @@ class DistributionCheck:
         self.from_vector &= from_vector
         if sums.numel():
             self.positions += int(sums.numel())
-            self.sum_min = min(self.sum_min, float(sums.min()))
-            self.sum_max = max(self.sum_max, float(sums.max()))
+            # np.minimum/np.maximum keep a NaN (Python's min/max drop it by argument order): C2 must see it.
+            self.sum_min = float(np.minimum(self.sum_min, float(sums.min())))
+            self.sum_max = float(np.maximum(self.sum_max, float(sums.max())))
         if gaps is not None and gaps.numel():
-            self.gap_max = max(self.gap_max or 0.0, float(gaps.max()))
+            self.gap_max = float(np.maximum(self.gap_max or 0.0, float(gaps.max())))
 
     def merge(self, other: DistributionCheck) -> None:
         self.positions += other.positions
         self.targets += other.targets
-        self.sum_min, self.sum_max = min(self.sum_min, other.sum_min), max(self.sum_max, other.sum_max)
+        self.sum_min = float(np.minimum(self.sum_min, other.sum_min))
+        self.sum_max = float(np.maximum(self.sum_max, other.sum_max))
         if other.gap_max is not None:
-            self.gap_max = max(self.gap_max or 0.0, other.gap_max)
+            self.gap_max = float(np.maximum(self.gap_max or 0.0, other.gap_max))
         self.from_vector &= other.from_vector
 
     @property
     def sum_error_max(self) -> float | None:
-        return max(abs(self.sum_min - 1.0), abs(self.sum_max - 1.0)) if self.positions else None
+        return float(np.maximum(abs(self.sum_min - 1.0), abs(self.sum_max - 1.0))) if self.positions else None
 
     def as_dict(self) -> dict[str, Any]:
         return {"positions": self.positions, "targets": self.targets, "sum_error_max": self.sum_error_max,
