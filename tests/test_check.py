@@ -8,7 +8,6 @@ event), or the fixtures in tests/fixtures/check/ for upstream-style logs.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from test_judge import JUNK, _paths, report
+from test_judge import junk_reports, report
 
 from trainer.data.shards import load_validation_tokens
 from trainer.data.writer import write_shard, write_val_manifest
@@ -405,13 +404,7 @@ def test_a_hostile_report_gets_check_rows_not_a_traceback(tmp_path: Path) -> Non
     path = tmp_path / "eval.ndjson"
     path.write_text("\n".join(json.dumps(event) for event in honest))
     assert statuses(check_eval_report(path, facts)) == dict.fromkeys(EVAL_CHECKS, "PASS")  # the fuzz reaches every row
-    for field in _paths(honest):
-        for junk in JUNK:
-            events = copy.deepcopy(honest)
-            holder = events
-            for key in field[:-1]:
-                holder = holder[key]
-            holder[field[-1]] = junk
-            path.write_text("\n".join(json.dumps(event) for event in events))
-            results = check_eval_report(path, facts)
-            assert [result.name for result in results] == list(EVAL_CHECKS), (field, junk)
+    for field, junk, events in junk_reports(honest):
+        path.write_text("\n".join(json.dumps(event) for event in events))
+        results = check_eval_report(path, facts)
+        assert [result.name for result in results] == list(EVAL_CHECKS), (field, junk)

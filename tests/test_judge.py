@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Iterator
 
 from service.judge import NORMALISATION_TOLERANCE, judged, verdict
 from trainer.limits import EVAL_LIMIT_SECONDS, SUBMISSION_LIMIT_BYTES
@@ -176,10 +177,8 @@ def _paths(value: object, path: tuple = ()) -> list[tuple]:
     return found
 
 
-def test_a_malformed_report_gets_a_verdict_not_a_traceback() -> None:
-    # `verifier check` judges the reports submitters hand in: every field may hold anything JSON can.
-    honest = report()
-    start, *chunks, terminal = honest
+def junk_reports(honest: list) -> Iterator[tuple[tuple, object, list]]:
+    """(path, junk, a copy of ``honest`` with the field at path replaced by junk), for every field and junk value."""
     for path in _paths(honest):
         for junk in JUNK:
             events = copy.deepcopy(honest)
@@ -187,14 +186,21 @@ def test_a_malformed_report_gets_a_verdict_not_a_traceback() -> None:
             for key in path[:-1]:
                 holder = holder[key]
             holder[path[-1]] = junk
-            start, *chunks, terminal = events
-            if not all(isinstance(event, dict) for event in events):
-                continue  # not an event stream: the report reader refuses it before any judging
-            compliance = verdict(start, chunks, terminal)
-            assert isinstance(compliance["compliant"], bool), (path, junk)
-            if path in {(0, "targets"), (3, "measured", "size", "code_bytes"), (3, "elapsed_s"),
-                        (1, "order_trace", "scored")} and junk is not honest_value(honest, path):
-                assert compliance["compliant"] is False, (path, junk)
+            yield path, junk, events
+
+
+def test_a_malformed_report_gets_a_verdict_not_a_traceback() -> None:
+    # `verifier check` judges the reports submitters hand in: every field may hold anything JSON can.
+    honest = report()
+    for path, junk, events in junk_reports(honest):
+        start, *chunks, terminal = events
+        if not all(isinstance(event, dict) for event in events):
+            continue  # not an event stream: the report reader refuses it before any judging
+        compliance = verdict(start, chunks, terminal)
+        assert isinstance(compliance["compliant"], bool), (path, junk)
+        if path in {(0, "targets"), (3, "measured", "size", "code_bytes"), (3, "elapsed_s"),
+                    (1, "order_trace", "scored")} and junk is not honest_value(honest, path):
+            assert compliance["compliant"] is False, (path, junk)
 
 
 def honest_value(events: list, path: tuple) -> object:
