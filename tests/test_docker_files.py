@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -264,11 +265,15 @@ def test_postgres_image_entrypoint_creates_the_database_once_and_keeps_it(postgr
     env = {"PATH": os.environ["PATH"], "PGDATA": str(tmp_path / "data"), "PGPORT": str(port),
            "POSTGRES_PASSWORD": "cluster-test-password", "PGOLF_DB_ALLOW": "127.0.0.1/32", "HOME": str(tmp_path)}
     url = f"postgresql://pgolf:cluster-test-password@127.0.0.1:{port}/pgolf"
-    refused = subprocess.run([*run_as, "sh", str(DOCKER_DIR / "postgres-entrypoint.sh")], capture_output=True,
+    # A copy beside the data, as the image holds its own: user postgres may not be able to read the checkout
+    # (a clone in a 0700 directory such as mktemp -d's).
+    entrypoint = tmp_path / "postgres-entrypoint.sh"
+    shutil.copyfile(DOCKER_DIR / "postgres-entrypoint.sh", entrypoint)
+    refused = subprocess.run([*run_as, "sh", str(entrypoint)], capture_output=True,
                              text=True, env={**env, "POSTGRES_PASSWORD": ""}, cwd=tmp_path, timeout=30)
     assert refused.returncode != 0 and "POSTGRES_PASSWORD" in refused.stderr
     for start in ("first", "again"):
-        server = subprocess.Popen([*run_as, "sh", str(DOCKER_DIR / "postgres-entrypoint.sh")], env=env,
+        server = subprocess.Popen([*run_as, "sh", str(entrypoint)], env=env,
                                   cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 60
